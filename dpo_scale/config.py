@@ -1,0 +1,250 @@
+"""One typed config, nested by concern.
+
+Every default lives in its dataclass; required settings have none, so a run fails fast when one is missing.
+Each section validates itself on creation: an invalid combination raises `ConfigError`, it is never rewritten.
+Components receive only their own section.
+
+Files are YAML; the command line adds dotted overrides (`data.max_length=512`), parsed as YAML scalars.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown or invalid. The message names the key and how to fix it."""
+
+
+DataFormat = Literal["auto", "strings", "conversational", "implicit_prompt", "sharegpt"]
+TruncationMode = Literal["keep_start", "keep_end"]
+LossType = Literal["sigmoid", "robust", "ipo", "hinge", "sigmoid_norm", "simpo"]
+
+
+@dataclass
+class ModelConfig:
+    path: str
+    """Local directory or hub id of a causal LM, loaded with `from_pretrained` (safetensors only)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter dtype. Log-sum-exp always accumulates in float32 whatever this is."""
+    trust_remote_code: bool = False
+    """Run Python shipped with the model. Off unless you trust its author."""
+
+
+@dataclass
+class DataConfig:
+    path: str
+    """A .jsonl / .jsonl.gz / .json / .parquet file, a `save_to_disk` directory, or a hub dataset id."""
+    split: str = "train"
+    """Split to read from a `save_to_disk` DatasetDict or a hub dataset."""
+    format: DataFormat = "auto"
+    """Row format; `auto` detects it from the columns of the first row."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Map our column names (prompt, chosen, rejected, conversations) to the dataset's, e.g. {prompt: question}."""
+    tokenizer: str | None = None
+    """Tokenizer directory or tokenizer.json; defaults to the model's."""
+    max_length: int | None = None
+    """Cut each prompt+completion sequence to this many tokens (None: no limit)."""
+    truncation_mode: TruncationMode = "keep_start"
+    """keep_start cuts the ends of completions; keep_end cuts the start of the prompt (see README, Data)."""
+    strict: bool = False
+    """Raise on a pair without signal (empty completion after truncation, identical chosen and rejected)
+    instead of dropping and counting it."""
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "data", "format", DataFormat)
+        _check_choice(self, "data", "truncation_mode", TruncationMode)
+        unknown = set(self.columns) - {"prompt", "chosen", "rejected", "conversations"}
+        if unknown:
+            raise ConfigError(
+                f"data.columns: unknown key(s) {sorted(unknown)}; map any of prompt, chosen, rejected, conversations "
+                "to your dataset's column names, e.g. data.columns={prompt: question}"
+            )
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigError(f"data.max_length={self.max_length}: must be at least 2 (one prompt, one completion token)")
+
+
+@dataclass
+class LogpsConfig:
+    """How sequence log-probs are computed. Every choice here gives the same numbers as the plain path."""
+
+    prefix_sharing: bool = True
+    """One [prompt | chosen | rejected] sequence per pair, the prompt computed once."""
+    packing: bool = False
+    """Several pairs per row (padding-free), attention isolated and position ids restarting per pair."""
+    pack_length: int | None = None
+    """Row capacity in tokens when packing; None packs into rows as long as the longest unit of the batch."""
+    streaming: bool = True
+    """Chunked LM head with recomputation in backward; False materializes the full [rows, seq, vocab] logits."""
+    chunk_size: int = 512
+    """Scored tokens per LM-head chunk: peak extra memory is about chunk_size x vocab x 4 bytes."""
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 1:
+            raise ConfigError(f"logps.chunk_size={self.chunk_size}: must be a positive number of tokens")
+        if self.pack_length is not None and not self.packing:
+            raise ConfigError("logps.pack_length is set but logps.packing is false: set logps.packing=true or drop it")
+        if self.pack_length is not None and self.pack_length < 2:
+            raise ConfigError(f"logps.pack_length={self.pack_length}: must be at least 2 tokens")
+
+    @property
+    def plain(self) -> bool:
+        """The reference path: padded [chosen; rejected] rows with full logits."""
+        return not (self.prefix_sharing or self.packing or self.streaming)
+
+
+@dataclass
+class LossConfig:
+    loss_type: LossType = "sigmoid"
+    """sigmoid (DPO / cDPO), robust (rDPO), ipo, hinge (SLiC), sigmoid_norm (length-normalised DPO), simpo."""
+    beta: float = 0.1
+    """Inverse temperature of the implicit reward (DPO eq. 7); IPO's tau; SimPO's beta (its paper uses 2.0-2.5)."""
+    label_smoothing: float = 0.0
+    """Assumed probability that a label is flipped (cDPO, robust). Must be below 0.5."""
+    rpo_alpha: float | None = None
+    """Weight of a length-normalised NLL term on the chosen completion (RPO); None: no such term."""
+    simpo_gamma: float = 0.5
+    """SimPO's target reward margin gamma."""
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "loss", "loss_type", LossType)
+        if self.beta <= 0:
+            raise ConfigError(f"loss.beta={self.beta}: must be positive")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"loss.label_smoothing={self.label_smoothing}: must be in [0, 0.5)")
+        if self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
+            raise ConfigError(
+                f"loss.label_smoothing is only defined for sigmoid (cDPO) and robust, not loss.loss_type={self.loss_type}"
+            )
+        if self.rpo_alpha is not None and self.rpo_alpha < 0:
+            raise ConfigError(f"loss.rpo_alpha={self.rpo_alpha}: must be non-negative")
+
+    @property
+    def reference_free(self) -> bool:
+        return self.loss_type == "simpo"
+
+
+@dataclass
+class LogpsRunConfig:
+    """`dpo-scale logps`: every pair's log-prob sums under one model."""
+
+    model: ModelConfig
+    data: DataConfig
+    out: str
+    """Output JSONL, written atomically."""
+    logps: LogpsConfig = field(default_factory=LogpsConfig)
+    batch_size: int = 8
+    """Pairs per forward."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size}: must be at least 1")
+
+
+def _check_choice(section: Any, prefix: str, name: str, choices: Any) -> None:
+    allowed = typing.get_args(choices)
+    value = getattr(section, name)
+    if value not in allowed:
+        raise ConfigError(f"{prefix}.{name}={value!r}: must be one of {', '.join(allowed)}")
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["data.max_length=512", "loss.beta=0.2"]` -> nested dict, values parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key.sub=value, e.g. data.max_length=512")
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is set both as a value and as a section")
+        node[leaf] = yaml.safe_load(raw) if raw else ""
+    return tree
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"config file {path}: cannot be read ({error.strerror})") from None
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path}: invalid YAML: {error}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path}: the top level must be a mapping of sections")
+    return tree
+
+
+T = typing.TypeVar("T")
+
+
+def build(cls: type[T], tree: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass `cls` from a nested dict, naming the key in every error."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(tree) - set(known)
+    if unknown:
+        names = ", ".join(prefix + k for k in sorted(unknown))
+        raise ConfigError(f"unknown key(s) {names}; known keys: {', '.join(prefix + k for k in known)}")
+    kwargs = {}
+    for name, f in known.items():
+        key = prefix + name
+        if name not in tree:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{key} is required and has no default: set it in the config file or as {key}=...")
+            continue
+        kwargs[name] = _coerce(hints[name], tree[name], key)
+    try:
+        return cls(**kwargs)
+    except TypeError as error:
+        raise ConfigError(f"{prefix or 'config'}: {error}") from None
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a section (a mapping), got {value!r}")
+        return build(hint, value, key + ".")
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if origin is Literal:
+        return value  # checked by the section's __post_init__ with the list of choices
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        raise ConfigError(f"{key}={value!r}: expected a {hint.__name__}")
+    return value
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)

@@ -1,0 +1,188 @@
+"""Batch layouts: how a list of pairs becomes model inputs, and which hidden state scores which token.
+
+Three layouts, all giving the same log-probs (tests/test_layout.py, tests/test_logps.py):
+
+- padded (the plain reference path, as TRL lays it out): rows [prompt+chosen_1 .. prompt+chosen_B,
+  prompt+rejected_1 .. prompt+rejected_B], right-padded, a 2D attention mask. The prompt is computed twice.
+- prefix-shared (arXiv 2410.20305): one unit [prompt | chosen | rejected] per pair. Rejected tokens attend to the
+  prompt and to themselves but not to chosen; their position ids continue from the end of the prompt. The first
+  rejected token is scored from the prompt's last position, exactly as in its own sequence.
+- packed (padding-free): several units per row, attention isolated per unit, position ids restarting per unit.
+  Packing combines with either of the above.
+
+Every layout reduces to the same scoring description: for each scored completion token, the (row, column) of the
+hidden state that predicts it, its label, and its slot (pair i's chosen is slot i, its rejected slot B + i). The
+log-prob stage gathers only those hidden states, so it never depends on the layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from dpo_scale.config import LogpsConfig
+from dpo_scale.data.pairs import Pair
+
+PROMPT, CHOSEN, REJECTED = 0, 1, 2
+
+
+@dataclass
+class PairBatch:
+    input_ids: torch.Tensor  # (R, T)
+    position_ids: torch.Tensor  # (R, T)
+    attention_mask: torch.Tensor  # (R, T) 0/1 for the padded layout, else (R, 1, T, T) bool, True = may attend
+    score_rows: torch.Tensor  # (N,) row of the hidden state that predicts each scored token
+    score_cols: torch.Tensor  # (N,) its column
+    score_labels: torch.Tensor  # (N,) the token it predicts
+    score_slots: torch.Tensor  # (N,) pair i chosen -> i, rejected -> num_pairs + i
+    num_pairs: int
+    tokens: int
+    """Positions the model computes, padding included (R x T)."""
+    real_tokens: int
+    """Positions holding a token: what a padding-free kernel would compute."""
+    unique_tokens: int
+    """Prompt + chosen + rejected lengths: the least any layout must compute."""
+
+    def to(self, device: torch.device | str) -> PairBatch:
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, torch.Tensor):
+                moved[name] = value.to(device, non_blocking=True)
+        return PairBatch(**moved)
+
+
+@dataclass
+class _Unit:
+    """One contiguous run of tokens that attends only within itself."""
+
+    ids: list[int]
+    branches: list[int]
+    positions: list[int]
+    scores: list[tuple[int, int, int]]  # (offset of the predicting token, label, slot)
+
+
+def _separate_units(pairs: list[Pair]) -> list[_Unit]:
+    units = []
+    num_pairs = len(pairs)
+    for branch, slot_base in ((CHOSEN, 0), (REJECTED, num_pairs)):
+        for i, pair in enumerate(pairs):
+            completion = pair.chosen_ids if branch == CHOSEN else pair.rejected_ids
+            ids = pair.prompt_ids + completion
+            start = len(pair.prompt_ids)
+            # A token with nothing before it (only possible with an empty prompt) is not scored, as in TRL.
+            scores = [(k - 1, ids[k], slot_base + i) for k in range(max(start, 1), len(ids))]
+            units.append(
+                _Unit(ids, [PROMPT] * start + [branch] * len(completion), list(range(len(ids))), scores)
+            )
+    return units
+
+
+def _shared_units(pairs: list[Pair]) -> list[_Unit]:
+    units = []
+    num_pairs = len(pairs)
+    for i, pair in enumerate(pairs):
+        p, c, r = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
+        ids = pair.prompt_ids + pair.chosen_ids + pair.rejected_ids
+        scores = [(k - 1, ids[k], i) for k in range(max(p, 1), p + c)]
+        for j in range(r):
+            # rejected token j is predicted by the token before it in prompt+rejected: the prompt's last token
+            # for j = 0, else rejected token j-1 (which sits after the whole chosen block)
+            predictor = (p - 1) if j == 0 else (p + c + j - 1)
+            if predictor >= 0:
+                scores.append((predictor, pair.rejected_ids[j], num_pairs + i))
+        units.append(
+            _Unit(
+                ids,
+                [PROMPT] * p + [CHOSEN] * c + [REJECTED] * r,
+                list(range(p + c)) + list(range(p, p + r)),
+                scores,
+            )
+        )
+    return units
+
+
+def _pack(units: list[_Unit], capacity: int) -> list[list[_Unit]]:
+    """First-fit decreasing: few rows, little padding. A unit longer than `capacity` gets a row of its own."""
+    rows: list[list[_Unit]] = []
+    room: list[int] = []
+    for unit in sorted(units, key=lambda u: len(u.ids), reverse=True):
+        for r, free in enumerate(room):
+            if len(unit.ids) <= free:
+                rows[r].append(unit)
+                room[r] -= len(unit.ids)
+                break
+        else:
+            rows.append([unit])
+            room.append(capacity - len(unit.ids))
+    return rows
+
+
+def collate(pairs: list[Pair], config: LogpsConfig, pad_token_id: int) -> PairBatch:
+    if not pairs:
+        raise ValueError("collate needs at least one pair")
+    units = _shared_units(pairs) if config.prefix_sharing else _separate_units(pairs)
+    if config.packing:
+        longest = max(len(u.ids) for u in units)
+        rows = _pack(units, max(config.pack_length or 0, longest))
+    else:
+        rows = [[u] for u in units]
+
+    num_rows = len(rows)
+    length = max(sum(len(u.ids) for u in row) for row in rows)
+    input_ids = torch.full((num_rows, length), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((num_rows, length), dtype=torch.long)
+    unit_ids = torch.full((num_rows, length), -1, dtype=torch.long)  # -1 marks padding
+    branches = torch.zeros((num_rows, length), dtype=torch.long)
+    score_rows, score_cols, score_labels, score_slots = [], [], [], []
+    unit_counter = 0
+    for r, row in enumerate(rows):
+        offset = 0
+        for unit in row:
+            end = offset + len(unit.ids)
+            input_ids[r, offset:end] = torch.tensor(unit.ids)
+            position_ids[r, offset:end] = torch.tensor(unit.positions)
+            branches[r, offset:end] = torch.tensor(unit.branches)
+            unit_ids[r, offset:end] = unit_counter
+            for predictor, label, slot in unit.scores:
+                score_rows.append(r)
+                score_cols.append(offset + predictor)
+                score_labels.append(label)
+                score_slots.append(slot)
+            unit_counter += 1
+            offset = end
+
+    real = unit_ids >= 0
+    if config.prefix_sharing or config.packing:
+        attention_mask = _block_mask(unit_ids, branches)
+    else:
+        attention_mask = real.long()
+    return PairBatch(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=attention_mask,
+        score_rows=torch.tensor(score_rows, dtype=torch.long),
+        score_cols=torch.tensor(score_cols, dtype=torch.long),
+        score_labels=torch.tensor(score_labels, dtype=torch.long),
+        score_slots=torch.tensor(score_slots, dtype=torch.long),
+        num_pairs=len(pairs),
+        tokens=num_rows * length,
+        real_tokens=int(real.sum()),
+        unique_tokens=sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs),
+    )
+
+
+def _block_mask(unit_ids: torch.Tensor, branches: torch.Tensor) -> torch.Tensor:
+    """(R, 1, T, T) bool: causal, within one unit, and rejected never sees chosen.
+
+    Costs R x T x T bytes; a padding position attends only to itself so that no softmax row is empty (an all-masked
+    row gives NaN in SDPA, and NaN times a zero gradient is still NaN).
+    """
+    length = unit_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    same_unit = unit_ids[:, :, None] == unit_ids[:, None, :]
+    rejected_sees_chosen = (branches[:, :, None] == REJECTED) & (branches[:, None, :] == CHOSEN)
+    mask = causal & same_unit & ~rejected_sees_chosen & (unit_ids[:, :, None] >= 0)
+    padding = unit_ids < 0
+    mask |= torch.diag_embed(padding)
+    return mask[:, None]

@@ -1,0 +1,107 @@
+"""Per-token log p(label) from final hidden states, without the [batch, seq, vocab] logits tensor.
+
+`streaming_token_logps` projects only the scored positions, `chunk_size` of them at a time, and recomputes each
+chunk's logits in backward instead of saving them: peak extra memory is one chunk's fp32 logits
+(chunk_size x vocab x 4 bytes) plus the (vocab, hidden) fp32 gradient accumulator, against 2+ full
+(rows x seq x vocab) tensors for the plain path. Log-sum-exp is always taken in fp32.
+
+The LM head weight is an explicit input rather than read from a module, so a caller running under ZeRO-3 can gather
+it (inside a hooked module forward) and pass the full tensor; gradients flow back to that same tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LMHead:
+    """What turns a hidden state into logits: logits = cap * tanh((h @ W.T + b) * scale / cap), cap optional."""
+
+    weight: torch.Tensor  # (V, H)
+    bias: torch.Tensor | None  # (V,)
+    scale: float = 1.0
+    """Multiplier applied to the raw logits (Cohere's logit_scale, 1 / Granite's logits_scaling)."""
+    softcap: float | None = None
+    """Gemma-style final_logit_softcapping."""
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for bf16/fp16/fp32 inputs; float64 stays float64 (gradcheck)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _chunk_logits(hidden: torch.Tensor, head: LMHead) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fp32 logits of one chunk (n, V), and tanh of the capped argument (needed by backward) when soft-capping."""
+    raw = hidden @ head.weight.t()
+    if head.bias is not None:
+        raw = raw + head.bias
+    logits = raw.to(_accumulation_dtype(raw.dtype))
+    if head.scale != 1.0:
+        logits = logits * head.scale
+    if head.softcap is None:
+        return logits, None
+    squashed = torch.tanh(logits / head.softcap)
+    return squashed * head.softcap, squashed
+
+
+class _StreamingTokenLogps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk_size, scale, softcap):
+        # hidden (N, H), weight (V, H), bias (V,) or None, labels (N,)
+        head = LMHead(weight, bias, scale, softcap)
+        logps = hidden.new_empty(hidden.shape[0], dtype=_accumulation_dtype(hidden.dtype))  # (N,)
+        lse = torch.empty_like(logps)  # (N,), kept for backward so softmax needs no second reduction
+        for start in range(0, hidden.shape[0], chunk_size):
+            stop = start + chunk_size
+            logits, _ = _chunk_logits(hidden[start:stop], head)  # (n, V) fp32: the peak allocation
+            lse[start:stop] = torch.logsumexp(logits, dim=-1)
+            logps[start:stop] = logits.gather(1, labels[start:stop, None]).squeeze(1) - lse[start:stop]
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.chunk_size, ctx.scale, ctx.softcap = chunk_size, scale, softcap
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        head = LMHead(weight, bias, ctx.scale, ctx.softcap)
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=lse.dtype) if need_weight else None  # (V, H) fp32 sum
+        grad_bias = torch.zeros_like(bias, dtype=lse.dtype) if need_bias else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            stop = start + ctx.chunk_size
+            h = hidden[start:stop]
+            g = grad_logps[start:stop].to(lse.dtype)  # (n,)
+            logits, squashed = _chunk_logits(h, head)  # recomputed, never stored across chunks
+            # d logp / d logits = onehot(label) - softmax
+            grad_logits = torch.exp(logits - lse[start:stop, None]).mul_(-g[:, None])  # (n, V)
+            grad_logits.scatter_add_(1, labels[start:stop, None], g[:, None])
+            if squashed is not None:
+                grad_logits.mul_(1 - squashed.square())  # d cap*tanh(z/cap) / dz
+            if head.scale != 1.0:
+                grad_logits.mul_(head.scale)
+            grad_raw = grad_logits.to(weight.dtype)
+            if need_hidden:
+                grad_hidden[start:stop] = grad_raw @ weight
+            if need_weight:
+                grad_weight.addmm_(grad_logits.t(), h.to(lse.dtype))
+            if need_bias:
+                grad_bias += grad_logits.sum(0)
+        if need_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        if need_bias:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def streaming_token_logps(hidden: torch.Tensor, head: LMHead, labels: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """log p(labels[n] | hidden[n]) for hidden (N, H): (N,) fp32, differentiable in hidden, weight and bias."""
+    return _StreamingTokenLogps.apply(hidden, head.weight, head.bias, labels, chunk_size, head.scale, head.softcap)
+
+
+def full_logits_token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The plain path: log_softmax over materialized logits (N, V) in fp32 -> (N,)."""
+    return torch.log_softmax(logits.to(_accumulation_dtype(logits.dtype)), dim=-1).gather(1, labels[:, None]).squeeze(1)
