@@ -9,10 +9,29 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dpo_scale.config import LogpsConfig
+from dpo_scale.config import ConfigError, LogpsConfig, ModelConfig
 from dpo_scale.layout import PairBatch
 from dpo_scale.logps import LMHead, full_logits_token_logps, streaming_token_logps
 from dpo_scale.loss import PairLogps
+
+def load_causal_lm(config: ModelConfig) -> nn.Module:
+    """`from_pretrained` with safetensors only (no pickle from a shared cluster) and remote code off by default."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            config.path,
+            dtype=getattr(torch, config.dtype),
+            use_safetensors=True,
+            trust_remote_code=config.trust_remote_code,
+        )
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"model.path={config.path}: cannot load a causal LM with safetensors weights ({error}). Point model.path "
+            "at a directory holding config.json and *.safetensors, or a hub id"
+        ) from None
+    return model
+
 
 # Config attributes that change logits in ways the streaming head does not reproduce.
 _UNSUPPORTED_LOGIT_TRANSFORMS = ("dim_model_base",)
@@ -48,20 +67,43 @@ def lm_head_of(model: nn.Module) -> LMHead:
     return LMHead(head.weight, head.bias, scale, getattr(config, "final_logit_softcapping", None))
 
 
+# Attention implementations that honour an arbitrary additive 4D mask with explicit position ids.
+_MASKABLE_ATTENTION = ("sdpa", "eager")
+
+
 class PairLogpsModel(nn.Module):
     def __init__(self, model: nn.Module, config: LogpsConfig):
         super().__init__()
         self.model = model
         self.config = config
+        # refuse what cannot be computed exactly when the run is built, not at the first step
         if config.streaming:
-            lm_head_of(model)  # refuse unsupported heads when the run is built, not at the first step
+            lm_head_of(model)
+        attention = model.config._attn_implementation
+        if (config.prefix_sharing or config.packing) and attention not in _MASKABLE_ATTENTION:
+            raise ConfigError(
+                f"logps.prefix_sharing / logps.packing need a 4D attention mask, which attn_implementation="
+                f"{attention!r} does not take; load the model with sdpa or eager attention, or set "
+                "logps.prefix_sharing=false logps.packing=false"
+            )
+
+    def _attention_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """The layout's boolean 4D mask as an additive one in the model's dtype.
+
+        Eager attention adds the mask to the scores, so a boolean mask there would silently add 1 to the allowed
+        positions; an additive mask is read the same way by eager and SDPA. Costs R x T x T x dtype bytes.
+        """
+        if mask.dim() == 2:
+            return mask
+        dtype = self.model.dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
     def forward(self, batch: PairBatch) -> PairLogps:
         if self.config.streaming:
             backbone = getattr(self.model, self.model.base_model_prefix)
             hidden = backbone(
                 input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
+                attention_mask=self._attention_mask(batch.attention_mask),
                 position_ids=batch.position_ids,
                 use_cache=False,
             ).last_hidden_state  # (R, T, H)
@@ -72,7 +114,7 @@ class PairLogpsModel(nn.Module):
         else:
             logits = self.model(
                 input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
+                attention_mask=self._attention_mask(batch.attention_mask),
                 position_ids=batch.position_ids,
                 use_cache=False,
             ).logits  # (R, T, V): the tensor streaming avoids

@@ -1,0 +1,59 @@
+"""`dpo-scale logps`: every pair's chosen and rejected log-prob sums under one model, in input order.
+
+Users inspect their data with it and compare numbers with other tools; dropped pairs are listed with their reason.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from dpo_scale.config import LogpsRunConfig
+from dpo_scale.data import load_tokenizer, prepare
+from dpo_scale.io import atomic_open
+from dpo_scale.layout import collate
+from dpo_scale.model import PairLogpsModel, load_causal_lm
+
+
+def run_logps(config: LogpsRunConfig) -> dict[str, float]:
+    """Write `config.out` and return counts: pairs, dropped, tokens computed and unique tokens."""
+    tokenizer = load_tokenizer(config.data.tokenizer or config.model.path)
+    data = prepare(config.data, tokenizer)
+    print(data.summary(), flush=True)
+    model = PairLogpsModel(load_causal_lm(config.model), config.logps).eval()
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+
+    records = {d.index: {"index": d.index, "source": d.source, "dropped": d.reason} for d in data.dropped}
+    tokens = unique_tokens = 0
+    with torch.no_grad():
+        for start in range(0, len(data.pairs), config.batch_size):
+            pairs = data.pairs[start : start + config.batch_size]
+            batch = collate(pairs, config.logps, pad_token_id)
+            out = model(batch)
+            tokens += batch.tokens
+            unique_tokens += batch.unique_tokens
+            columns = zip(
+                out.chosen_logps.tolist(),
+                out.rejected_logps.tolist(),
+                out.chosen_tokens.int().tolist(),
+                out.rejected_tokens.int().tolist(),
+            )
+            for pair, (chosen, rejected, chosen_tokens, rejected_tokens) in zip(pairs, columns):
+                records[pair.index] = {
+                    "index": pair.index,
+                    "source": pair.source,
+                    "chosen_logps": chosen,
+                    "rejected_logps": rejected,
+                    "chosen_tokens": chosen_tokens,
+                    "rejected_tokens": rejected_tokens,
+                }
+    with atomic_open(config.out) as handle:
+        for index in sorted(records):
+            handle.write(json.dumps(records[index]) + "\n")
+    return {
+        "pairs": len(data.pairs),
+        "dropped": len(data.dropped),
+        "tokens": tokens,
+        "unique_tokens": unique_tokens,
+    }
