@@ -1,0 +1,26 @@
+"""Preference data: read, normalise, tokenize (as TRL 1.16 does), truncate, drop-and-count.
+
+Importing this package loads neither transformers nor datasets; they are imported when first needed.
+"""
+
+from dpo_scale.data.errors import DataError
+from dpo_scale.data.formats import Example, normalise, read_examples, split_transcripts
+from dpo_scale.data.pairs import Dropped, Pair, PreparedData
+from dpo_scale.data.prepare import prepare
+from dpo_scale.data.sources import Row, read_rows
+from dpo_scale.data.tokenizer import load_tokenizer
+
+__all__ = [
+    "DataError",
+    "Dropped",
+    "Example",
+    "Pair",
+    "PreparedData",
+    "Row",
+    "load_tokenizer",
+    "normalise",
+    "prepare",
+    "read_examples",
+    "read_rows",
+    "split_transcripts",
+]

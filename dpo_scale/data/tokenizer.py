@@ -1,0 +1,46 @@
+"""Load the tokenizer that prepares the data, turning every way it can fail to load into one DataError."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dpo_scale.data.errors import DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """A tokenizer directory (read with AutoTokenizer, local files only, no remote code) or a tokenizer.json file."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    local = Path(path)
+    if not local.exists():
+        raise DataError(
+            f"tokenizer {path}: no such file or directory. "
+            "Fix: give a tokenizer directory (tokenizer.json + tokenizer_config.json) or a tokenizer.json file"
+        )
+    try:
+        if local.is_file():
+            return PreTrainedTokenizerFast(tokenizer_file=str(local))
+        return AutoTokenizer.from_pretrained(str(local), trust_remote_code=False, local_files_only=True)
+    except Exception as error:  # tokenizers and transformers raise many unrelated types for a bad file
+        raise DataError(
+            f"tokenizer {path}: does not load ({_reason(local, error)}). "
+            "Fix: replace it with an intact copy of the model's tokenizer files, or point data.tokenizer elsewhere"
+        ) from None
+
+
+def _reason(local: Path, error: Exception) -> str:
+    """The clearest account of the failure: the tokenizers library names the bad line of a tokenizer.json,
+    where transformers (loading a directory) reports only the Python type it failed to build."""
+    tokenizer_json = local / "tokenizer.json" if local.is_dir() else local
+    if tokenizer_json.is_file():
+        from tokenizers import Tokenizer
+
+        try:
+            Tokenizer.from_file(str(tokenizer_json))
+        except Exception as json_error:
+            return f"{tokenizer_json.name}: {json_error}"
+    return f"{type(error).__name__}: {error}"

@@ -1,0 +1,60 @@
+"""Fixtures shared by the test files. Data-preparation fixtures are named for what they give (`shared_data`,
+`phi3_tokenizer`, ...); the tokenizers are built or loaded locally, nothing is downloaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA_DIR = Path(__file__).parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data beside the repository, or skip: a fresh clone of the project has no such folder."""
+    if not SHARED_DATA_DIR.is_dir():
+        pytest.skip(f"needs the shared test material at {SHARED_DATA_DIR} (absent in a fresh clone)")
+    return SHARED_DATA_DIR
+
+
+def make_byte_tokenizer(chat_template: str | None = None):
+    """One token per UTF-8 byte plus `</s>` (id 0) as eos, so token counts in tests can be read off the text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"</s>": 0, **{char: i + 1 for i, char in enumerate(alphabet)}}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>")
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer():
+    return make_byte_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer_with_template():
+    """`make_byte_tokenizer` as a fixture: call it with a chat template."""
+    return make_byte_tokenizer
+
+
+@pytest.fixture(scope="session")
+def phi3_tokenizer(shared_data):
+    """Phi-3-mini's tokenizer with its chat template (`<|user|>\\n...<|end|>\\n<|assistant|>\\n`)."""
+    from dpo_scale.data import load_tokenizer
+
+    return load_tokenizer(str(shared_data / "tokenizers" / "phi-3-mini"))
+
+
+@pytest.fixture(scope="session")
+def stories_tokenizer(shared_data):
+    """stories260K's tokenizer: adds BOS, eos `</s>`, no chat template."""
+    from dpo_scale.data import load_tokenizer
+
+    return load_tokenizer(str(shared_data / "models" / "stories260K"))
