@@ -212,6 +212,8 @@ def build(cls: type[T], tree: dict[str, Any], prefix: str = "") -> T:
         key = prefix + name
         if name not in tree:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                if dataclasses.is_dataclass(hints[name]):
+                    build(hints[name], {}, key + ".")  # raises, naming the first required key inside the section
                 raise ConfigError(f"{key} is required and has no default: set it in the config file or as {key}=...")
             continue
         kwargs[name] = _coerce(hints[name], tree[name], key)

@@ -1,0 +1,103 @@
+"""`dpo-scale logps` end to end on the generated demo model, and user mistakes as messages, not tracebacks."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dpo_scale.cli import main
+from dpo_scale.demo import write_demo_material
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return write_demo_material(tmp_path_factory.mktemp("demo"), rows=12)
+
+
+def _rows_with_problems(path, rows):
+    """The demo rows plus one identical pair (row 3) that must be reported, not silently lost."""
+    lines = path.read_text().splitlines()[:rows]
+    identical = json.loads(lines[3])
+    identical["rejected"] = identical["chosen"]
+    lines[3] = json.dumps(identical)
+    return "\n".join(lines) + "\n"
+
+
+def test_logps_writes_every_row_in_input_order(demo, tmp_path, capsys):
+    model_dir, data_path = demo
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(_rows_with_problems(data_path, 10))
+    out = tmp_path / "out" / "logps.jsonl"
+    assert main(["logps", "--model", str(model_dir), "--data", str(data), "--out", str(out), "batch_size=3"]) == 0
+
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in records] == list(range(10))
+    assert records[3] == {"index": 3, "source": f"{data} line 4", "dropped": "identical_completions"}
+    scored = [r for r in records if "dropped" not in r]
+    assert all(r["chosen_logps"] < 0 and r["rejected_logps"] < 0 for r in scored)
+    # " moo loudly" + EOS under the word-level tokenizer: 3 scored tokens each
+    assert all(r["chosen_tokens"] == 3 and r["rejected_tokens"] == 3 for r in scored)
+    printed = capsys.readouterr().out
+    assert "1 dropped (identical_completions: 1)" in printed and "9 pairs" in printed
+
+
+def test_logps_same_numbers_on_plain_and_fast_paths(demo, tmp_path):
+    """The command's options reach the computation, and every path gives the same sums (fp32 rounding, 1e-4)."""
+    model_dir, data_path = demo
+    outputs = {}
+    for name, options in {
+        "plain": ["logps.prefix_sharing=false", "logps.streaming=false"],
+        "fast": ["logps.packing=true", "logps.chunk_size=5"],
+    }.items():
+        outputs[name] = tmp_path / f"{name}.jsonl"
+        args = ["logps", "--model", str(model_dir), "--data", str(data_path), "--out", str(outputs[name])]
+        assert main(args + options) == 0
+    plain, fast = ([json.loads(x) for x in p.read_text().splitlines()] for p in outputs.values())
+    for a, b in zip(plain, fast, strict=True):
+        assert a["chosen_logps"] == pytest.approx(b["chosen_logps"], abs=1e-4)
+        assert a["rejected_logps"] == pytest.approx(b["rejected_logps"], abs=1e-4)
+
+
+def test_bad_data_is_a_message_and_writes_nothing(demo, tmp_path):
+    model_dir, _ = demo
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": 3, "rejected": "c"}\n')
+    out = tmp_path / "out.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-m", "dpo_scale.cli", "logps", "--model", str(model_dir), "--data", str(data),
+         "--out", str(out)],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "bad.jsonl line 2" in result.stderr and "chosen" in result.stderr
+    assert not out.exists() and list(tmp_path.glob(".out.jsonl*")) == []
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("data.max_lenght=5", "unknown key(s) data.max_lenght"),
+        ("logps.chunk_size=0", "logps.chunk_size=0"),
+        ("data.truncation_mode=middle", "must be one of keep_start, keep_end"),
+        ("batch_size=many", "batch_size='many': expected a int"),
+    ],
+)
+def test_bad_config_is_a_message(demo, tmp_path, capsys, override, message):
+    model_dir, data_path = demo
+    args = ["logps", "--model", str(model_dir), "--data", str(data_path), "--out", str(tmp_path / "o.jsonl")]
+    assert main(args + [override]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_required_setting_names_it(tmp_path, capsys):
+    assert main(["logps", "--data", "x.jsonl", "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert "model.path is required" in capsys.readouterr().err
+
+
+def test_model_that_does_not_load_is_a_message(demo, tmp_path, capsys):
+    _, data_path = demo
+    args = ["logps", "--model", str(tmp_path / "nowhere"), "--data", str(data_path), "--out", str(tmp_path / "o")]
+    assert main(args + ["data.tokenizer=" + str(demo[0])]) == 2
+    assert "model.path=" in capsys.readouterr().err
