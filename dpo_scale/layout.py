@@ -17,7 +17,7 @@ log-prob stage gathers only those hidden states, so it never depends on the layo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -43,13 +43,6 @@ class PairBatch:
     """Positions holding a token: what a padding-free kernel would compute."""
     unique_tokens: int
     """Prompt + chosen + rejected lengths: the least any layout must compute."""
-
-    def to(self, device: torch.device | str) -> PairBatch:
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name, value in moved.items():
-            if isinstance(value, torch.Tensor):
-                moved[name] = value.to(device, non_blocking=True)
-        return PairBatch(**moved)
 
 
 @dataclass

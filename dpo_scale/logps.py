@@ -68,7 +68,7 @@ class _StreamingTokenLogps(torch.autograd.Function):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         head = LMHead(weight, bias, ctx.scale, ctx.softcap)
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None  # every row is written below
         grad_weight = torch.zeros_like(weight, dtype=lse.dtype) if need_weight else None  # (V, H) fp32 sum
         grad_bias = torch.zeros_like(bias, dtype=lse.dtype) if need_bias else None
         for start in range(0, hidden.shape[0], ctx.chunk_size):
@@ -76,8 +76,8 @@ class _StreamingTokenLogps(torch.autograd.Function):
             h = hidden[start:stop]
             g = grad_logps[start:stop].to(lse.dtype)  # (n,)
             logits, squashed = _chunk_logits(h, head)  # recomputed, never stored across chunks
-            # d logp / d logits = onehot(label) - softmax
-            grad_logits = torch.exp(logits - lse[start:stop, None]).mul_(-g[:, None])  # (n, V)
+            # d logp / d logits = onehot(label) - softmax, built in place in the recomputed logits' buffer
+            grad_logits = logits.sub_(lse[start:stop, None]).exp_().mul_(-g[:, None])  # (n, V)
             grad_logits.scatter_add_(1, labels[start:stop, None], g[:, None])
             if squashed is not None:
                 grad_logits.mul_(1 - squashed.square())  # d cap*tanh(z/cap) / dz
@@ -85,7 +85,7 @@ class _StreamingTokenLogps(torch.autograd.Function):
                 grad_logits.mul_(head.scale)
             grad_raw = grad_logits.to(weight.dtype)
             if need_hidden:
-                grad_hidden[start:stop] = grad_raw @ weight
+                torch.mm(grad_raw, weight, out=grad_hidden[start:stop])
             if need_weight:
                 grad_weight.addmm_(grad_logits.t(), h.to(lse.dtype))
             if need_bias:

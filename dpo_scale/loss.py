@@ -83,6 +83,18 @@ def _log_ratios(
     return pc - rc, pr - rr
 
 
+def _per_token_margin(
+    chosen_logratios: torch.Tensor,
+    rejected_logratios: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+) -> torch.Tensor:
+    """Δ_norm (B,), nats per token: each log-ratio divided by its completion's token count."""
+    return chosen_logratios / _lengths(chosen_lengths, chosen_logratios) - rejected_logratios / _lengths(
+        rejected_lengths, rejected_logratios
+    )
+
+
 def _rewards(
     chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, beta: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,9 +169,7 @@ def ipo_loss(
     chosen_logratios, rejected_logratios = _log_ratios(
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
     )
-    delta_norm = chosen_logratios / _lengths(chosen_lengths, chosen_logratios) - rejected_logratios / _lengths(
-        rejected_lengths, rejected_logratios
-    )  # (B,) Δ_norm, nats per token
+    delta_norm = _per_token_margin(chosen_logratios, rejected_logratios, chosen_lengths, rejected_lengths)
     losses = (delta_norm - 1 / (2 * beta)) ** 2
     return (losses, *_rewards(chosen_logratios, rejected_logratios, beta))
 
@@ -203,9 +213,7 @@ def sigmoid_norm_loss(
     chosen_logratios, rejected_logratios = _log_ratios(
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
     )
-    delta_norm = chosen_logratios / _lengths(chosen_lengths, chosen_logratios) - rejected_logratios / _lengths(
-        rejected_lengths, rejected_logratios
-    )  # (B,) Δ_norm
+    delta_norm = _per_token_margin(chosen_logratios, rejected_logratios, chosen_lengths, rejected_lengths)
     losses = -F.logsigmoid(beta * delta_norm)
     return (losses, *_rewards(chosen_logratios, rejected_logratios, beta))
 

@@ -12,6 +12,8 @@ Text examples are tokenized as plain text, message examples with the tokenizer's
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -94,21 +96,12 @@ def split_transcripts(chosen: str, rejected: str) -> tuple[str, str, str] | None
     TRL's `extract_prompt` instead cuts at the common prefix itself, which moves the answers' shared first words
     ("I", "Sure,") into the prompt, so those tokens would not count towards either completion's log-prob.
     """
-    shared = _common_prefix(chosen, rejected)
+    shared = os.path.commonprefix([chosen, rejected])  # character-level, despite the module's name
     cut = shared.rfind(ASSISTANT_TURN)
     if cut < 0:
         return None
     cut += len(ASSISTANT_TURN)
     return chosen[:cut], chosen[cut:], rejected[cut:]
-
-
-def _common_prefix(a: str, b: str) -> str:
-    length = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        length += 1
-    return a[:length]
 
 
 class _Fields:

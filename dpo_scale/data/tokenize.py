@@ -15,6 +15,8 @@ Matching TRL token for token lets us check our trainer against TRL's on the same
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -38,12 +40,7 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: PreTrainedTokenize
 
 
 def common_prefix_length(ids: Sequence[int], other_ids: Sequence[int]) -> int:
-    length = 0
-    for token, other_token in zip(ids, other_ids):
-        if token != other_token:
-            break
-        length += 1
-    return length
+    return len(os.path.commonprefix([list(ids), list(other_ids)]))  # element-wise on any sequences
 
 
 def _split(
