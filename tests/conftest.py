@@ -10,15 +10,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests build or read everything l
 
 import pytest
 
-SHARED_DATA_DIR = Path(__file__).parents[1].parent / "shared" / "data"
+from tiny import shared_path  # after the line above: transformers reads HF_HUB_OFFLINE when first imported
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data beside the repository, or skip: a fresh clone of the project has no such folder."""
-    if not SHARED_DATA_DIR.is_dir():
-        pytest.skip(f"needs the shared test material at {SHARED_DATA_DIR} (absent in a fresh clone)")
-    return SHARED_DATA_DIR
+    return shared_path()
 
 
 def make_byte_tokenizer(chat_template: str | None = None):
