@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +32,12 @@ from dpo_scale.config import LossConfig, LossType
 LossTriple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (losses, chosen_rewards, rejected_rewards), each (B,)
 
 
-@dataclass(frozen=True)
-class PairLogps:
-    """Log-prob sums of a batch of pairs under one model (policy or reference)."""
+class PairLogps(NamedTuple):
+    """Log-prob sums of a batch of pairs under one model (policy or reference).
+
+    A NamedTuple rather than a dataclass: ZeRO-3 attaches its backward hooks to the tensors of a module's output
+    only when it can see them (tuples, lists, dicts), and the log-prob module returns this.
+    """
 
     chosen_logps: torch.Tensor  # (B,) sum of log p over the chosen completion's scored tokens
     rejected_logps: torch.Tensor  # (B,)

@@ -3,7 +3,6 @@ config errors, gradients and metrics."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import typing
 from collections import defaultdict
@@ -403,7 +402,7 @@ def test_metrics_on_hand_computed_example():
 
 def test_metrics_are_detached_device_tensors():
     policy, reference = _random_batch()
-    policy = dataclasses.replace(policy, chosen_logps=policy.chosen_logps.clone().requires_grad_())
+    policy = policy._replace(chosen_logps=policy.chosen_logps.clone().requires_grad_())
     out = build_preference_loss(LossConfig(loss_type="ipo", beta=0.1, rpo_alpha=0.5))(policy, reference)
     assert out.losses.requires_grad
     metrics = preference_metrics(out, policy)
@@ -541,7 +540,7 @@ def test_matches_trl_dpo_trainer_compute_loss(trl_dpo_trainer, name, training):
     config, loss_types, loss_weights, batch_options = TRL_CASES[name]
     policy, reference = _random_batch(batch=16, seed=2, **batch_options)
     # TRL cannot express an empty completion (it clamps the count but its sum is then 0): give it one token.
-    policy = dataclasses.replace(policy, rejected_tokens=policy.rejected_tokens.clamp(min=1))
+    policy = policy._replace(rejected_tokens=policy.rejected_tokens.clamp(min=1))
     assert (policy.chosen_tokens != policy.rejected_tokens).any()
 
     trainer = _trl_trainer(trl_dpo_trainer, loss_types, loss_weights, config.beta, config.label_smoothing, training)
