@@ -148,6 +148,146 @@ class LogpsRunConfig:
             raise ConfigError(f"batch_size={self.batch_size}: must be at least 1")
 
 
+@dataclass
+class ReferenceConfig:
+    source: Literal["copy", "lora"] = "copy"
+    """copy: a frozen full copy of the starting policy (a ZeRO-3 inference engine, no optimizer state);
+    lora: the policy itself with its adapters disabled (needs lora.enabled=true)."""
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "reference", "source", Literal["copy", "lora"])
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    """Train low-rank adapters (peft) instead of every weight."""
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-7
+    """Peak learning rate. DPO papers use ~5e-7 for full fine-tuning; LoRA wants ~5e-6."""
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_steps: int = 10
+    """Optimizer steps of linear warm-up from 0."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warm-up, to 0 at the last step."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm; 0 turns clipping off."""
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "optim", "schedule", Literal["cosine", "linear", "constant"])
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr={self.lr}: must be positive")
+        if self.warmup_steps < 0 or self.max_grad_norm < 0:
+            raise ConfigError("optim.warmup_steps and optim.max_grad_norm must be non-negative")
+
+
+@dataclass
+class DeepSpeedConfig:
+    config: str = "zero3"
+    """A name in ds_configs/ (zero3, zero3_offload, zero2) or the path of your own DeepSpeed JSON; its "auto"
+    values are filled from this config, explicit values must agree with it."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    activation_checkpointing: bool = False
+    """Recompute each layer's activations in backward: less memory, ~30% more compute."""
+    timeout_s: int = 120
+    """Collective timeout: a rank that died ends the job with an error within about this long."""
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "deepspeed", "precision", Literal["fp32", "bf16", "fp16"])
+        if self.timeout_s < 1:
+            raise ConfigError(f"deepspeed.timeout_s={self.timeout_s}: must be at least 1 second")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100
+    """Optimizer steps between checkpoints (and one at the end); 0: only at the end."""
+    keep_last: int = 2
+    """Complete checkpoints kept; older ones are deleted once a newer one is complete."""
+    resume: Literal["auto", "never"] = "auto"
+    """auto: continue from the latest complete checkpoint in run_dir if there is one."""
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "checkpoint", "resume", Literal["auto", "never"])
+        if self.every < 0 or self.keep_last < 1:
+            raise ConfigError("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10
+    """Optimizer steps between metric logs: the only place metrics are synchronised across ranks."""
+    wandb: bool = False
+    wandb_project: str = "dpo_scale"
+    wandb_mode: Literal["online", "offline"] = "offline"
+    """offline writes wandb files under run_dir and needs no network; `wandb sync` uploads them later."""
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "logging", "wandb_mode", Literal["online", "offline"])
+        if self.every < 1:
+            raise ConfigError(f"logging.every={self.every}: must be at least 1")
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    """Optimizer steps between evaluations on the held-out pairs; 0: never."""
+    fraction: float = 0.05
+    """Share of the prepared pairs held out for evaluation (deterministic in the seed)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fraction < 1.0:
+            raise ConfigError(f"eval.fraction={self.fraction}: must be in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    """`dpo-scale train`. Saved resolved as run_dir/config.yaml."""
+
+    model: ModelConfig
+    data: DataConfig
+    run_dir: str
+    """Checkpoints, metrics.jsonl, the resolved config and plots go here."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    logps: LogpsConfig = field(default_factory=LogpsConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    micro_batch_size: int = 4
+    """Pairs per rank per forward."""
+    gradient_accumulation_steps: int = 1
+    epochs: int = 1
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (None: run all epochs)."""
+    seed: int = 0
+    max_nonfinite_skips: int = 5
+    """Steps with a non-finite loss or gradient skipped (with a warning) before the run stops."""
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_size < 1 or self.gradient_accumulation_steps < 1 or self.epochs < 1:
+            raise ConfigError("micro_batch_size, gradient_accumulation_steps and epochs must be at least 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps={self.max_steps}: must be at least 1 (or null)")
+        if self.reference.source == "lora" and not self.lora.enabled:
+            raise ConfigError("reference.source=lora needs lora.enabled=true (the reference is the adapter-free base)")
+        if self.loss.reference_free and self.reference.source != "copy":
+            raise ConfigError("loss.loss_type=simpo is reference-free: leave reference.source at its default")
+
+
 def _check_choice(section: Any, prefix: str, name: str, choices: Any) -> None:
     allowed = typing.get_args(choices)
     value = getattr(section, name)
@@ -237,6 +377,10 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return _coerce(inner, value, key)
     if origin is Literal:
         return value  # checked by the section's __post_init__ with the list of choices
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return origin(value)
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {value!r}")
