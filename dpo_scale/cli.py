@@ -44,6 +44,19 @@ def _logps(args: argparse.Namespace) -> None:
     )
 
 
+def _train(args: argparse.Namespace) -> None:
+    from dpo_scale.config import TrainConfig
+    from dpo_scale.train import run
+
+    run(build(TrainConfig, _config_tree(args, {})))
+
+
+def _export(args: argparse.Namespace) -> None:
+    from dpo_scale.export import export
+
+    print(f"wrote {export(args.run_dir, args.out, merge_lora=args.merge_lora)}")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from dpo_scale.demo import run_demo
 
@@ -65,6 +78,22 @@ def main(argv: list[str] | None = None) -> int:
     logps.add_argument("--config", help="YAML file with sections model, data, logps")
     logps.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.max_length=512 logps.packing=true")
     logps.set_defaults(run=_logps)
+
+    train = commands.add_parser(
+        "train",
+        help="DPO training under DeepSpeed (one process, or any number under the deepspeed launcher / torchrun / srun)",
+        description="Example: deepspeed --num_gpus 8 $(which dpo-scale) train --config run.yaml optim.lr=5e-7",
+    )
+    train.add_argument("--config", help="YAML file with the sections of dpo_scale.config.TrainConfig")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.beta=0.1 micro_batch_size=2")
+    train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the launcher adds it
+    train.set_defaults(run=_train)
+
+    export = commands.add_parser("export", help="write a run's latest weights as a Hugging Face model directory")
+    export.add_argument("run_dir")
+    export.add_argument("--out", required=True, help="directory to write (safetensors + config + tokenizer)")
+    export.add_argument("--merge-lora", action="store_true", help="LoRA runs: merge adapters into the base weights")
+    export.set_defaults(run=_export)
 
     demo = commands.add_parser("demo", help="generate a tiny model and preference data, then run the core on them")
     demo.add_argument("--out", default="runs/demo", help="directory for the generated model, data and outputs")

@@ -17,7 +17,7 @@ log-prob stage gathers only those hidden states, so it never depends on the layo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -43,6 +43,10 @@ class PairBatch:
     """Positions holding a token: what a padding-free kernel would compute."""
     unique_tokens: int
     """Prompt + chosen + rejected lengths: the least any layout must compute."""
+
+    def to(self, device: torch.device) -> PairBatch:
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return PairBatch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
 
 
 @dataclass

@@ -78,7 +78,7 @@ class PairLogpsModel(nn.Module):
         self.config = config
         # refuse what cannot be computed exactly when the run is built, not at the first step
         if config.streaming:
-            lm_head_of(model)
+            lm_head_of(_unwrap_peft(model))
         attention = model.config._attn_implementation
         if (config.prefix_sharing or config.packing) and attention not in _MASKABLE_ATTENTION:
             raise ConfigError(
@@ -100,7 +100,8 @@ class PairLogpsModel(nn.Module):
 
     def forward(self, batch: PairBatch) -> PairLogps:
         if self.config.streaming:
-            backbone = getattr(self.model, self.model.base_model_prefix)
+            causal_lm = _unwrap_peft(self.model)
+            backbone = getattr(causal_lm, causal_lm.base_model_prefix)
             hidden = backbone(
                 input_ids=batch.input_ids,
                 attention_mask=self._attention_mask(batch.attention_mask),
@@ -109,7 +110,7 @@ class PairLogpsModel(nn.Module):
             ).last_hidden_state  # (R, T, H)
             scored = hidden[batch.score_rows, batch.score_cols]  # (N, H): completion positions only
             token_logps = streaming_token_logps(
-                scored, lm_head_of(self.model), batch.score_labels, self.config.chunk_size
+                scored, lm_head_of(causal_lm), batch.score_labels, self.config.chunk_size
             )
         else:
             logits = self.model(
@@ -120,6 +121,11 @@ class PairLogpsModel(nn.Module):
             ).logits  # (R, T, V): the tensor streaming avoids
             token_logps = full_logits_token_logps(logits[batch.score_rows, batch.score_cols], batch.score_labels)
         return sum_by_slot(token_logps, batch)
+
+
+def _unwrap_peft(model: nn.Module) -> nn.Module:
+    """A peft model's underlying transformers model (its LoRA layers in place), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def sum_by_slot(token_logps: torch.Tensor, batch: PairBatch) -> PairLogps:

@@ -1,0 +1,73 @@
+"""`dpo-scale export RUN_DIR --out DIR`: the run's latest weights as a directory `from_pretrained` loads.
+
+Reads only the consolidated `model.safetensors` and the tensor-only `train_state.pt` of the latest complete
+checkpoint (no pickled objects). LoRA runs export the adapter (peft format), or with `merge_lora` the base model
+with the adapters merged in. The directory appears whole: written aside, then renamed.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from dpo_scale import checkpoint
+from dpo_scale.config import ConfigError, TrainConfig, build
+
+
+def export(run_dir: str | Path, out: str | Path, merge_lora: bool = False) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dpo_scale.data import load_tokenizer
+
+    latest = checkpoint.latest(run_dir)
+    if latest is None:
+        raise ConfigError(f"{run_dir}: no complete checkpoint (checkpoints/latest is missing); train first")
+    config = build(TrainConfig, torch.load(latest / "train_state.pt", weights_only=True)["config"])
+    weights = load_file(latest / "model.safetensors")
+    out = Path(out)
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+
+    model_config = AutoConfig.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
+    if config.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        base = AutoModelForCausalLM.from_pretrained(
+            config.model.path, use_safetensors=True, trust_remote_code=config.model.trust_remote_code
+        )
+        lora = config.lora
+        model = get_peft_model(
+            base, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules)
+        )
+        _load_exactly(model, weights)
+        if merge_lora:
+            model = model.merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.model.trust_remote_code)
+        _load_exactly(model, weights)
+    model.save_pretrained(staging, safe_serialization=True)
+    load_tokenizer(config.data.tokenizer or config.model.path).save_pretrained(staging)
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    return out
+
+
+def _load_exactly(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Every weight of the checkpoint lands in the model; only a tied copy may be absent from the file."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {name for name in missing if _is_tied(model, name)}
+    if unexpected or set(missing) - tied:
+        raise ConfigError(
+            f"checkpoint weights do not fit the model: missing {sorted(set(missing) - tied)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    if tied:
+        model.tie_weights()
+
+
+def _is_tied(model: torch.nn.Module, name: str) -> bool:
+    output = model.get_output_embeddings()
+    return output is not None and name.endswith("lm_head.weight") and output.weight is model.get_input_embeddings().weight

@@ -1,0 +1,52 @@
+"""Which pairs each rank sees at each optimizer step: a pure function of (seed, step), so resuming needs only the
+step number and every world size / accumulation split of the same global batch sees the same pairs.
+
+Epoch e is a permutation of the pairs drawn from `seed + e`; optimizer step s takes the next `global_batch` of it.
+The tail of an epoch that does not fill a global batch is left out of that epoch (and counted), so every update
+averages the same number of pairs: that is what makes 1 rank x 4 accumulation steps, 2 ranks x 2 and 4 ranks x 1
+the same update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class StepSampler:
+    num_pairs: int
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    world_size: int
+    seed: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch_size * self.gradient_accumulation_steps * self.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_pairs // self.global_batch
+
+    @property
+    def left_out_per_epoch(self) -> int:
+        return self.num_pairs - self.steps_per_epoch * self.global_batch
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        """Pair indices for `rank`'s `gradient_accumulation_steps` micro-batches of optimizer step `step`."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(self.num_pairs, generator=generator)
+        start = within * self.global_batch
+        batch = order[start : start + self.global_batch].tolist()
+        # micro-batch a of rank r: the (a * world_size + r)-th slice, so ranks split each accumulation round evenly
+        size = self.micro_batch_size
+        return [
+            batch[(a * self.world_size + rank) * size : (a * self.world_size + rank + 1) * size]
+            for a in range(self.gradient_accumulation_steps)
+        ]

@@ -1,0 +1,275 @@
+"""`dpo-scale train`: build, train, close. The loop body is a handful of named steps.
+
+Per optimizer step, each rank runs `gradient_accumulation_steps` micro-batches: reference log-probs, policy
+forward, loss, backward. The loss of a micro-batch is its per-pair mean; DeepSpeed averages over ranks and divides
+by the accumulation steps, and every micro-batch holds the same number of pairs (see sampler.py), so the update is
+the per-pair mean over the global batch whatever the split. Metrics accumulate on device and are synchronised only
+at the log interval.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dpo_scale import checkpoint, distributed
+from dpo_scale.config import ConfigError, TrainConfig, to_dict
+from dpo_scale.data import Pair, load_tokenizer, prepare
+from dpo_scale.ds_config import resolve_deepspeed_config
+from dpo_scale.io import atomic_open
+from dpo_scale.layout import collate
+from dpo_scale.loss import build_preference_loss, preference_metrics
+from dpo_scale.model import PairLogpsModel
+from dpo_scale.reference import AdaptersDisabled, FrozenCopy, ReferenceSource
+from dpo_scale.sampler import StepSampler
+from dpo_scale.tracking import MetricsLog, ProgressBar, build_tracker, print0
+
+
+class NonFiniteError(RuntimeError):
+    """Too many steps with a non-finite loss or gradient: the run stops with a diagnostic."""
+
+
+@dataclass
+class Run:
+    """Everything `build` makes and `train` uses."""
+
+    config: TrainConfig
+    world: distributed.World
+    engine: object
+    reference: ReferenceSource | None
+    train_pairs: list[Pair]
+    eval_pairs: list[Pair]
+    sampler: StepSampler
+    total_steps: int
+    pad_token_id: int
+    loss_fn: object
+    metrics_log: MetricsLog
+    tracker: object
+    start_step: int = 0
+    skipped_steps: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def run(config: TrainConfig) -> list[dict]:
+    """Train as `config` says; returns the logged train metrics (rank 0 has them all)."""
+    world = distributed.init(config.deepspeed.timeout_s)
+    try:
+        state = build(config, world)
+        train(state)
+        return state.history
+    finally:
+        distributed.close()
+
+
+def build(config: TrainConfig, world: distributed.World) -> Run:
+    _seed(config.seed)
+    run_dir = Path(config.run_dir)
+    tokenizer = load_tokenizer(config.data.tokenizer or config.model.path)
+    data = prepare(config.data, tokenizer)
+    print0(data.summary())
+    train_pairs, eval_pairs = _split(data.pairs, config.eval.fraction if config.eval.every else 0.0, config.seed)
+    if config.eval.every and len(eval_pairs) < config.micro_batch_size * world.size:
+        raise ConfigError(
+            f"eval.fraction={config.eval.fraction} holds out {len(eval_pairs)} pairs, fewer than one evaluation "
+            f"round of {config.micro_batch_size * world.size}: raise eval.fraction or set eval.every=0"
+        )
+    unscored = len(eval_pairs) % (config.micro_batch_size * world.size)
+    if config.eval.every and unscored:
+        print0(f"evaluation runs whole rounds of micro_batch_size x ranks: {unscored} held-out pairs are not scored")
+    sampler = StepSampler(
+        len(train_pairs), config.micro_batch_size, config.gradient_accumulation_steps, world.size, config.seed
+    )
+    if sampler.steps_per_epoch == 0:
+        raise ConfigError(
+            f"{len(train_pairs)} training pairs do not fill one global batch of {sampler.global_batch} "
+            "(micro_batch_size x gradient_accumulation_steps x ranks): lower one of them or add data"
+        )
+    total_steps = sampler.steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    if sampler.left_out_per_epoch:
+        print0(f"{sampler.left_out_per_epoch} pairs per epoch do not fill a global batch and are left out of it")
+
+    ds_config = resolve_deepspeed_config(
+        config.deepspeed, config.optim, config.micro_batch_size, config.gradient_accumulation_steps, world.size,
+        total_steps,
+    )  # fmt: skip
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_yaml(run_dir / "config.yaml", to_dict(config))
+        _write_json(run_dir / "deepspeed.json", ds_config)
+
+    policy = distributed.load_model(config.model, ds_config)
+    peft_model = None
+    if config.lora.enabled:
+        policy = peft_model = _with_lora(policy, config)
+    if config.deepspeed.activation_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy_module = PairLogpsModel(policy, config.logps)
+    distributed.register_lm_head(policy_module, policy)
+    engine = distributed.training_engine(policy_module, ds_config)
+
+    reference: ReferenceSource | None = None
+    if not config.loss.reference_free:
+        if config.reference.source == "lora":
+            reference = AdaptersDisabled(engine, peft_model)
+        else:
+            reference_model = distributed.load_model(config.model, ds_config)
+            reference_module = PairLogpsModel(reference_model, config.logps)
+            distributed.register_lm_head(reference_module, reference_model)
+            reference = FrozenCopy(distributed.inference_engine(reference_module, ds_config))
+
+    state = Run(
+        config=config, world=world, engine=engine, reference=reference, train_pairs=train_pairs,
+        eval_pairs=eval_pairs, sampler=sampler, total_steps=total_steps,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0,
+        loss_fn=build_preference_loss(config.loss), metrics_log=MetricsLog(run_dir / "metrics.jsonl"),
+        tracker=build_tracker(config.logging, run_dir, to_dict(config)),
+    )  # fmt: skip
+    latest = checkpoint.latest(run_dir) if config.checkpoint.resume == "auto" else None
+    if latest is not None:
+        state.start_step = checkpoint.restore(engine, latest, world)
+        if world.is_main:
+            state.metrics_log.truncate_after(state.start_step)
+        print0(f"resumed from {latest} at step {state.start_step}")
+    return state
+
+
+def train(state: Run) -> None:
+    config, world, engine = state.config, state.world, state.engine
+    progress = ProgressBar(state.total_steps, state.start_step, config.logging.progress_bar)
+    sums: dict[str, torch.Tensor] = {}  # metric sums over the micro-batches since the last log, on device
+    for step in range(state.start_step, state.total_steps):
+        micro_batches = state.sampler.micro_batches(step, world.rank)
+        for indices in micro_batches:
+            batch = collate([state.train_pairs[i] for i in indices], config.logps, state.pad_token_id)
+            batch = batch.to(world.device)
+            reference = state.reference.logps(batch) if state.reference else None
+            policy = engine(batch)
+            output = state.loss_fn(policy, reference)
+            engine.backward(output.losses.mean())
+            engine.step()  # an optimizer step only at the accumulation boundary
+            _accumulate(sums, preference_metrics(output, policy), batch)
+        _check_skipped(state, step)
+        done = step + 1
+        if done % config.logging.every == 0 or done == state.total_steps:
+            metrics = _reduce(sums, engine)  # sync point: all-reduce and .item()
+            sums = {}
+            _log(state, done, "train", metrics)
+            progress.update(done, metrics)
+        if config.eval.every and done % config.eval.every == 0:
+            _log(state, done, "eval", evaluate(state))
+        if (config.checkpoint.every and done % config.checkpoint.every == 0) or done == state.total_steps:
+            checkpoint.save(engine, done, config, world)
+    progress.close()
+    state.tracker.close()
+
+
+@torch.no_grad()
+def evaluate(state: Run) -> dict[str, float]:
+    """The same metrics on the held-out pairs, each rank taking every world-size-th micro-batch."""
+    config, world = state.config, state.world
+    sums: dict[str, torch.Tensor] = {}
+    size = config.micro_batch_size
+    # every rank must run the same number of forwards (ZeRO-3 gathers weights collectively): whole rounds only
+    usable = len(state.eval_pairs) // (world.size * size) * (world.size * size)
+    for start in range(world.rank * size, usable, world.size * size):
+        batch = collate(state.eval_pairs[start : start + size], config.logps, state.pad_token_id).to(world.device)
+        policy = state.engine(batch)
+        reference = state.reference.logps(batch) if state.reference else None
+        _accumulate(sums, preference_metrics(state.loss_fn(policy, reference), policy), batch)
+    return _reduce(sums, state.engine)
+
+
+def _accumulate(sums: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor], batch) -> None:
+    """Pair-weighted sums, so the logged value is the per-pair mean over everything since the last log."""
+    pairs = batch.num_pairs
+    for key, value in metrics.items():
+        sums[key] = sums.get(key, 0) + value.detach().float() * pairs
+    for key, count in (("pairs", pairs), ("tokens", batch.tokens), ("unique_tokens", batch.unique_tokens)):
+        sums[key] = sums.get(key, 0) + torch.tensor(float(count), device=metrics["loss"].device)
+
+
+def _reduce(sums: dict[str, torch.Tensor], engine) -> dict[str, float]:
+    if not sums:
+        return {}
+    keys = sorted(sums)
+    stacked = distributed.all_reduce_sum(torch.stack([sums[k] for k in keys]))
+    totals = dict(zip(keys, stacked.tolist()))
+    pairs = totals.pop("pairs")
+    metrics = {k: v / pairs for k, v in totals.items() if k not in ("tokens", "unique_tokens")}
+    metrics["tokens_per_unique_token"] = totals["tokens"] / max(totals["unique_tokens"], 1.0)
+    metrics["pairs"] = pairs
+    metrics["lr"] = engine.get_lr()[0]
+    return metrics
+
+
+def _log(state: Run, step: int, split: str, metrics: dict[str, float]) -> None:
+    if not metrics:
+        return
+    if state.world.is_main:
+        state.metrics_log.write(step, split, metrics)
+        if split == "train":
+            state.history.append({"step": step, **metrics})
+    state.tracker.log(metrics, step, split)
+
+
+def _check_skipped(state: Run, step: int) -> None:
+    """DeepSpeed skips an update whose gradient norm is not finite; say so, and stop after too many."""
+    skipped = state.engine.skipped_steps
+    if skipped == state.skipped_steps:
+        return
+    state.skipped_steps = skipped
+    print0(
+        f"warning: step {step + 1}: non-finite loss or gradient, update skipped "
+        f"({skipped} of at most {state.config.max_nonfinite_skips})"
+    )
+    if skipped > state.config.max_nonfinite_skips:
+        pairs = state.sampler.micro_batches(step, state.world.rank)
+        sources = [state.train_pairs[i].source for indices in pairs for i in indices][:4]
+        raise NonFiniteError(
+            f"step {step + 1}: {skipped} updates skipped for non-finite loss or gradient (limit "
+            f"max_nonfinite_skips={state.config.max_nonfinite_skips}). Last batch began with {sources}. "
+            "Lower optim.lr or loss.beta, check these rows, or resume from the last checkpoint"
+        )
+
+
+def _split(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """Hold out `fraction` of the pairs for evaluation, the same ones for every rank and every resume."""
+    count = math.floor(len(pairs) * fraction)
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed + 10_007)).tolist()
+    held_out = set(order[:count])
+    return [p for i, p in enumerate(pairs) if i not in held_out], [p for i, p in enumerate(pairs) if i in held_out]
+
+
+def _with_lora(model, config: TrainConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lora = config.lora
+    return get_peft_model(
+        model,
+        LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules),
+    )
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _write_yaml(path: Path, tree: dict) -> None:
+    import yaml
+
+    with atomic_open(path) as handle:
+        yaml.safe_dump(tree, handle, sort_keys=False)
+
+
+def _write_json(path: Path, tree: dict) -> None:
+    import json
+
+    with atomic_open(path) as handle:
+        json.dump(tree, handle, indent=2)
