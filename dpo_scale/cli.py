@@ -65,6 +65,8 @@ def _demo(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dpo-scale", description=__doc__.splitlines()[0])
+    # the deepspeed launcher appends --local_rank=N before our arguments; ranks are read from the environment
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
 
     logps = commands.add_parser(
@@ -86,7 +88,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     train.add_argument("--config", help="YAML file with the sections of dpo_scale.config.TrainConfig")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.beta=0.1 micro_batch_size=2")
-    train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the launcher adds it
     train.set_defaults(run=_train)
 
     export = commands.add_parser("export", help="write a run's latest weights as a Hugging Face model directory")

@@ -188,6 +188,12 @@ class OptimConfig:
             raise ConfigError(f"optim.lr={self.lr}: must be positive")
         if self.warmup_steps < 0 or self.max_grad_norm < 0:
             raise ConfigError("optim.warmup_steps and optim.max_grad_norm must be non-negative")
+        # DeepSpeed's warm-up schedulers reject 0 warm-up steps and silently run 1 as 2
+        if self.warmup_steps == 1 or (self.warmup_steps == 0 and self.schedule != "constant"):
+            raise ConfigError(
+                f"optim.warmup_steps={self.warmup_steps} with optim.schedule={self.schedule}: use 2 or more warm-up "
+                "steps, or 0 with optim.schedule=constant"
+            )
 
 
 @dataclass

@@ -136,6 +136,10 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
         if world.is_main:
             state.metrics_log.truncate_after(state.start_step)
         print0(f"resumed from {latest} at step {state.start_step}")
+    else:
+        # DeepSpeed steps its scheduler after each update, starting from iteration -1: without this the schedule
+        # runs two updates late (updates 1 and 2 both at lr 0). The resumed scheduler state already includes it.
+        engine.lr_scheduler.step()
     return state
 
 
