@@ -1,0 +1,60 @@
+"""Run `dpo-scale train` the way users do, in subprocesses: one plain process, or the real `deepspeed` launcher.
+
+DeepSpeed is never initialised inside the pytest process: its global ZeRO-3 marker would make every later
+`from_pretrained` in the session build sharded models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+DPO_SCALE = shutil.which("dpo-scale") or str(Path(sys.executable).with_name("dpo-scale"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_config(material: tuple[Path, Path], run_dir: Path, **sections) -> dict:
+    """A short run on the demo material; keyword arguments replace whole top-level entries."""
+    model_dir, data_path = material
+    tree = {
+        "model": {"path": str(model_dir)},
+        "data": {"path": str(data_path)},
+        "run_dir": str(run_dir),
+        "optim": {"lr": 0.001, "warmup_steps": 2},
+        "max_steps": 6,
+        "logging": {"every": 1, "progress_bar": False},
+        "checkpoint": {"every": 0},
+    }
+    tree.update(sections)
+    return tree
+
+
+def train(tree: dict, ranks: int = 1, overrides: tuple[str, ...] = (), timeout: int = 300, **popen):
+    """Write the config beside the run and train; returns the CompletedProcess (stdout and stderr captured)."""
+    run_dir = Path(tree["run_dir"])
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    config = run_dir.parent / f"{run_dir.name}.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    command = [DPO_SCALE, "train", "--config", str(config), *overrides]
+    if ranks > 1:
+        launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+        command = [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), *command]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, **popen)
+
+
+def train_metrics(run_dir: Path, split: str = "train") -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [row for row in map(json.loads, path.read_text().splitlines()) if row["split"] == split]
