@@ -82,30 +82,53 @@ def write_demo_material(directory: str | Path, rows: int = 256) -> tuple[Path, P
     return model_dir, data_path
 
 
-def run_demo(out: str | Path) -> None:
-    """Generate the material, then score it on the plain path and on the fast path, and show they agree."""
-    from dpo_scale.config import DataConfig, LogpsConfig, LogpsRunConfig, ModelConfig
-    from dpo_scale.logps_job import run_logps
+DEMO_TRAINING = {
+    "optim": {"lr": 0.003, "warmup_steps": 4},
+    "micro_batch_size": 8,
+    "epochs": 4,
+    "logging": {"every": 2},
+    "eval": {"every": 10, "fraction": 0.125},
+    "checkpoint": {"every": 0},
+}
 
-    out = Path(out)
+
+def run_demo(out: str | Path, ranks: int = 2) -> None:
+    """Generate the material, train on it with ZeRO-3 on `ranks` CPU processes through the deepspeed launcher, and
+    plot the DPO story: the loss starts at ln 2 and falls while accuracy and margin rise."""
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    from dpo_scale.distributed import free_port
+    from dpo_scale.plot import plot_training
+    from dpo_scale.tracking import read_metrics
+
+    out = Path(out).resolve()
     model_dir, data_path = write_demo_material(out)
-    print(f"generated {model_dir} and {data_path}")
-    paths = {}
-    for name, logps in {
-        "plain": LogpsConfig(prefix_sharing=False, packing=False, streaming=False),
-        "prefix_shared_packed_streaming": LogpsConfig(prefix_sharing=True, packing=True, streaming=True),
-    }.items():
-        paths[name] = out / f"logps_{name}.jsonl"
-        config = LogpsRunConfig(
-            model=ModelConfig(str(model_dir)), data=DataConfig(str(data_path)), out=str(paths[name]), logps=logps
-        )
-        counts = run_logps(config)
-        print(
-            f"{name}: {counts['tokens']} tokens computed for {counts['unique_tokens']} unique "
-            f"({counts['tokens'] / counts['unique_tokens']:.2f}x) -> {paths[name]}"
-        )
-    plain, fast = ([json.loads(line) for line in p.read_text().splitlines()] for p in paths.values())
-    worst = max(
-        abs(a[key] - b[key]) for a, b in zip(plain, fast) for key in ("chosen_logps", "rejected_logps")
+    run_dir = out / "run"
+    config_path = out / "run.yaml"
+    tree = {"model": {"path": str(model_dir)}, "data": {"path": str(data_path)}, "run_dir": str(run_dir)}
+    with atomic_open(config_path) as handle:
+        yaml.safe_dump({**tree, **DEMO_TRAINING}, handle, sort_keys=False)
+    print(f"generated {model_dir}, {data_path} and {config_path}", flush=True)
+
+    bin_dir = Path(sys.executable).parent
+    launcher = shutil.which("deepspeed") or str(bin_dir / "deepspeed")
+    command = [
+        launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()),
+        shutil.which("dpo-scale") or str(bin_dir / "dpo-scale"), "train", "--config", str(config_path),
+        "checkpoint.resume=never",
+    ]  # fmt: skip
+    print("$ " + " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "train"]
+    png = plot_training(run_dir / "metrics.jsonl", run_dir / "training.png")
+    first, last = rows[0], rows[-1]
+    print(
+        f"loss {first['loss']:.4f} (ln 2 = 0.6931) -> {last['loss']:.4f}; "
+        f"accuracy {first['rewards/accuracies']:.2f} -> {last['rewards/accuracies']:.2f}; "
+        f"margin {first['rewards/margins']:.4f} -> {last['rewards/margins']:.4f}\nplot: {png}"
     )
-    print(f"largest difference between the two paths over {len(plain)} pairs: {worst:.2e} nats")

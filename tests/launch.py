@@ -9,20 +9,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
+from dpo_scale.distributed import free_port
+
 DPO_SCALE = shutil.which("dpo-scale") or str(Path(sys.executable).with_name("dpo-scale"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def base_config(material: tuple[Path, Path], run_dir: Path, **sections) -> dict:
