@@ -169,16 +169,7 @@ def _resolve_optimizer(resolved: dict[str, Any], optim: OptimConfig, settle: _Se
 def _resolve_scheduler(
     resolved: dict[str, Any], optim: OptimConfig, total_steps: int, settle: _Settler, source: str
 ) -> None:
-    warmup = optim.warmup_steps
-    # DeepSpeed's warm-up schedulers reject 0 warm-up steps and run 1 as 2 (max(2, warmup_num_steps)).
-    # Only a constant schedule can do without: it starts at the peak.
-    if warmup == 1 or (warmup == 0 and optim.schedule != "constant"):
-        raise ConfigError(
-            f"optim.warmup_steps={warmup} with optim.schedule={optim.schedule}: DeepSpeed's "
-            f"{SCHEDULERS[optim.schedule]} needs at least 2 warm-up steps (it runs 1 as 2); "
-            "set optim.warmup_steps to 2 or more"
-            + (", or to 0 with optim.schedule=constant" if warmup == 0 else "")
-        )
+    warmup = optim.warmup_steps  # OptimConfig already refused what DeepSpeed's warm-up cannot express
     scheduler = _subsection(resolved, "scheduler", source)
     settle(scheduler, "type", SCHEDULERS[optim.schedule], f"optim.schedule={optim.schedule}", "scheduler",
            "optim.schedule")
