@@ -46,9 +46,13 @@ def _logps(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from dpo_scale.config import TrainConfig
-    from dpo_scale.train import run
+    from dpo_scale.train import NonFiniteError, run
 
-    run(build(TrainConfig, _config_tree(args, {})))
+    try:
+        run(build(TrainConfig, _config_tree(args, {})))
+    except NonFiniteError as error:  # a diagnosis, not a crash: the message says what to do
+        print(f"dpo-scale train: stopped: {error}", file=sys.stderr)
+        raise SystemExit(3) from None
 
 
 def _export(args: argparse.Namespace) -> None:

@@ -148,8 +148,9 @@ def train(state: Run) -> None:
     progress = ProgressBar(state.total_steps, state.start_step, config.logging.progress_bar)
     sums: dict[str, torch.Tensor] = {}  # metric sums over the micro-batches since the last log, on device
     for step in range(state.start_step, state.total_steps):
-        micro_batches = state.sampler.micro_batches(step, world.rank)
-        for indices in micro_batches:
+        step_sums: dict[str, torch.Tensor] = {}
+        nonfinite = torch.zeros(len(TERMS), device=world.device)  # per term, over this step's micro-batches
+        for indices in state.sampler.micro_batches(step, world.rank):
             batch = collate([state.train_pairs[i] for i in indices], config.logps, state.pad_token_id)
             batch = batch.to(world.device)
             reference = state.reference.logps(batch) if state.reference else None
@@ -157,8 +158,11 @@ def train(state: Run) -> None:
             output = state.loss_fn(policy, reference)
             engine.backward(output.losses.mean())
             engine.step()  # an optimizer step only at the accumulation boundary
-            _accumulate(sums, preference_metrics(output, policy), batch)
-        _check_skipped(state, step)
+            nonfinite += _nonfinite_terms(policy, reference, output)
+            _accumulate(step_sums, preference_metrics(output, policy), batch)
+        if not _update_skipped(state, step, nonfinite):  # a skipped update's metrics stay out of the log
+            for key, value in step_sums.items():
+                sums[key] = sums.get(key, 0) + value
         done = step + 1
         if done % config.logging.every == 0 or done == state.total_steps:
             metrics = _reduce(sums, engine)  # sync point: all-reduce and .item()
@@ -222,24 +226,41 @@ def _log(state: Run, step: int, split: str, metrics: dict[str, float]) -> None:
     state.tracker.log(metrics, step, split)
 
 
-def _check_skipped(state: Run, step: int) -> None:
-    """DeepSpeed skips an update whose gradient norm is not finite; say so, and stop after too many."""
+TERMS = ("policy log-probs", "reference log-probs", "loss")
+
+
+def _nonfinite_terms(policy, reference, output) -> torch.Tensor:
+    """(len(TERMS),) counts of non-finite values, on device: read only when an update was skipped."""
+    reference_logps = reference.chosen_logps if reference is not None else policy.chosen_logps.new_zeros(1)
+    return torch.stack([
+        (~torch.isfinite(torch.cat([policy.chosen_logps, policy.rejected_logps]))).sum().float(),
+        (~torch.isfinite(reference_logps)).sum().float(),
+        (~torch.isfinite(output.losses)).sum().float(),
+    ])  # fmt: skip
+
+
+def _update_skipped(state: Run, step: int, nonfinite: torch.Tensor) -> bool:
+    """DeepSpeed discards an update whose gradient norm is not finite; say which term broke, stop after too many."""
     skipped = state.engine.skipped_steps
     if skipped == state.skipped_steps:
-        return
+        return False
     state.skipped_steps = skipped
+    counts = distributed.all_reduce_sum(nonfinite).tolist()  # rare: only on a skipped update
+    broken = [f"{term} ({int(n)} values)" for term, n in zip(TERMS, counts) if n] or ["the gradient only"]
     print0(
-        f"warning: step {step + 1}: non-finite loss or gradient, update skipped "
+        f"warning: step {step + 1}: non-finite {', '.join(broken)}; update skipped "
         f"({skipped} of at most {state.config.max_nonfinite_skips})"
     )
     if skipped > state.config.max_nonfinite_skips:
         pairs = state.sampler.micro_batches(step, state.world.rank)
         sources = [state.train_pairs[i].source for indices in pairs for i in indices][:4]
         raise NonFiniteError(
-            f"step {step + 1}: {skipped} updates skipped for non-finite loss or gradient (limit "
-            f"max_nonfinite_skips={state.config.max_nonfinite_skips}). Last batch began with {sources}. "
-            "Lower optim.lr or loss.beta, check these rows, or resume from the last checkpoint"
+            f"step {step + 1}: {skipped} updates skipped for non-finite values (limit "
+            f"max_nonfinite_skips={state.config.max_nonfinite_skips}); this one in {', '.join(broken)}. "
+            f"Its batch began with {sources}. Lower optim.lr or loss.beta, check these rows, or resume from the "
+            "last checkpoint"
         )
+    return True
 
 
 def _split(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
