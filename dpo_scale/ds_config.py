@@ -26,10 +26,11 @@ list of tested optimizers. With offload we leave it unset: `DeepSpeedCPUAdam` is
 states on the CPU, and its C++ build needs no CUDA. An explicit `torch_adam` in the JSON is respected. Both are on
 ZeRO's list of supported optimizers, so `zero_allow_untested_optimizer` is not needed.
 
-Schedule timing. The engine builds the scheduler at iteration -1 and steps it after each optimizer step, so
-optimizer step k runs at the schedule's iteration k - 2: steps 1 and 2 both run at the warm-up's start (0), the
-peak comes at step warmup_steps + 2, and the decay reaches 0 one step after total_num_steps. DeepSpeed's warm-up
-schedulers also reject 0 warm-up steps and run 1 as 2, so those raise here (except 0 with the constant schedule).
+Schedule timing. The engine builds the scheduler at iteration -1 and steps it after each optimizer step, so left
+alone optimizer step k would run at the schedule's iteration k - 2. `train.build` steps it once on a fresh start,
+so step k runs at iteration k - 1: step 1 at the warm-up's start (0), the peak at step warmup_steps + 1, and the
+decay down to 0 at the last step. DeepSpeed's warm-up schedulers also reject 0 warm-up steps and run 1 as 2;
+`OptimConfig` refuses those (except 0 with the constant schedule).
 
 Activation checkpointing needs no section here: `model.gradient_checkpointing_enable()` recomputes with torch's
 checkpoint, and DeepSpeed's "activation_checkpointing" block only configures `deepspeed.checkpointing`.

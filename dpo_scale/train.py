@@ -148,6 +148,7 @@ def train(state: Run) -> None:
     progress = ProgressBar(state.total_steps, state.start_step, config.logging.progress_bar)
     sums: dict[str, torch.Tensor] = {}  # metric sums over the micro-batches since the last log, on device
     for step in range(state.start_step, state.total_steps):
+        lr = engine.get_lr()[0]  # the rate this step's update uses: engine.step() moves the scheduler on
         step_sums: dict[str, torch.Tensor] = {}
         nonfinite = torch.zeros(len(TERMS), device=world.device)  # per term, over this step's micro-batches
         for indices in state.sampler.micro_batches(step, world.rank):
@@ -165,7 +166,8 @@ def train(state: Run) -> None:
                 sums[key] = sums.get(key, 0) + value
         done = step + 1
         if done % config.logging.every == 0 or done == state.total_steps:
-            metrics = _reduce(sums, engine)  # sync point: all-reduce and .item()
+            metrics = _reduce(sums)  # sync point: all-reduce and .item()
+            metrics["lr"] = lr
             sums = {}
             _log(state, done, "train", metrics)
             progress.update(done, metrics)
@@ -190,7 +192,7 @@ def evaluate(state: Run) -> dict[str, float]:
         policy = state.engine(batch)
         reference = state.reference.logps(batch) if state.reference else None
         _accumulate(sums, preference_metrics(state.loss_fn(policy, reference), policy), batch)
-    return _reduce(sums, state.engine)
+    return _reduce(sums)
 
 
 def _accumulate(sums: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor], batch) -> None:
@@ -202,7 +204,7 @@ def _accumulate(sums: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor],
         sums[key] = sums.get(key, 0) + torch.tensor(float(count), device=metrics["loss"].device)
 
 
-def _reduce(sums: dict[str, torch.Tensor], engine) -> dict[str, float]:
+def _reduce(sums: dict[str, torch.Tensor]) -> dict[str, float]:
     if not sums:
         return {}
     keys = sorted(sums)
@@ -212,7 +214,6 @@ def _reduce(sums: dict[str, torch.Tensor], engine) -> dict[str, float]:
     metrics = {k: v / pairs for k, v in totals.items() if k not in ("tokens", "unique_tokens")}
     metrics["tokens_per_unique_token"] = totals["tokens"] / max(totals["unique_tokens"], 1.0)
     metrics["pairs"] = pairs
-    metrics["lr"] = engine.get_lr()[0]
     return metrics
 
 
