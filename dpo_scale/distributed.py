@@ -77,6 +77,12 @@ def close() -> None:
         dist.destroy_process_group()
 
 
+def abort() -> None:
+    """Leave the process group after an error on this rank, without waiting for the others."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def load_model(config: ModelConfig, ds_config: dict) -> nn.Module:
     """`from_pretrained` into ZeRO-3 shards when the DeepSpeed config is stage 3."""
     global _hf_deepspeed_config

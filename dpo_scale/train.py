@@ -60,9 +60,13 @@ def run(config: TrainConfig) -> list[dict]:
     try:
         state = build(config, world)
         train(state)
-        return state.history
-    finally:
-        distributed.close()
+    except BaseException:
+        # No barrier on the way out: the other ranks may be inside another collective, and waiting for them would
+        # hold this rank's error back for deepspeed.timeout_s, then replace it with the barrier's timeout.
+        distributed.abort()
+        raise
+    distributed.close()
+    return state.history
 
 
 def build(config: TrainConfig, world: distributed.World) -> Run:
@@ -167,10 +171,10 @@ def train(state: Run) -> None:
         done = step + 1
         if done % config.logging.every == 0 or done == state.total_steps:
             metrics = _reduce(sums)  # sync point: all-reduce and .item()
-            metrics["lr"] = lr
             sums = {}
-            _log(state, done, "train", metrics)
-            progress.update(done, metrics)
+            if metrics:  # empty when every update since the last log was skipped
+                _log(state, done, "train", {**metrics, "lr": lr})
+                progress.update(done, metrics)
         if config.eval.every and done % config.eval.every == 0:
             _log(state, done, "eval", evaluate(state))
         if (config.checkpoint.every and done % config.checkpoint.every == 0) or done == state.total_steps:
