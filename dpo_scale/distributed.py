@@ -95,6 +95,15 @@ def load_model(config: ModelConfig, ds_config: dict) -> nn.Module:
     return load_causal_lm(config)
 
 
+def held_parameters(module: nn.Module) -> tuple[int, int]:
+    """(parameters this rank holds, parameters of the whole model): under ZeRO-3 each rank holds its shard only."""
+    held = total = 0
+    for parameter in module.parameters():
+        held += parameter.ds_tensor.numel() if hasattr(parameter, "ds_tensor") else parameter.numel()
+        total += getattr(parameter, "ds_numel", parameter.numel())
+    return held, total
+
+
 def register_lm_head(module: nn.Module, model: nn.Module) -> None:
     """Let ZeRO-3 gather the LM head weight for `module`'s forward and backward.
 

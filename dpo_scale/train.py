@@ -113,6 +113,8 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
         policy = peft_model = _with_lora(policy, config)
     if config.deepspeed.activation_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    held, total = distributed.held_parameters(policy)
+    print(f"rank {world.rank}: holds {held:,} of the policy's {total:,} parameters", flush=True)
     policy_module = PairLogpsModel(policy, config.logps)
     distributed.register_lm_head(policy_module, policy)
     engine = distributed.training_engine(policy_module, ds_config)

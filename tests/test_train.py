@@ -1,7 +1,9 @@
 """Training end to end, through the command users run (one process, or the real deepspeed launcher on 2 CPU ranks)."""
 
+import json
 import math
 import os
+import re
 import signal
 import subprocess
 import time
@@ -12,7 +14,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from dpo_scale.config import DataConfig, LogpsConfig
+from dpo_scale.config import DataConfig, LogpsConfig, TrainConfig, build
 from dpo_scale.data import load_tokenizer, prepare
 from dpo_scale.demo import write_demo_material
 from dpo_scale.layout import collate
@@ -59,12 +61,24 @@ def test_two_ranks_match_one(material, tmp_path):
     one = base_config(material, tmp_path / "one", micro_batch_size=4, gradient_accumulation_steps=2)
     two = base_config(material, tmp_path / "two", micro_batch_size=4, gradient_accumulation_steps=1)
     _ok(train(one))
-    _ok(train(two, ranks=2))
+    result = train(two, ranks=2)
+    _ok(result)
+    # from_pretrained loaded straight into ZeRO-3 shards: each rank holds about half of the model, never all of it
+    held = [int(x.replace(",", "")) for x in re.findall(r"rank \d: holds ([\d,]+) of", result.stdout)]
+    total = int(re.search(r"of the policy's ([\d,]+) parameters", result.stdout).group(1).replace(",", ""))
+    assert len(held) == 2 and all(0.45 * total < h < 0.55 * total for h in held), (held, total)
     losses_one = [r["loss"] for r in train_metrics(tmp_path / "one")]
     losses_two = [r["loss"] for r in train_metrics(tmp_path / "two")]
     assert len(losses_one) == len(losses_two) == 6
     assert losses_one == pytest.approx(losses_two, abs=1e-5)
     assert len(set(round(x, 6) for x in losses_one)) > 2  # the weights did move
+    # the streaming head's gradient under ZeRO-3 shards (LM head gathered in forward and backward) is the same too
+    a, b = _final_weights(tmp_path / "one"), _final_weights(tmp_path / "two")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5, msg=name)
+    saved = build(TrainConfig, yaml.safe_load((tmp_path / "two" / "config.yaml").read_text()))
+    assert saved == build(TrainConfig, two)  # the resolved config is saved in the run directory
+    assert json.loads((tmp_path / "two" / "deepspeed.json").read_text())["train_batch_size"] == 8
 
 
 def test_gradient_accumulation_equivalence(material, tmp_path):
