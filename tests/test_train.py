@@ -157,3 +157,15 @@ def test_export_loads_and_gives_the_trained_log_probs(material, tmp_path):
     with torch.no_grad():
         start_logps = PairLogpsModel(start, config)(collate(held_out, config, tokenizer.pad_token_id))
     assert (start_logps.chosen_logps - logps.chosen_logps).abs().max() > 1e-3  # the export is the trained model
+
+
+def test_bf16_run(material, tmp_path):
+    """bf16 weights and DeepSpeed bf16 on CPU: step 1 is still exactly ln 2 (policy and reference compute the same
+    bf16 numbers, and the loss is taken in fp32), the run trains, and the checkpoint holds bf16 weights."""
+    tree = base_config(material, tmp_path / "run", deepspeed={"precision": "bf16"})
+    tree["model"]["dtype"] = "bfloat16"
+    _ok(train(tree))
+    rows = train_metrics(tmp_path / "run")
+    assert rows[0]["loss"] == pytest.approx(LN2, abs=1e-6)
+    assert all(math.isfinite(r["loss"]) for r in rows) and rows[-1]["loss"] != rows[0]["loss"]
+    assert {t.dtype for t in _final_weights(tmp_path / "run").values()} == {torch.bfloat16}
