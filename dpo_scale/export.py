@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from dpo_scale import checkpoint
 from dpo_scale.config import ConfigError, TrainConfig, build
+from dpo_scale.model import add_lora
 
 
 def export(run_dir: str | Path, out: str | Path, merge_lora: bool = False) -> Path:
@@ -31,21 +32,16 @@ def export(run_dir: str | Path, out: str | Path, merge_lora: bool = False) -> Pa
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
 
-    model_config = AutoConfig.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
     if config.lora.enabled:
-        from peft import LoraConfig, get_peft_model
-
         base = AutoModelForCausalLM.from_pretrained(
             config.model.path, use_safetensors=True, trust_remote_code=config.model.trust_remote_code
         )
-        lora = config.lora
-        model = get_peft_model(
-            base, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules)
-        )
+        model = add_lora(base, config.lora)
         _load_exactly(model, weights)
         if merge_lora:
             model = model.merge_and_unload()
     else:
+        model_config = AutoConfig.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
         model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.model.trust_remote_code)
         _load_exactly(model, weights)
     model.save_pretrained(staging, safe_serialization=True)

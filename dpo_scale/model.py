@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dpo_scale.config import ConfigError, LogpsConfig, ModelConfig
+from dpo_scale.config import ConfigError, LogpsConfig, LoraConfig, ModelConfig
 from dpo_scale.layout import PairBatch
 from dpo_scale.logps import LMHead, full_logits_token_logps, streaming_token_logps
 from dpo_scale.loss import PairLogps
@@ -31,6 +31,17 @@ def load_causal_lm(config: ModelConfig) -> nn.Module:
             "at a directory holding config.json and *.safetensors, or a hub id"
         ) from None
     return model
+
+
+def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
+    """The peft model with fresh adapters (B = 0, so it starts equal to `model`) on `config.target_modules`."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    adapters = PeftLoraConfig(
+        r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=config.target_modules
+    )
+    return get_peft_model(model, adapters)
 
 
 # Config attributes that change logits in ways the streaming head does not reproduce.

@@ -23,7 +23,7 @@ from dpo_scale.ds_config import resolve_deepspeed_config
 from dpo_scale.io import atomic_open
 from dpo_scale.layout import collate
 from dpo_scale.loss import build_preference_loss, preference_metrics
-from dpo_scale.model import PairLogpsModel
+from dpo_scale.model import PairLogpsModel, add_lora
 from dpo_scale.reference import AdaptersDisabled, FrozenCopy, ReferenceSource
 from dpo_scale.sampler import StepSampler
 from dpo_scale.tracking import MetricsLog, ProgressBar, build_tracker, print0
@@ -110,7 +110,7 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
     policy = distributed.load_model(config.model, ds_config)
     peft_model = None
     if config.lora.enabled:
-        policy = peft_model = _with_lora(policy, config)
+        policy = peft_model = add_lora(policy, config.lora)
     if config.deepspeed.activation_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     held, total = distributed.held_parameters(policy)
@@ -276,16 +276,6 @@ def _split(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], l
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed + 10_007)).tolist()
     held_out = set(order[:count])
     return [p for i, p in enumerate(pairs) if i not in held_out], [p for i, p in enumerate(pairs) if i in held_out]
-
-
-def _with_lora(model, config: TrainConfig):
-    from peft import LoraConfig, get_peft_model
-
-    lora = config.lora
-    return get_peft_model(
-        model,
-        LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules),
-    )
 
 
 def _seed(seed: int) -> None:
