@@ -111,6 +111,7 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
     peft_model = None
     if config.lora.enabled:
         policy = peft_model = add_lora(policy, config.lora)
+    _disable_dropout(policy)
     if config.deepspeed.activation_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     held, total = distributed.held_parameters(policy)
@@ -118,6 +119,7 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
     policy_module = PairLogpsModel(policy, config.logps)
     distributed.register_lm_head(policy_module, policy)
     engine = distributed.training_engine(policy_module, ds_config)
+    engine.train()  # from_pretrained returns eval mode, where transformers skips activation checkpointing
 
     reference: ReferenceSource | None = None
     if not config.loss.reference_free:
@@ -276,6 +278,18 @@ def _split(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], l
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed + 10_007)).tolist()
     held_out = set(order[:count])
     return [p for i, p in enumerate(pairs) if i not in held_out], [p for i, p in enumerate(pairs) if i in held_out]
+
+
+def _disable_dropout(model: torch.nn.Module) -> None:
+    """DPO compares the policy with the reference on the same inputs: with dropout on, the two differ at step 1
+    already (the loss would not start at ln 2) and the log-ratio is noise. The DPO code and TRL turn it off too."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    config = model.config.get_text_config()
+    for name, value in vars(config).items():  # attention dropout is a functional call reading the config
+        if (name.endswith("dropout") or name.endswith("pdrop")) and isinstance(value, float):
+            setattr(config, name, 0.0)
 
 
 def _seed(seed: int) -> None:

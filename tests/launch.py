@@ -36,16 +36,21 @@ def base_config(material: tuple[Path, Path], run_dir: Path, **sections) -> dict:
     return tree
 
 
-def train(tree: dict, ranks: int = 1, overrides: tuple[str, ...] = (), timeout: int = 300, **popen):
-    """Write the config beside the run and train; returns the CompletedProcess (stdout and stderr captured)."""
+def train(
+    tree: dict, ranks: int = 1, overrides: tuple[str, ...] = (), timeout: int = 300, launcher: str = "deepspeed",
+    **popen,
+):
+    """Write the config beside the run and train with `ranks` processes under `launcher` (deepspeed or torchrun);
+    returns the CompletedProcess (stdout and stderr captured)."""
     run_dir = Path(tree["run_dir"])
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     config = run_dir.parent / f"{run_dir.name}.yaml"
     config.write_text(yaml.safe_dump(tree))
     command = [DPO_SCALE, "train", "--config", str(config), *overrides]
     if ranks > 1:
-        launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
-        command = [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), *command]
+        program = shutil.which(launcher) or str(Path(sys.executable).with_name(launcher))
+        processes = "--num_gpus" if launcher == "deepspeed" else "--nproc_per_node"
+        command = [program, processes, str(ranks), "--master_port", str(free_port()), *command]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, **popen)
 
