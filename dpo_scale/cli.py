@@ -55,6 +55,13 @@ def _train(args: argparse.Namespace) -> None:
         raise SystemExit(3) from None
 
 
+def _precompute_ref(args: argparse.Namespace) -> None:
+    from dpo_scale.config import TrainConfig
+    from dpo_scale.precompute import precompute
+
+    precompute(build(TrainConfig, _config_tree(args, {})))
+
+
 def _export(args: argparse.Namespace) -> None:
     from dpo_scale.export import export
 
@@ -93,6 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--config", help="YAML file with the sections of dpo_scale.config.TrainConfig")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.beta=0.1 micro_batch_size=2")
     train.set_defaults(run=_train)
+
+    precompute_ref = commands.add_parser(
+        "precompute-ref",
+        help="compute the reference log-probs of every pair once, into reference.cache_dir (resumable)",
+        description="Example: deepspeed --num_gpus 8 $(which dpo-scale) precompute-ref --config run.yaml "
+        "reference.cache_dir=cache/hh",
+    )
+    precompute_ref.add_argument("--config", help="the training config: model, data, logps and reference sections")
+    precompute_ref.add_argument("overrides", nargs="*", help="dotted overrides, e.g. reference.cache_dir=cache/hh")
+    precompute_ref.set_defaults(run=_precompute_ref)
 
     export = commands.add_parser("export", help="write a run's latest weights as a Hugging Face model directory")
     export.add_argument("run_dir")

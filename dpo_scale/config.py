@@ -150,12 +150,23 @@ class LogpsRunConfig:
 
 @dataclass
 class ReferenceConfig:
-    source: Literal["copy", "lora"] = "copy"
+    source: Literal["copy", "lora", "cache"] = "copy"
     """copy: a frozen full copy of the starting policy (a ZeRO-3 inference engine, no optimizer state);
-    lora: the policy itself with its adapters disabled (needs lora.enabled=true)."""
+    lora: the policy itself with its adapters disabled (needs lora.enabled=true);
+    cache: log-probs precomputed by `dpo-scale precompute-ref` into cache_dir."""
+    cache_dir: str | None = None
+    """Directory of the precomputed reference log-probs (written by precompute-ref, read by training)."""
+    shard_size: int = 4096
+    """Pairs per cache shard: the unit of work and of resumption in precompute-ref."""
+    precompute_batch_size: int = 16
+    """Pairs per forward in precompute-ref (no gradients, so larger than micro_batch_size)."""
 
     def __post_init__(self) -> None:
-        _check_choice(self, "reference", "source", Literal["copy", "lora"])
+        _check_choice(self, "reference", "source", Literal["copy", "lora", "cache"])
+        if self.source == "cache" and not self.cache_dir:
+            raise ConfigError("reference.source=cache needs reference.cache_dir (the precompute-ref output)")
+        if self.shard_size < 1 or self.precompute_batch_size < 1:
+            raise ConfigError("reference.shard_size and reference.precompute_batch_size must be at least 1")
 
 
 @dataclass

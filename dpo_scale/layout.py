@@ -43,6 +43,8 @@ class PairBatch:
     """Positions holding a token: what a padding-free kernel would compute."""
     unique_tokens: int
     """Prompt + chosen + rejected lengths: the least any layout must compute."""
+    pairs: tuple[Pair, ...] = ()
+    """The pairs themselves, in slot order (the reference cache looks them up by their tokens)."""
 
     def to(self, device: torch.device) -> PairBatch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -166,6 +168,7 @@ def collate(pairs: list[Pair], config: LogpsConfig, pad_token_id: int) -> PairBa
         tokens=num_rows * length,
         real_tokens=int(real.sum()),
         unique_tokens=sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs),
+        pairs=tuple(pairs),
     )
 
 

@@ -2,7 +2,7 @@
 
 - `FrozenCopy`: a frozen full copy of the starting policy, run as a ZeRO-3 inference engine (no optimizer state).
 - `AdaptersDisabled`: a LoRA policy with its adapters switched off, i.e. the base model, at no extra memory.
-The disk cache and the 4-bit copy come behind the same method.
+- `CachedReference`: values precomputed once by `dpo-scale precompute-ref` (ref_cache.py), no model at all.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 
 from dpo_scale.layout import PairBatch
 from dpo_scale.loss import PairLogps
+from dpo_scale.ref_cache import CacheReader
 
 
 class ReferenceSource(Protocol):
@@ -37,3 +38,16 @@ class AdaptersDisabled:
     def logps(self, batch: PairBatch) -> PairLogps:
         with self.peft_model.disable_adapter():
             return self.engine(batch)
+
+
+class CachedReference:
+    def __init__(self, reader: CacheReader):
+        self.reader = reader
+
+    def logps(self, batch: PairBatch) -> PairLogps:
+        chosen, rejected = self.reader.lookup(list(batch.pairs))  # (B,), (B,) fp32
+        device = batch.score_slots.device
+        counts = torch.bincount(batch.score_slots, minlength=2 * batch.num_pairs).float()  # scored tokens per slot
+        return PairLogps(
+            chosen.to(device), rejected.to(device), counts[: batch.num_pairs], counts[batch.num_pairs :]
+        )

@@ -24,7 +24,8 @@ from dpo_scale.io import atomic_open
 from dpo_scale.layout import collate
 from dpo_scale.loss import build_preference_loss, preference_metrics
 from dpo_scale.model import PairLogpsModel, add_lora
-from dpo_scale.reference import AdaptersDisabled, FrozenCopy, ReferenceSource
+from dpo_scale.ref_cache import CacheReader, fingerprint
+from dpo_scale.reference import AdaptersDisabled, CachedReference, FrozenCopy, ReferenceSource
 from dpo_scale.sampler import StepSampler
 from dpo_scale.tracking import MetricsLog, ProgressBar, build_tracker, print0
 
@@ -125,6 +126,9 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
     if not config.loss.reference_free:
         if config.reference.source == "lora":
             reference = AdaptersDisabled(engine, peft_model)
+        elif config.reference.source == "cache":
+            expected = fingerprint(config.model, config.data, tokenizer)
+            reference = CachedReference(CacheReader(config.reference.cache_dir, expected))
         else:
             reference_model = distributed.load_model(config.model, ds_config)
             reference_module = PairLogpsModel(reference_model, config.logps)
