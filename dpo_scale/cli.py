@@ -62,6 +62,20 @@ def _precompute_ref(args: argparse.Namespace) -> None:
     precompute(build(TrainConfig, _config_tree(args, {})))
 
 
+def _ref_drift(args: argparse.Namespace) -> None:
+    from dpo_scale.config import DriftRunConfig
+    from dpo_scale.drift import run_drift
+
+    config = build(DriftRunConfig, _config_tree(args, {"model": "model.path", "data": "data.path", "out": "out"}))
+    run_drift(
+        config.model.path, config.data, config.num_pairs, config.out, beta=config.beta,
+        batch_size=config.batch_size, logps_config=config.logps, dtype=config.model.dtype,
+        double_quant=config.nf4.double_quant, compute_dtype=config.nf4.compute_dtype,
+        trust_remote_code=config.model.trust_remote_code,
+    )  # fmt: skip
+    print(f"wrote {config.out}")
+
+
 def _export(args: argparse.Namespace) -> None:
     from dpo_scale.export import export
 
@@ -110,6 +124,20 @@ def main(argv: list[str] | None = None) -> int:
     precompute_ref.add_argument("--config", help="the training config: model, data, logps and reference sections")
     precompute_ref.add_argument("overrides", nargs="*", help="dotted overrides, e.g. reference.cache_dir=cache/hh")
     precompute_ref.set_defaults(run=_precompute_ref)
+
+    drift = commands.add_parser(
+        "ref-drift",
+        help="how far a 4-bit (NF4) reference drifts from the full-precision model: per-token error, margin error, "
+        "sign flips",
+        description="Example: dpo-scale ref-drift --model DIR --data pairs.jsonl --out drift.json num_pairs=256 "
+        "beta=0.1 data.max_length=1024",
+    )
+    drift.add_argument("--model", help="model directory or hub id (model.path)")
+    drift.add_argument("--data", help="preference file, save_to_disk directory or hub id (data.path)")
+    drift.add_argument("--out", help="output JSON (out)")
+    drift.add_argument("--config", help="YAML file with sections model, data, nf4, logps")
+    drift.add_argument("overrides", nargs="*", help="dotted overrides, e.g. num_pairs=512 nf4.compute_dtype=bfloat16")
+    drift.set_defaults(run=_ref_drift)
 
     export = commands.add_parser("export", help="write a run's latest weights as a Hugging Face model directory")
     export.add_argument("run_dir")

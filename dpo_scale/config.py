@@ -148,12 +148,31 @@ class LogpsRunConfig:
             raise ConfigError(f"batch_size={self.batch_size}: must be at least 1")
 
 
+ComputeDtype = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclass
+class NF4Settings:
+    """The 4-bit reference (reference.source=nf4): bitsandbytes NF4, a whole copy on every rank beside the ZeRO-3
+    policy shards. About 0.52 GB per billion quantized parameters; embeddings and LM head stay in model.dtype."""
+
+    double_quant: bool = True
+    """Quantize the block scales too (QLoRA): 0.516 instead of 0.563 byte per quantized parameter."""
+    compute_dtype: ComputeDtype = "float32"
+    """dtype the 4-bit weights are dequantized to for each matmul; bfloat16 is the usual choice on GPUs."""
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "nf4", "compute_dtype", ComputeDtype)
+
+
 @dataclass
 class ReferenceConfig:
-    source: Literal["copy", "lora", "cache"] = "copy"
+    source: Literal["copy", "lora", "cache", "nf4"] = "copy"
     """copy: a frozen full copy of the starting policy (a ZeRO-3 inference engine, no optimizer state);
     lora: the policy itself with its adapters disabled (needs lora.enabled=true);
-    cache: log-probs precomputed by `dpo-scale precompute-ref` into cache_dir."""
+    cache: log-probs precomputed by `dpo-scale precompute-ref` into cache_dir;
+    nf4: a frozen NF4 copy, whole on every rank (see reference.nf4; measure its drift with `dpo-scale ref-drift`)."""
+    nf4: NF4Settings = field(default_factory=NF4Settings)
     cache_dir: str | None = None
     """Directory of the precomputed reference log-probs (written by precompute-ref, read by training)."""
     shard_size: int = 4096
@@ -162,7 +181,7 @@ class ReferenceConfig:
     """Pairs per forward in precompute-ref (no gradients, so larger than micro_batch_size)."""
 
     def __post_init__(self) -> None:
-        _check_choice(self, "reference", "source", Literal["copy", "lora", "cache"])
+        _check_choice(self, "reference", "source", Literal["copy", "lora", "cache", "nf4"])
         if self.source == "cache" and not self.cache_dir:
             raise ConfigError("reference.source=cache needs reference.cache_dir (the precompute-ref output)")
         if self.shard_size < 1 or self.precompute_batch_size < 1:
@@ -303,6 +322,30 @@ class TrainConfig:
             raise ConfigError("reference.source=lora needs lora.enabled=true (the reference is the adapter-free base)")
         if self.loss.reference_free and self.reference.source != "copy":
             raise ConfigError("loss.loss_type=simpo is reference-free: leave reference.source at its default")
+
+
+@dataclass
+class DriftRunConfig:
+    """`dpo-scale ref-drift`: how far an NF4 reference moves reference log-probs and margins from full precision."""
+
+    model: ModelConfig
+    data: DataConfig
+    out: str
+    """Output JSON, written atomically."""
+    nf4: NF4Settings = field(default_factory=NF4Settings)
+    logps: LogpsConfig = field(default_factory=LogpsConfig)
+    num_pairs: int = 256
+    """Score the first this many prepared pairs (file order)."""
+    beta: float = 0.1
+    """The beta of the run this is for: margin errors are reported as beta x |margin error|, the shift of DPO's logit."""
+    batch_size: int = 8
+    """Pairs per forward."""
+
+    def __post_init__(self) -> None:
+        if self.num_pairs < 1 or self.batch_size < 1:
+            raise ConfigError(f"num_pairs={self.num_pairs}, batch_size={self.batch_size}: both must be at least 1")
+        if self.beta <= 0:
+            raise ConfigError(f"beta={self.beta}: must be positive")
 
 
 def _check_choice(section: Any, prefix: str, name: str, choices: Any) -> None:

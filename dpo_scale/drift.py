@@ -71,15 +71,18 @@ class DriftReport:
         return json.dumps(self.to_dict(), indent=2)
 
     def table(self) -> str:
-        seq, margin = self.sequence_abs_error, self.margin_error
         flips = round(self.sign_flip_fraction * self.pairs)
+        rows = [
+            ("|Δ sequence log p|, nats", self.sequence_abs_error),
+            (f"β·|Δ reference margin|, β={self.beta:g}", self.margin_error),
+        ]
         return "\n".join([
             f"reference drift, NF4 vs full precision: {self.pairs} pairs, {self.tokens:,} scored tokens",
-            f"  per-token MAE (sum-level)            {self.per_token_mae:.4f} nats  (mean signed {self.per_token_mean_error:+.4f})",
-            "                                       p50        p95        max",
-            f"  |Δ sequence log p|, nats         {seq.p50:10.4f} {seq.p95:10.4f} {seq.max:10.4f}",
-            f"  β·|Δ reference margin|, β={self.beta:<5g} {margin.p50:10.4f} {margin.p95:10.4f} {margin.max:10.4f}",
-            f"  reference margins that flip sign     {flips} of {self.pairs} ({self.sign_flip_fraction:.1%})",
+            f"  {'per-token MAE (sum-level), nats':<36}{self.per_token_mae:10.4f}  "
+            f"(mean signed {self.per_token_mean_error:+.4f})",
+            f"  {'':<36}{'p50':>10} {'p95':>10} {'max':>10}",
+            *(f"  {label:<36}{q.p50:10.4f} {q.p95:10.4f} {q.max:10.4f}" for label, q in rows),
+            f"  {'reference margins that flip sign':<36}{flips:>10} of {self.pairs} ({self.sign_flip_fraction:.1%})",
         ])  # fmt: skip
 
 

@@ -18,9 +18,11 @@ ZeRO-3. While an `HfDeepSpeedConfig` is alive (dpo_scale.distributed keeps one s
 into shards), transformers treats every `from_pretrained` as a ZeRO-3 load. For a quantized model that means: no
 `device_map` allowed ("DeepSpeed Zero-3 is not compatible with passing a `device_map`", the trap reported in
 open-instruct #98, accelerate #2312, DeepSpeed #7096), yet a `device_map` is how the replica is placed on this
-rank's device. `zero3_integration_paused` sets the integration aside for that one call and restores it, so the
-policy's later loads still shard. The result is a plain (not partitioned) model on every rank: ZeRO never sees it,
-and its forward needs no collective.
+rank's device. (transformers 5.24 without a `device_map` lets the bitsandbytes quantizer pick
+`cuda.current_device()` and loads; we place the replica explicitly rather than depend on which device is current
+and on how each transformers version treats quantized loads under ZeRO-3.) `zero3_integration_paused` sets the
+integration aside for that one call and restores it, so the policy's later loads still shard. The result is a
+plain (not partitioned) model on every rank: ZeRO never sees it, and its forward needs no collective.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from dpo_scale.io import atomic_open
 from dpo_scale.layout import collate
 from dpo_scale.loss import build_preference_loss, preference_metrics
 from dpo_scale.model import PairLogpsModel, add_lora
+from dpo_scale.nf4 import NF4Reference, load_nf4_reference, nf4_memory
 from dpo_scale.ref_cache import CacheReader, fingerprint
 from dpo_scale.reference import AdaptersDisabled, CachedReference, FrozenCopy, ReferenceSource
 from dpo_scale.sampler import StepSampler
@@ -129,6 +130,11 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
         elif config.reference.source == "cache":
             expected = fingerprint(config.model, config.data, tokenizer)
             reference = CachedReference(CacheReader(config.reference.cache_dir, expected))
+        elif config.reference.source == "nf4":
+            nf4 = config.reference.nf4
+            reference_model = load_nf4_reference(config.model, nf4.double_quant, nf4.compute_dtype, world.device)
+            print0(f"NF4 reference: {nf4_memory(reference_model).total_bytes / 2**20:,.1f} MiB, whole on every rank")
+            reference = NF4Reference(reference_model, config.logps)
         else:
             reference_model = distributed.load_model(config.model, ds_config)
             reference_module = PairLogpsModel(reference_model, config.logps)
