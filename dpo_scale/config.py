@@ -160,9 +160,16 @@ class NF4Settings:
     """Quantize the block scales too (QLoRA): 0.516 instead of 0.563 byte per quantized parameter."""
     compute_dtype: ComputeDtype = "float32"
     """dtype the 4-bit weights are dequantized to for each matmul; bfloat16 is the usual choice on GPUs."""
+    drift_pairs: int = 64
+    """Training measures the NF4 drift on this many pairs before step 1 (against the policy, which is then the
+    full-precision reference); 0 skips the check."""
+    max_margin_error_p95: float = 0.5
+    """Warn when the p95 of beta x |reference-margin error| exceeds this: DPO's logit is shifted that much."""
 
     def __post_init__(self) -> None:
         _check_choice(self, "nf4", "compute_dtype", ComputeDtype)
+        if self.drift_pairs < 0 or self.max_margin_error_p95 <= 0:
+            raise ConfigError("nf4.drift_pairs must be >= 0 and nf4.max_margin_error_p95 positive")
 
 
 @dataclass

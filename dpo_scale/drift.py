@@ -125,7 +125,7 @@ def measure_drift(
             batch = collate(pairs[start : start + batch_size], logps_config, pad_token_id)
             full_out.append(full_module(batch.to(full_device)))
             nf4_out.append(reference.logps(batch.to(nf4_device)))
-    return drift_statistics(_concatenate(full_out), _concatenate(nf4_out), beta)
+    return drift_statistics(concatenate(full_out), concatenate(nf4_out), beta)
 
 
 def run_drift(
@@ -180,5 +180,5 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _concatenate(outputs: list[PairLogps]) -> PairLogps:
+def concatenate(outputs: list[PairLogps]) -> PairLogps:
     return PairLogps(*(torch.cat([getattr(o, name).cpu() for o in outputs]) for name in PairLogps._fields))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from dpo_scale.data import Pair, load_tokenizer, prepare
 from dpo_scale.ds_config import resolve_deepspeed_config
 from dpo_scale.io import atomic_open
 from dpo_scale.layout import collate
+from dpo_scale.drift import concatenate, drift_statistics
 from dpo_scale.loss import build_preference_loss, preference_metrics
 from dpo_scale.model import PairLogpsModel, add_lora
 from dpo_scale.nf4 import NF4Reference, load_nf4_reference, nf4_memory
@@ -149,6 +151,8 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
         tracker=build_tracker(config.logging, run_dir, to_dict(config)),
     )  # fmt: skip
     latest = checkpoint.latest(run_dir) if config.checkpoint.resume == "auto" else None
+    if config.reference.source == "nf4" and config.reference.nf4.drift_pairs and latest is None:
+        _warn_on_nf4_drift(state)
     if latest is not None:
         state.start_step = checkpoint.restore(engine, latest, world)
         if world.is_main:
@@ -165,6 +169,7 @@ def train(state: Run) -> None:
     config, world, engine = state.config, state.world, state.engine
     progress = ProgressBar(state.total_steps, state.start_step, config.logging.progress_bar)
     sums: dict[str, torch.Tensor] = {}  # metric sums over the micro-batches since the last log, on device
+    window_start, window_first_step = time.perf_counter(), state.start_step
     for step in range(state.start_step, state.total_steps):
         lr = engine.get_lr()[0]  # the rate this step's update uses: engine.step() moves the scheduler on
         step_sums: dict[str, torch.Tensor] = {}
@@ -185,9 +190,10 @@ def train(state: Run) -> None:
         done = step + 1
         if done % config.logging.every == 0 or done == state.total_steps:
             metrics = _reduce(sums)  # sync point: all-reduce and .item()
-            sums = {}
+            seconds_per_step = (time.perf_counter() - window_start) / (done - window_first_step)
+            sums, window_start, window_first_step = {}, time.perf_counter(), done
             if metrics:  # empty when every update since the last log was skipped
-                _log(state, done, "train", {**metrics, "lr": lr})
+                _log(state, done, "train", {**metrics, "lr": lr, "seconds_per_step": seconds_per_step})
                 progress.update(done, metrics)
         if config.eval.every and done % config.eval.every == 0:
             _log(state, done, "eval", evaluate(state))
@@ -280,6 +286,30 @@ def _update_skipped(state: Run, step: int, nonfinite: torch.Tensor) -> bool:
             "last checkpoint"
         )
     return True
+
+
+@torch.no_grad()
+def _warn_on_nf4_drift(state: Run) -> None:
+    """Before step 1 the policy is the full-precision reference: score a few pairs with it and with the NF4 copy, and
+    warn when the 4-bit drift moves DPO's logit by more than the configured p95. Every rank scores the same pairs
+    (ZeRO-3 forwards are collective)."""
+    settings = state.config.reference.nf4
+    pairs = state.train_pairs[: settings.drift_pairs]
+    full, nf4 = [], []
+    for start in range(0, len(pairs), state.config.micro_batch_size):
+        batch = collate(pairs[start : start + state.config.micro_batch_size], state.config.logps, state.pad_token_id)
+        batch = batch.to(state.world.device)
+        full.append(state.engine(batch))
+        nf4.append(state.reference.logps(batch))
+    report = drift_statistics(concatenate(full), concatenate(nf4), state.config.loss.beta)
+    p95 = report.margin_error.p95
+    print0(f"NF4 reference drift on {len(pairs)} pairs: p95 of beta x |margin error| = {p95:.4f}")
+    if p95 > settings.max_margin_error_p95:
+        print0(
+            f"warning: the NF4 reference shifts DPO's logit by {p95:.3f} at p95 (more than "
+            f"reference.nf4.max_margin_error_p95={settings.max_margin_error_p95}); rewards and the loss's starting "
+            "point carry that error. Consider reference.source=cache with a full-precision precompute"
+        )
 
 
 def _split(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
