@@ -12,6 +12,21 @@ from dpo_scale.config import ConfigError, LogpsRunConfig, build, load_yaml, merg
 from dpo_scale.data.errors import DataError
 
 
+# Flags for the settings every scoring command needs, and the config keys they set.
+SHORTCUTS = {"model": "model.path", "data": "data.path", "out": "out"}
+
+
+def _add_shortcuts(parser: argparse.ArgumentParser, out_help: str) -> None:
+    parser.add_argument("--model", help="model directory or hub id (model.path)")
+    parser.add_argument("--data", help="preference file, save_to_disk directory or hub id (data.path)")
+    parser.add_argument("--out", help=f"{out_help} (out)")
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser, sections: str, example: str) -> None:
+    parser.add_argument("--config", help=f"YAML file with the sections {sections}")
+    parser.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {example}")
+
+
 def _config_tree(args: argparse.Namespace, flags: dict[str, str]) -> dict:
     """Config file, then the named flags, then dotted overrides: later wins."""
     tree = load_yaml(args.config) if args.config else {}
@@ -35,7 +50,7 @@ def _nested(dotted: str, value: str) -> dict:
 def _logps(args: argparse.Namespace) -> None:
     from dpo_scale.logps_job import run_logps
 
-    config = build(LogpsRunConfig, _config_tree(args, {"model": "model.path", "data": "data.path", "out": "out"}))
+    config = build(LogpsRunConfig, _config_tree(args, SHORTCUTS))
     counts = run_logps(config)
     ratio = counts["tokens"] / max(counts["unique_tokens"], 1)
     print(
@@ -66,7 +81,7 @@ def _ref_drift(args: argparse.Namespace) -> None:
     from dpo_scale.config import DriftRunConfig
     from dpo_scale.drift import run_drift
 
-    config = build(DriftRunConfig, _config_tree(args, {"model": "model.path", "data": "data.path", "out": "out"}))
+    config = build(DriftRunConfig, _config_tree(args, SHORTCUTS))
     run_drift(
         config.model.path, config.data, config.num_pairs, config.out, beta=config.beta,
         batch_size=config.batch_size, logps_config=config.logps, dtype=config.model.dtype,
@@ -99,11 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         help="write every pair's chosen/rejected log-prob sums and token counts to a JSONL file",
         description="Example: dpo-scale logps --model DIR --data pairs.jsonl --out logps.jsonl data.max_length=512",
     )
-    logps.add_argument("--model", help="model directory or hub id (model.path)")
-    logps.add_argument("--data", help="preference file, save_to_disk directory or hub id (data.path)")
-    logps.add_argument("--out", help="output JSONL (out)")
-    logps.add_argument("--config", help="YAML file with sections model, data, logps")
-    logps.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.max_length=512 logps.packing=true")
+    _add_shortcuts(logps, "output JSONL")
+    _add_config_arguments(logps, "model, data, logps", "data.max_length=512 logps.packing=true")
     logps.set_defaults(run=_logps)
 
     train = commands.add_parser(
@@ -111,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         help="DPO training under DeepSpeed (one process, or any number under the deepspeed launcher / torchrun / srun)",
         description="Example: deepspeed --num_gpus 8 $(which dpo-scale) train --config run.yaml optim.lr=5e-7",
     )
-    train.add_argument("--config", help="YAML file with the sections of dpo_scale.config.TrainConfig")
-    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.beta=0.1 micro_batch_size=2")
+    _add_config_arguments(train, "of dpo_scale.config.TrainConfig", "loss.beta=0.1 micro_batch_size=2")
     train.set_defaults(run=_train)
 
     precompute_ref = commands.add_parser(
@@ -121,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Example: deepspeed --num_gpus 8 $(which dpo-scale) precompute-ref --config run.yaml "
         "reference.cache_dir=cache/hh",
     )
-    precompute_ref.add_argument("--config", help="the training config: model, data, logps and reference sections")
-    precompute_ref.add_argument("overrides", nargs="*", help="dotted overrides, e.g. reference.cache_dir=cache/hh")
+    _add_config_arguments(precompute_ref, "of the training config (model, data, logps, reference)",
+                          "reference.cache_dir=cache/hh")  # fmt: skip
     precompute_ref.set_defaults(run=_precompute_ref)
 
     drift = commands.add_parser(
@@ -132,11 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Example: dpo-scale ref-drift --model DIR --data pairs.jsonl --out drift.json num_pairs=256 "
         "beta=0.1 data.max_length=1024",
     )
-    drift.add_argument("--model", help="model directory or hub id (model.path)")
-    drift.add_argument("--data", help="preference file, save_to_disk directory or hub id (data.path)")
-    drift.add_argument("--out", help="output JSON (out)")
-    drift.add_argument("--config", help="YAML file with sections model, data, nf4, logps")
-    drift.add_argument("overrides", nargs="*", help="dotted overrides, e.g. num_pairs=512 nf4.compute_dtype=bfloat16")
+    _add_shortcuts(drift, "output JSON")
+    _add_config_arguments(drift, "model, data, nf4, logps", "num_pairs=512 nf4.compute_dtype=bfloat16")
     drift.set_defaults(run=_ref_drift)
 
     export = commands.add_parser("export", help="write a run's latest weights as a Hugging Face model directory")

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from dpo_scale.config import ConfigError, DataConfig, LogpsConfig, ModelConfig
-from dpo_scale.data import Pair, load_tokenizer, prepare
+from dpo_scale.data import Pair, load_tokenizer, padding_id, prepare
 from dpo_scale.io import atomic_open
 from dpo_scale.layout import collate
 from dpo_scale.loss import PairLogps
@@ -154,7 +154,7 @@ def run_drift(
     pairs = data.pairs[:num_pairs]
     if not pairs:
         raise ConfigError(f"data.path={data_config.path}: no pairs left after preparation to measure drift on")
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    pad_token_id = padding_id(tokenizer)
 
     device = default_device()
     full = load_causal_lm(model_config).to(device).eval()

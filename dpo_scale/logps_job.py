@@ -10,7 +10,7 @@ import json
 import torch
 
 from dpo_scale.config import LogpsRunConfig
-from dpo_scale.data import load_tokenizer, prepare
+from dpo_scale.data import load_tokenizer, padding_id, prepare
 from dpo_scale.io import atomic_open
 from dpo_scale.layout import collate
 from dpo_scale.model import PairLogpsModel, load_causal_lm
@@ -22,7 +22,7 @@ def run_logps(config: LogpsRunConfig) -> dict[str, float]:
     data = prepare(config.data, tokenizer)
     print(data.summary(), flush=True)
     model = PairLogpsModel(load_causal_lm(config.model), config.logps).eval()
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    pad_token_id = padding_id(tokenizer)
 
     records = {d.index: {"index": d.index, "source": d.source, "dropped": d.reason} for d in data.dropped}
     tokens = unique_tokens = 0

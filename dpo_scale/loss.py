@@ -258,46 +258,39 @@ def nll_loss(policy_chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) ->
 _Variant = Callable[[PairLogps, PairLogps | None, LossConfig], LossTriple]
 
 
+def _logps(policy: PairLogps, reference: PairLogps) -> tuple[torch.Tensor, ...]:
+    """The four canonical positional arguments: policy chosen / rejected, reference chosen / rejected."""
+    return policy.chosen_logps, policy.rejected_logps, reference.chosen_logps, reference.rejected_logps
+
+
+def _lengths_of(policy: PairLogps) -> dict[str, torch.Tensor]:
+    return {"chosen_lengths": policy.chosen_tokens, "rejected_lengths": policy.rejected_tokens}
+
+
 def _sigmoid(policy: PairLogps, reference: PairLogps, config: LossConfig) -> LossTriple:
-    return sigmoid_loss(
-        policy.chosen_logps, policy.rejected_logps, reference.chosen_logps, reference.rejected_logps,
-        beta=config.beta, label_smoothing=config.label_smoothing,
-    )  # fmt: skip
+    return sigmoid_loss(*_logps(policy, reference), beta=config.beta, label_smoothing=config.label_smoothing)
 
 
 def _robust(policy: PairLogps, reference: PairLogps, config: LossConfig) -> LossTriple:
-    return robust_loss(
-        policy.chosen_logps, policy.rejected_logps, reference.chosen_logps, reference.rejected_logps,
-        beta=config.beta, label_smoothing=config.label_smoothing,
-    )  # fmt: skip
+    return robust_loss(*_logps(policy, reference), beta=config.beta, label_smoothing=config.label_smoothing)
 
 
 def _ipo(policy: PairLogps, reference: PairLogps, config: LossConfig) -> LossTriple:
-    return ipo_loss(
-        policy.chosen_logps, policy.rejected_logps, reference.chosen_logps, reference.rejected_logps,
-        beta=config.beta, chosen_lengths=policy.chosen_tokens, rejected_lengths=policy.rejected_tokens,
-    )  # fmt: skip
+    return ipo_loss(*_logps(policy, reference), beta=config.beta, **_lengths_of(policy))
 
 
 def _hinge(policy: PairLogps, reference: PairLogps, config: LossConfig) -> LossTriple:
-    return hinge_loss(
-        policy.chosen_logps, policy.rejected_logps, reference.chosen_logps, reference.rejected_logps,
-        beta=config.beta,
-    )  # fmt: skip
+    return hinge_loss(*_logps(policy, reference), beta=config.beta)
 
 
 def _sigmoid_norm(policy: PairLogps, reference: PairLogps, config: LossConfig) -> LossTriple:
-    return sigmoid_norm_loss(
-        policy.chosen_logps, policy.rejected_logps, reference.chosen_logps, reference.rejected_logps,
-        beta=config.beta, chosen_lengths=policy.chosen_tokens, rejected_lengths=policy.rejected_tokens,
-    )  # fmt: skip
+    return sigmoid_norm_loss(*_logps(policy, reference), beta=config.beta, **_lengths_of(policy))
 
 
 def _simpo(policy: PairLogps, reference: None, config: LossConfig) -> LossTriple:
     return simpo_loss(
-        policy.chosen_logps, policy.rejected_logps, policy.chosen_tokens, policy.rejected_tokens,
-        beta=config.beta, gamma=config.simpo_gamma,
-    )  # fmt: skip
+        policy.chosen_logps, policy.rejected_logps, **_lengths_of(policy), beta=config.beta, gamma=config.simpo_gamma
+    )
 
 
 _VARIANTS: dict[LossType, _Variant] = {

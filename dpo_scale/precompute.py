@@ -16,7 +16,7 @@ import torch
 
 from dpo_scale import distributed
 from dpo_scale.config import ConfigError, LogpsConfig, TrainConfig
-from dpo_scale.data import load_tokenizer, prepare
+from dpo_scale.data import load_tokenizer, padding_id, prepare
 from dpo_scale.io import atomic_open
 from dpo_scale.layout import collate
 from dpo_scale.model import PairLogpsModel, load_causal_lm
@@ -54,7 +54,7 @@ def _precompute(config: TrainConfig, world: distributed.World) -> Path:
     mine = [i for i in range(world.rank, num_shards, world.size) if not (directory / shard_name(i)).exists()]
     print0(f"{num_shards} shards of up to {shard_size} pairs; {num_shards - _done(directory, num_shards)} to compute")
     model = PairLogpsModel(load_causal_lm(config.model), _scoring(config.logps)).to(world.device).eval()
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    pad_token_id = padding_id(tokenizer)
     progress = ProgressBar(len(mine), 0, config.logging.progress_bar)
     with torch.no_grad():
         for done, index in enumerate(mine, start=1):

@@ -19,7 +19,7 @@ import torch
 
 from dpo_scale import checkpoint, distributed
 from dpo_scale.config import ConfigError, TrainConfig, to_dict
-from dpo_scale.data import Pair, load_tokenizer, prepare
+from dpo_scale.data import Pair, load_tokenizer, padding_id, prepare
 from dpo_scale.ds_config import resolve_deepspeed_config
 from dpo_scale.io import atomic_open
 from dpo_scale.layout import collate
@@ -146,7 +146,7 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
     state = Run(
         config=config, world=world, engine=engine, reference=reference, train_pairs=train_pairs,
         eval_pairs=eval_pairs, sampler=sampler, total_steps=total_steps,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0,
+        pad_token_id=padding_id(tokenizer),
         loss_fn=build_preference_loss(config.loss), metrics_log=MetricsLog(run_dir / "metrics.jsonl"),
         tracker=build_tracker(config.logging, run_dir, to_dict(config)),
     )  # fmt: skip

@@ -8,7 +8,7 @@ from dpo_scale.data.formats import Example, normalise, read_examples, split_tran
 from dpo_scale.data.pairs import Dropped, Pair, PreparedData
 from dpo_scale.data.prepare import prepare
 from dpo_scale.data.sources import Row, read_rows
-from dpo_scale.data.tokenizer import load_tokenizer
+from dpo_scale.data.tokenizer import load_tokenizer, padding_id
 
 __all__ = [
     "DataError",
@@ -19,6 +19,7 @@ __all__ = [
     "Row",
     "load_tokenizer",
     "normalise",
+    "padding_id",
     "prepare",
     "read_examples",
     "read_rows",

@@ -44,3 +44,10 @@ def _reason(local: Path, error: Exception) -> str:
         except Exception as json_error:
             return f"{tokenizer_json.name}: {json_error}"
     return f"{type(error).__name__}: {error}"
+
+
+def padding_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id that fills padding positions: never attended to nor scored, so any id works; pad, else eos, else 0."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
