@@ -186,6 +186,9 @@ class ReferenceConfig:
     """Pairs per cache shard: the unit of work and of resumption in precompute-ref."""
     precompute_batch_size: int = 16
     """Pairs per forward in precompute-ref (no gradients, so larger than micro_batch_size)."""
+    precompute_sharded: bool = False
+    """precompute-ref with the reference in ZeRO-3 shards across ranks (deepspeed.config), for a reference that does
+    not fit one device; otherwise every rank holds it whole and the ranks never wait for each other."""
 
     def __post_init__(self) -> None:
         _check_choice(self, "reference", "source", Literal["copy", "lora", "cache", "nf4"])

@@ -1,9 +1,14 @@
 """`dpo-scale precompute-ref --config run.yaml`: the reference log-probs of every pair, once, into a disk cache.
 
 The same data path and log-prob stage as training (prefix sharing, streaming head), with the reference model in
-place of the policy and no gradients. Each rank holds the whole reference (plain data parallel) and computes the
-shards whose number is its rank modulo the world size; a shard already on disk is complete (see ref_cache.py), so
-a job killed at any point and started again computes only what is missing, and the finished cache is the same files.
+place of the policy and no gradients. Each rank computes the shards whose number is its rank modulo the world size;
+a shard already on disk is complete (see ref_cache.py), so a job killed at any point and started again computes only
+what is missing, and the finished cache is the same files.
+
+By default each rank holds the whole reference (plain data parallel, no communication). With
+`reference.precompute_sharded` the reference is a ZeRO-3 inference engine split across the ranks, for one that does
+not fit a device: every forward then gathers each layer from all ranks, so all ranks must run the same number of
+forwards. A rank with fewer batches left runs throw-away forwards of one pair until the busiest rank is done.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import torch
 
 from dpo_scale import distributed
 from dpo_scale.config import ConfigError, LogpsConfig, TrainConfig
-from dpo_scale.data import load_tokenizer, padding_id, prepare
+from dpo_scale.data import Pair, load_tokenizer, padding_id, prepare
+from dpo_scale.ds_config import resolve_deepspeed_config
 from dpo_scale.io import atomic_open
 from dpo_scale.layout import collate
 from dpo_scale.model import PairLogpsModel, load_causal_lm
@@ -41,6 +47,7 @@ def precompute(config: TrainConfig) -> Path:
 
 def _precompute(config: TrainConfig, world: distributed.World) -> Path:
     directory = Path(config.reference.cache_dir)
+    ds_config = _sharded_deepspeed_config(config, world) if config.reference.precompute_sharded else None
     tokenizer = load_tokenizer(config.data.tokenizer or config.model.path)
     data = prepare(config.data, tokenizer)
     print0(data.summary())
@@ -50,29 +57,76 @@ def _precompute(config: TrainConfig, world: distributed.World) -> Path:
     torch.distributed.barrier()
 
     shard_size = config.reference.shard_size
+    batch_size = config.reference.precompute_batch_size
     num_shards = math.ceil(len(data.pairs) / shard_size)
     mine = [i for i in range(world.rank, num_shards, world.size) if not (directory / shard_name(i)).exists()]
     print0(f"{num_shards} shards of up to {shard_size} pairs; {num_shards - _done(directory, num_shards)} to compute")
-    model = PairLogpsModel(load_causal_lm(config.model), _scoring(config.logps)).to(world.device).eval()
+    scoring = _scoring(config.logps)
+    model = _reference(config, scoring, ds_config, world)
     pad_token_id = padding_id(tokenizer)
+
+    def score(pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+        out = model(collate(pairs, scoring, pad_token_id).to(world.device))
+        return out.chosen_logps.cpu(), out.rejected_logps.cpu()
+
+    forwards = sum(math.ceil(len(_shard(data.pairs, i, shard_size)) / batch_size) for i in mine)
     progress = ProgressBar(len(mine), 0, config.logging.progress_bar)
     with torch.no_grad():
         for done, index in enumerate(mine, start=1):
-            pairs = data.pairs[index * shard_size : (index + 1) * shard_size]
-            chosen, rejected = [], []
-            for start in range(0, len(pairs), config.reference.precompute_batch_size):
-                batch = collate(pairs[start : start + config.reference.precompute_batch_size], model.config, pad_token_id)
-                out = model(batch.to(world.device))
-                chosen.append(out.chosen_logps.cpu())
-                rejected.append(out.rejected_logps.cpu())
+            pairs = _shard(data.pairs, index, shard_size)
+            scored = [score(pairs[start : start + batch_size]) for start in range(0, len(pairs), batch_size)]
+            chosen, rejected = zip(*scored)
             write_shard(directory, index, pairs, torch.cat(chosen), torch.cat(rejected))
             progress.update(done, {})
+        if ds_config is not None:
+            for _ in range(_most_forwards(forwards, world.device) - forwards):
+                score(data.pairs[:1])
     progress.close()
     torch.distributed.barrier()
     if world.is_main:
         write_manifest(directory, made_for, num_shards, shard_size)
         print0(f"wrote {directory / MANIFEST}: {len(data.pairs)} pairs in {num_shards} shards")
     return directory
+
+
+def _sharded_deepspeed_config(config: TrainConfig, world: distributed.World) -> dict:
+    """The ZeRO-3 inference config of a sharded precompute, checked before anything is loaded or written."""
+    ds_config = resolve_deepspeed_config(
+        config.deepspeed, config.optim, config.reference.precompute_batch_size, 1, world.size, total_steps=1
+    )
+    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+        raise ConfigError(
+            f"reference.precompute_sharded needs a ZeRO stage 3 deepspeed.config; {config.deepspeed.config} is not"
+        )
+    computes_in = {"fp32": config.model.dtype, "bf16": "bfloat16", "fp16": "float16"}[config.deepspeed.precision]
+    if computes_in != config.model.dtype:  # the fingerprint records model.dtype as the values' dtype
+        raise ConfigError(
+            f"reference.precompute_sharded with deepspeed.precision={config.deepspeed.precision} computes in "
+            f"{computes_in}, but model.dtype={config.model.dtype}; set model.dtype={computes_in} (here and in the "
+            "training runs that read this cache)"
+        )
+    return ds_config
+
+
+def _reference(config: TrainConfig, scoring: LogpsConfig, ds_config: dict | None, world) -> torch.nn.Module:
+    if ds_config is None:
+        return PairLogpsModel(load_causal_lm(config.model), scoring).to(world.device).eval()
+    reference = distributed.load_model(config.model, ds_config)
+    held, total = distributed.held_parameters(reference)
+    print(f"rank {world.rank}: holds {held:,} of the reference's {total:,} parameters", flush=True)
+    module = PairLogpsModel(reference, scoring)
+    distributed.register_lm_head(module, reference)
+    return distributed.inference_engine(module, ds_config)
+
+
+def _shard(pairs: list[Pair], index: int, shard_size: int) -> list[Pair]:
+    return pairs[index * shard_size : (index + 1) * shard_size]
+
+
+def _most_forwards(forwards: int, device: torch.device) -> int:
+    count = torch.tensor([forwards], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+    return int(count.item())
 
 
 def _scoring(logps: LogpsConfig) -> LogpsConfig:

@@ -1,13 +1,17 @@
 """The reference log-prob cache: computed once, offline, read by any number of training runs of any world size.
 
     cache_dir/
-        manifest.json             fingerprint of what made the values, and one entry per shard (count, sha256)
+        manifest.json             fingerprint of what made the values, one entry per file (count, sha256)
         shard-00000.safetensors   keys (n, 16) uint8, chosen (n,) fp32, rejected (n,) fp32
         ...
+        index-keys.npy            every key, sorted: (N,) 16-byte strings, binary-searched in place
+        index-rows.npy            (N, 2) int32: the shard and row of each sorted key
 
 Pairs go to shards in prepared (input) order, `shard_size` at a time, so the files depend only on the data and the
 settings, never on how many ranks computed them or whether the job was interrupted. A shard appears only complete
-(written aside, then renamed); the manifest is written last, after every shard exists.
+(written aside, then renamed); the index and then the manifest are written last, after every shard exists.
+Training memory-maps the index and the shards, so a reader holds neither keys nor values in memory: a lookup is a
+binary search (log2 N page reads) and a row read per pair.
 
 A pair's key is a hash of its token ids (after truncation); everything else that shaped the values (reference
 weights, tokenizer and chat template, data files, format and truncation settings, dtype) is in the fingerprint, which
@@ -21,6 +25,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -31,7 +36,10 @@ from dpo_scale.data.pairs import Pair
 from dpo_scale.io import atomic_open
 
 KEY_BYTES = 16
+KEY_DTYPE = np.dtype(f"S{KEY_BYTES}")  # compared as unsigned bytes, so np.searchsorted orders them
 MANIFEST = "manifest.json"
+INDEX_KEYS = "index-keys.npy"
+INDEX_ROWS = "index-rows.npy"
 
 
 def pair_key(pair: Pair) -> bytes:
@@ -47,7 +55,7 @@ def shard_name(index: int) -> str:
 def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
+        for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
 
@@ -91,20 +99,34 @@ def write_shard(directory: Path, index: int, pairs: list[Pair], chosen: torch.Te
 
 
 def write_manifest(directory: Path, fingerprint_: dict[str, str], num_shards: int, shard_size: int) -> None:
-    shards = []
+    """The sorted key index, then the manifest that makes the cache usable. Building the index holds every key in
+    memory once (16 bytes + 8 per pair: 240 MB for 10M pairs), on one rank, at the end of the precompute."""
+    shards, keys, rows = [], [], []
     for index in range(num_shards):
         path = directory / shard_name(index)
         with safe_open(path, framework="pt") as handle:
-            count = handle.get_slice("keys").get_shape()[0]
-        shards.append({"name": path.name, "pairs": count, "sha256": _sha256_file(path)})
-    manifest = {"version": __version__, "shard_size": shard_size, "fingerprint": fingerprint_, "shards": shards}
+            shard_keys = handle.get_tensor("keys").numpy()
+        keys.append(np.ascontiguousarray(shard_keys).view(KEY_DTYPE).reshape(-1))
+        rows.append(np.stack([np.full(len(shard_keys), index), np.arange(len(shard_keys))], axis=1).astype(np.int32))
+        shards.append({"name": path.name, "pairs": len(shard_keys), "sha256": _sha256_file(path)})
+    all_keys = np.concatenate(keys)
+    order = np.argsort(all_keys, kind="stable")  # equal pairs share a key: the first in input order is found
+    index_files = []
+    for name, array in ((INDEX_KEYS, all_keys[order]), (INDEX_ROWS, np.concatenate(rows)[order])):
+        with atomic_open(directory / name, "wb") as handle:
+            np.save(handle, array, allow_pickle=False)
+        index_files.append({"name": name, "sha256": _sha256_file(directory / name)})
+    manifest = {
+        "version": __version__, "shard_size": shard_size, "fingerprint": fingerprint_, "shards": shards,
+        "index": index_files,
+    }  # fmt: skip
     with atomic_open(directory / MANIFEST) as handle:
         json.dump(manifest, handle, indent=2)
 
 
 class CacheReader:
-    """Reference log-probs by pair key. Keys are indexed in memory (16 bytes + a shard/row per pair); the values stay
-    in the memory-mapped shard files and are read a batch at a time."""
+    """Reference log-probs by pair key, out of core: the sorted key index and the shards are memory-mapped, so
+    opening a cache of any size costs its checksums (one read of every file) and a few file handles."""
 
     def __init__(self, directory: str | Path, expected: dict[str, str]):
         self.directory = Path(directory)
@@ -122,36 +144,38 @@ class CacheReader:
                 f"than this run's; recompute it with `dpo-scale precompute-ref` for this config, or point "
                 "reference.cache_dir at the cache made for it"
             )
-        self._handles = []
-        self._index: dict[bytes, tuple[int, int]] = {}
-        for number, shard in enumerate(manifest["shards"]):
-            path = self.directory / shard["name"]
-            if not path.exists():
-                raise ConfigError(f"reference.cache_dir={self.directory}: shard {shard['name']} is missing; recompute")
-            if _sha256_file(path) != shard["sha256"]:
-                raise ConfigError(
-                    f"reference.cache_dir={self.directory}: shard {shard['name']} fails its checksum (changed or "
-                    "damaged since the precompute); delete it and run `dpo-scale precompute-ref` to rebuild it"
-                )
-            handle = safe_open(path, framework="pt")
-            for row, key in enumerate(handle.get_tensor("keys").numpy()):
-                self._index[key.tobytes()] = (number, row)
-            self._handles.append(handle)
+        for entry in manifest["shards"] + manifest["index"]:
+            self._verify(entry)
+        self._handles = [safe_open(self.directory / shard["name"], framework="pt") for shard in manifest["shards"]]
+        # allow_pickle=False: a cache from elsewhere can hold only plain arrays, never code
+        self._keys = np.load(self.directory / INDEX_KEYS, mmap_mode="r", allow_pickle=False)
+        self._rows = np.load(self.directory / INDEX_ROWS, mmap_mode="r", allow_pickle=False)
+
+    def _verify(self, entry: dict) -> None:
+        path = self.directory / entry["name"]
+        if not path.exists():
+            raise ConfigError(f"reference.cache_dir={self.directory}: {entry['name']} is missing; recompute")
+        if _sha256_file(path) != entry["sha256"]:
+            raise ConfigError(
+                f"reference.cache_dir={self.directory}: {entry['name']} fails its checksum (changed or damaged "
+                "since the precompute); delete it and run `dpo-scale precompute-ref` to rebuild it"
+            )
 
     def __len__(self) -> int:
-        return len(self._index)
+        return len(self._keys)
 
     def lookup(self, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
         """(chosen (B,), rejected (B,)) fp32 reference log-prob sums for `pairs`."""
+        wanted = np.array([pair_key(pair) for pair in pairs], dtype=KEY_DTYPE)
+        positions = np.searchsorted(self._keys, wanted).clip(max=len(self._keys) - 1)
         chosen, rejected = [], []
-        for pair in pairs:
-            location = self._index.get(pair_key(pair))
-            if location is None:
+        for pair, key, position in zip(pairs, wanted, positions):
+            if self._keys[position] != key:
                 raise ConfigError(
                     f"{pair.source}: this pair is not in the reference cache {self.directory} (its tokens differ "
                     "from every cached pair); recompute the cache for this data and settings"
                 )
-            shard, row = location
+            shard, row = (int(v) for v in self._rows[position])
             chosen.append(self._handles[shard].get_slice("chosen")[row : row + 1])
             rejected.append(self._handles[shard].get_slice("rejected")[row : row + 1])
         return torch.cat(chosen), torch.cat(rejected)

@@ -1,11 +1,14 @@
 """The reference cache: precompute-ref writes it (1 or 2 ranks, resumable), training reads it, mismatches are refused."""
 
+import copy
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import time
+import tracemalloc
 
 import pytest
 import torch
@@ -17,7 +20,7 @@ from dpo_scale.data import Pair, load_tokenizer, prepare
 from dpo_scale.demo import write_demo_material
 from dpo_scale.layout import collate
 from dpo_scale.model import PairLogpsModel
-from dpo_scale.ref_cache import CacheReader, fingerprint, pair_key
+from dpo_scale.ref_cache import INDEX_KEYS, INDEX_ROWS, CacheReader, fingerprint, write_manifest, write_shard
 from launch import DPO_SCALE, base_config, free_port, train, train_metrics
 
 SHARD, BATCH = 16, 4
@@ -66,7 +69,7 @@ def test_round_trip_is_bitwise(material, cache):
     tokenizer = load_tokenizer(str(model_dir))
     pairs = prepare(DataConfig(str(data_path)), tokenizer).pairs
     reader = CacheReader(cache, fingerprint(ModelConfig(str(model_dir)), DataConfig(str(data_path)), tokenizer))
-    assert len(pairs) == 96 and len(reader) == len({pair_key(p) for p in pairs})  # equal pairs share one key
+    assert len(pairs) == len(reader) == 96
     model = PairLogpsModel(AutoModelForCausalLM.from_pretrained(model_dir).eval(), LogpsConfig())
     for start in range(0, len(pairs), BATCH):
         batch = pairs[start : start + BATCH]
@@ -166,3 +169,62 @@ def test_refusals_name_what_differs(material, cache, tmp_path):
     # precompute into a directory of another configuration's shards is refused, not mixed
     result = _precompute(_tree(material, tmp_path, cache, data={"path": str(data_path), "max_length": 10}), tmp_path)
     assert result.returncode == 2 and "holds shards made for another data_settings" in result.stderr
+
+
+def test_zero3_sharded_precompute_writes_the_same_cache(material, tmp_path):
+    """A reference split across 2 ranks by ZeRO-3 (each holds half, forwards gather the layers) gives byte-identical
+    files to one whole reference in one process: the gathered weights are the same fp32 values. 3 shards over 2
+    ranks: rank 1 has one shard fewer and keeps running throw-away forwards until rank 0 is done (without them rank
+    0's last forwards would wait for it forever)."""
+    whole = _tree(material, tmp_path, tmp_path / "whole")
+    whole["reference"]["shard_size"] = 32
+    _ok(_precompute(whole, tmp_path))
+    sharded = copy.deepcopy(whole)
+    sharded["reference"].update(cache_dir=str(tmp_path / "sharded"), precompute_sharded=True)
+    result = _precompute(sharded, tmp_path, ranks=2)
+    _ok(result)
+    held = re.findall(r"rank (\d): holds ([\d,]+) of the reference's ([\d,]+) parameters", result.stdout)
+    assert sorted(rank for rank, _, _ in held) == ["0", "1"]
+    for _, part, total in held:
+        assert int(part.replace(",", "")) <= int(total.replace(",", "")) // 2 + 64
+    files = _files(tmp_path / "sharded")
+    assert len([name for name in files if name.startswith("shard-")]) == 3
+    assert files == _files(tmp_path / "whole")
+
+
+def test_sharded_precompute_refusals(material, tmp_path):
+    tree = _tree(material, tmp_path, tmp_path / "refused", deepspeed={"config": "zero2"})
+    tree["reference"]["precompute_sharded"] = True
+    result = _precompute(tree, tmp_path)
+    assert result.returncode == 2 and "needs a ZeRO stage 3 deepspeed.config; zero2 is not" in result.stderr
+    tree["deepspeed"] = {"precision": "bf16"}
+    result = _precompute(tree, tmp_path)
+    assert result.returncode == 2 and "set model.dtype=bfloat16" in result.stderr
+    assert not (tmp_path / "refused").exists()  # refused before anything was written
+
+
+def test_reader_holds_neither_keys_nor_values_in_memory(tmp_path):
+    """Out of core: an open reader of a 100k-pair cache holds a small fraction of the index's bytes, and a lookup
+    allocates as little (tracemalloc counts numpy and torch CPU allocations); the keys are binary-searched in the
+    memory-mapped index. (Opening reads every file once for its checksum, 1 MiB at a time.)"""
+    pairs = [Pair(i, f"row {i}", [i % 1000, i // 1000], [7], [9, i % 5]) for i in range(100_000)]
+    chosen, rejected = torch.arange(100_000.0), -torch.arange(100_000.0)
+    for index in range(4):
+        rows = slice(index * 25_000, (index + 1) * 25_000)
+        write_shard(tmp_path, index, pairs[rows], chosen[rows], rejected[rows])
+    write_manifest(tmp_path, {}, num_shards=4, shard_size=25_000)
+    index_bytes = (tmp_path / INDEX_KEYS).stat().st_size + (tmp_path / INDEX_ROWS).stat().st_size
+    assert index_bytes > 100_000 * 24
+
+    tracemalloc.start()
+    reader = CacheReader(tmp_path, {})
+    held, _ = tracemalloc.get_traced_memory()
+    tracemalloc.reset_peak()
+    sample = pairs[99_990:] + pairs[:3] + pairs[51_234:51_240]
+    found_chosen, found_rejected = reader.lookup(sample)
+    _, lookup_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert held < index_bytes / 20 and lookup_peak - held < index_bytes / 20, (held, lookup_peak, index_bytes)
+    expected = torch.tensor([float(p.index) for p in sample])
+    assert torch.equal(found_chosen, expected) and torch.equal(found_rejected, -expected)
+    assert len(reader) == 100_000
