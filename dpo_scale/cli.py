@@ -70,6 +70,20 @@ def _train(args: argparse.Namespace) -> None:
         raise SystemExit(3) from None
 
 
+def _config(args: argparse.Namespace) -> None:
+    """The resolved training config as YAML, or one value of it: for job scripts that need e.g. run_dir."""
+    import yaml
+
+    from dpo_scale.config import TrainConfig, to_dict
+
+    value = to_dict(build(TrainConfig, _config_tree(args, {})))
+    for part in args.get.split(".") if args.get else []:
+        if not isinstance(value, dict) or part not in value:
+            raise ConfigError(f"--get {args.get}: no such key in the training config")
+        value = value[part]
+    print(yaml.safe_dump(value, sort_keys=False).strip() if isinstance(value, dict) else "" if value is None else value)
+
+
 def _precompute_ref(args: argparse.Namespace) -> None:
     from dpo_scale.config import TrainConfig
     from dpo_scale.precompute import precompute
@@ -125,6 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     _add_config_arguments(train, "of dpo_scale.config.TrainConfig", "loss.beta=0.1 micro_batch_size=2")
     train.set_defaults(run=_train)
+
+    config = commands.add_parser(
+        "config",
+        help="print the resolved training config (file + overrides + defaults), or one value with --get",
+        description="Example: dpo-scale config --config run.yaml loss.beta=0.5 --get run_dir",
+    )
+    _add_config_arguments(config, "of dpo_scale.config.TrainConfig", "loss.beta=0.1")
+    config.add_argument("--get", help="a dotted key, e.g. run_dir or reference.cache_dir")
+    config.set_defaults(run=_config)
 
     precompute_ref = commands.add_parser(
         "precompute-ref",

@@ -5,6 +5,8 @@ forward, loss, backward. The loss of a micro-batch is its per-pair mean; DeepSpe
 by the accumulation steps, and every micro-batch holds the same number of pairs (see sampler.py), so the update is
 the per-pair mean over the global batch whatever the split. Metrics accumulate on device and are synchronised only
 at the log interval.
+
+Stopping early on purpose (a scheduler's time limit): create run_dir/stop-requested; see STOP_REQUEST.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ from dpo_scale.ref_cache import CacheReader, fingerprint
 from dpo_scale.reference import AdaptersDisabled, CachedReference, FrozenCopy, ReferenceSource
 from dpo_scale.sampler import StepSampler
 from dpo_scale.tracking import MetricsLog, ProgressBar, build_tracker, print0
+
+
+# Created in run_dir (by a job script on its walltime warning, or by hand): every rank finishes its step, a checkpoint
+# is saved, the file is removed and the run exits 0; the same command resumes from that checkpoint.
+STOP_REQUEST = "stop-requested"
 
 
 class NonFiniteError(RuntimeError):
@@ -197,10 +204,25 @@ def train(state: Run) -> None:
                 progress.update(done, metrics)
         if config.eval.every and done % config.eval.every == 0:
             _log(state, done, "eval", evaluate(state))
-        if (config.checkpoint.every and done % config.checkpoint.every == 0) or done == state.total_steps:
+        saved = (config.checkpoint.every and done % config.checkpoint.every == 0) or done == state.total_steps
+        if saved:
             checkpoint.save(engine, done, config, world)
+        if done < state.total_steps and _stop_requested(state):
+            if not saved:
+                checkpoint.save(engine, done, config, world)
+            if world.is_main:  # removed once obeyed: a job script knows the run stopped early, not finished
+                (Path(config.run_dir) / STOP_REQUEST).unlink(missing_ok=True)
+            print0(f"stopped after step {done} on request ({STOP_REQUEST}); the same command resumes from here")
+            break
     progress.close()
     state.tracker.close()
+
+
+def _stop_requested(state: Run) -> bool:
+    """Has any rank seen run_dir/stop-requested? Every rank must agree on the step it stops after, so the flag is
+    summed over ranks: one 4-byte all-reduce per step, beside the step's own collectives."""
+    seen = (Path(state.config.run_dir) / STOP_REQUEST).exists()
+    return distributed.all_reduce_sum(torch.tensor([float(seen)], device=state.world.device)).item() > 0
 
 
 @torch.no_grad()

@@ -101,3 +101,16 @@ def test_model_that_does_not_load_is_a_message(demo, tmp_path, capsys):
     args = ["logps", "--model", str(tmp_path / "nowhere"), "--data", str(data_path), "--out", str(tmp_path / "o")]
     assert main(args + ["data.tokenizer=" + str(demo[0])]) == 2
     assert "model.path=" in capsys.readouterr().err
+
+
+def test_config_prints_resolved_values_for_job_scripts(tmp_path, capsys):
+    run = tmp_path / "run.yaml"
+    run.write_text("model: {path: m}\ndata: {path: d}\nrun_dir: runs/base\n")
+    assert main(["config", "--config", str(run), "run_dir=runs/point-1", "--get", "run_dir"]) == 0
+    assert capsys.readouterr().out == "runs/point-1\n"
+    assert main(["config", "--config", str(run), "--get", "reference.cache_dir"]) == 0
+    assert capsys.readouterr().out == "\n"  # unset: empty, not "None"
+    assert main(["config", "--config", str(run), "loss.beta=0.5", "--get", "loss"]) == 0
+    assert "beta: 0.5" in capsys.readouterr().out
+    assert main(["config", "--config", str(run), "--get", "loss.nope"]) == 2
+    assert "--get loss.nope: no such key" in capsys.readouterr().err

@@ -137,6 +137,31 @@ def test_resume_after_sigkill_is_bitwise(material, tmp_path):
     assert not list((killed / "checkpoints").glob(".*partial"))
 
 
+def test_stop_request_checkpoints_exits_and_resumes_bitwise(material, tmp_path):
+    """run_dir/stop-requested (what the SLURM scripts create on the walltime warning): both ranks finish the same
+    step, save a checkpoint off the checkpoint schedule, remove the file and exit 0; the same command then resumes
+    and ends bitwise where an uninterrupted run ends."""
+    def config(name):
+        return base_config(material, tmp_path / name, checkpoint={"every": 0}, max_steps=6, micro_batch_size=2)
+
+    _ok(train(config("straight"), ranks=2))
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    (stopped / "stop-requested").touch()
+    first = train(config("stopped"), ranks=2)
+    _ok(first)
+    assert "stopped after step 1 on request" in first.stdout
+    assert not (stopped / "stop-requested").exists()
+    assert (stopped / "checkpoints" / "latest").read_text().strip() == "step-00000001"
+    assert [r["step"] for r in train_metrics(stopped)] == [1]
+
+    _ok(train(config("stopped"), ranks=2))
+    assert [r["loss"] for r in train_metrics(stopped)] == [r["loss"] for r in train_metrics(tmp_path / "straight")]
+    resumed, straight = _final_weights(stopped), _final_weights(tmp_path / "straight")
+    for name in straight:
+        assert torch.equal(resumed[name], straight[name]), name
+
+
 def test_export_loads_and_gives_the_trained_log_probs(material, tmp_path):
     """The exported directory loads with from_pretrained; its log-probs on the held-out pairs equal the run's final
     evaluation (taken after the last update), up to fp32 reordering between ZeRO-3 and a plain forward (1e-5)."""
