@@ -84,6 +84,20 @@ def _config(args: argparse.Namespace) -> None:
     print(yaml.safe_dump(value, sort_keys=False).strip() if isinstance(value, dict) else "" if value is None else value)
 
 
+def _sweep(args: argparse.Namespace) -> None:
+    from dpo_scale.sweep import expand, parse_grid, run_points, train_arguments
+
+    points = expand(_config_tree(args, {}), parse_grid(args.grid))
+    if args.count:
+        print(len(points))
+    elif args.print_point is not None:
+        if not 0 <= args.print_point < len(points):
+            raise ConfigError(f"--print-point {args.print_point}: the grid has points 0 to {len(points) - 1}")
+        print("\n".join(train_arguments(args.config, args.overrides, points[args.print_point])))
+    else:
+        run_points(args.config, args.overrides, points)
+
+
 def _precompute_ref(args: argparse.Namespace) -> None:
     from dpo_scale.config import TrainConfig
     from dpo_scale.precompute import precompute
@@ -148,6 +162,19 @@ def main(argv: list[str] | None = None) -> int:
     _add_config_arguments(config, "of dpo_scale.config.TrainConfig", "loss.beta=0.1")
     config.add_argument("--get", help="a dotted key, e.g. run_dir or reference.cache_dir")
     config.set_defaults(run=_config)
+
+    sweep = commands.add_parser(
+        "sweep",
+        help="train every point of a hyperparameter grid, each in run_dir/<point> (or print a point, for SLURM arrays)",
+        description="Example: dpo-scale sweep --config run.yaml max_steps=200 --grid beta=0.05,0.1,0.5 "
+        "optim.lr=5e-7,1e-6 (overrides go before --grid)",
+    )
+    _add_config_arguments(sweep, "of dpo_scale.config.TrainConfig", "max_steps=200")
+    sweep.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2", help="values to sweep, per key")
+    what = sweep.add_mutually_exclusive_group()
+    what.add_argument("--count", action="store_true", help="print the number of points and exit")
+    what.add_argument("--print-point", type=int, metavar="K", help="print point K's train arguments, one per line")
+    sweep.set_defaults(run=_sweep)
 
     precompute_ref = commands.add_parser(
         "precompute-ref",

@@ -457,6 +457,11 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return {str(k): str(v) for k, v in value.items()}
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-6 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
         raise ConfigError(f"{key}={value!r}: expected a {hint.__name__}")
     return value

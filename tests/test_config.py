@@ -30,6 +30,13 @@ def test_integer_accepted_for_float():
     assert build(LossConfig, {"beta": 1}).beta == 1.0
 
 
+def test_exponent_without_dot_is_a_float():
+    """YAML 1.1 (PyYAML) reads `1e-6` as a string; `optim.lr=1e-6` must still mean 1e-6."""
+    assert build(LossConfig, parse_overrides(["beta=5e-2"])).beta == 0.05
+    with pytest.raises(ConfigError, match="loss.beta='abc': expected a float"):
+        build(LossConfig, {"beta": "abc"}, "loss.")
+
+
 @pytest.mark.parametrize(
     "tree,message",
     [
