@@ -139,6 +139,7 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
         elif config.reference.source == "cache":
             expected = fingerprint(config.model, config.data, tokenizer)
             reference = CachedReference(CacheReader(config.reference.cache_dir, expected))
+            print0(f"reference log-probs from the cache {config.reference.cache_dir} ({len(reference.reader)} pairs)")
         elif config.reference.source == "nf4":
             nf4 = config.reference.nf4
             reference_model = load_nf4_reference(config.model, nf4.double_quant, nf4.compute_dtype, world.device)

@@ -16,7 +16,12 @@ HOSTS_TAG="# dpo-scale local slurm cluster"
 CONTROLLER_PORT=${CONTROLLER_PORT:-16817}
 
 install_packages() {
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurmctld slurmd slurm-client munge >/dev/null
+    local packages=(slurmctld slurmd slurm-client munge)
+    if dpkg -s "${packages[@]}" >/dev/null 2>&1; then
+        return
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q "${packages[@]}" >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q "${packages[@]}" >/dev/null; }
 }
 
 write_config() {
