@@ -35,11 +35,11 @@ on_every_node() {
 }
 
 # Runs `on_every_node SCRIPT ARGS...` in the background and waits for it. On USR1 (sbatch --signal=B:USR1@SECONDS:
-# the time limit is near), calls `$on_warning`; after the step ends, `$after_warning` decides what the job does.
-# Bash runs a trap only between commands, so the step runs in the background and `wait` is interrupted instead.
+# the time limit is near) it calls the function `on_warning`, which the batch script defines, and sets `warned`.
+# Bash runs a trap only between commands, so the step runs in the background and the signal interrupts `wait`.
 warned=0
 run_step() {
-    trap 'warned=1; echo "slurm: USR1: the time limit is near"; $on_warning' USR1
+    trap 'warned=1; echo "slurm: USR1: the time limit is near"; on_warning' USR1
     on_every_node "$@" &
     local step=$! status=0
     while true; do
@@ -53,4 +53,23 @@ run_step() {
 requeue() {
     echo "slurm: requeueing job $SLURM_JOB_ID; it resumes where it stopped"
     scontrol requeue "$SLURM_JOB_ID"
+}
+
+# `dpo-scale train ARGS...` on every node until it finishes, or, on the time-limit warning, until it has saved a
+# checkpoint and stopped (it removes run_dir/stop-requested once it has), then requeue the job to resume.
+STOP_FILE=
+on_warning() { touch "$STOP_FILE"; }
+train_or_requeue() {
+    local run_dir status=0
+    run_dir=$(dpo-scale config "$@" --get run_dir)
+    STOP_FILE=$run_dir/stop-requested
+    rm -f "$STOP_FILE"  # left by a job killed before it could obey: it must not stop this one at step 1
+    mkdir -p "$run_dir"
+    run_step train.sh "$@" || status=$?
+    if [ "$warned" = 1 ] && [ "$status" = 0 ] && [ ! -e "$STOP_FILE" ]; then
+        requeue
+        return 0
+    fi
+    rm -f "$STOP_FILE"
+    return "$status"
 }

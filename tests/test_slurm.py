@@ -130,7 +130,13 @@ def test_usr1_saves_requeues_and_resumes_to_the_same_weights(cluster, material, 
     stopped_at = len(train_metrics(tmp_path / "interrupted"))
     assert 3 <= stopped_at < 30, "USR1 must land mid-run"
     assert (tmp_path / "interrupted" / "checkpoints" / "latest").read_text().strip() == f"step-{stopped_at:08d}"
-    # slurm holds a requeued job for a fixed ~2 minutes (EligibleTime); let it start now instead of waiting
+    # slurm holds a requeued job for a fixed ~2 minutes (EligibleTime) while the nodes clean up the first run; wait
+    # for that clean-up only (its files leave the nodes' spool directories), then let the job start
+    deadline = time.time() + 120
+    on_nodes = [f"spool/*/job{int(job_id):05d}", f"spool/*/node*_{job_id}.*"]  # batch script, step sockets
+    while any(list(STATE_DIR.glob(pattern)) for pattern in on_nodes) and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(2)
     _run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], cluster)
 
     _wait(straight_id, cluster)
