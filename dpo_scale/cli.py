@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from dpo_scale.config import ConfigError, LogpsRunConfig, build, load_yaml, merge, parse_overrides
 from dpo_scale.data.errors import DataError
@@ -119,6 +120,18 @@ def _ref_drift(args: argparse.Namespace) -> None:
     print(f"wrote {config.out}")
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from dpo_scale.config import EvalRunConfig
+    from dpo_scale.evaluate import run_eval
+
+    config = build(EvalRunConfig, _config_tree(args, {"policy": "policy", "data": "data.path", "out": "out"}))
+    result = run_eval(config)
+    rows = [("pairs", result["preference"])] + ([("generations", result["generation"])] if "generation" in result else [])
+    for title, metrics in rows:
+        print(f"{title}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    print(f"wrote {config.out} and {Path(config.out).with_suffix('.samples.md')}")
+
+
 def _export(args: argparse.Namespace) -> None:
     from dpo_scale.export import export
 
@@ -196,6 +209,19 @@ def main(argv: list[str] | None = None) -> int:
     _add_shortcuts(drift, "output JSON")
     _add_config_arguments(drift, "model, data, nf4, logps", "num_pairs=512 nf4.compute_dtype=bfloat16")
     drift.set_defaults(run=_ref_drift)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="a trained policy against its reference: held-out loss, reward accuracy and margins; generations with "
+        "length, diversity, KL and an optional reward",
+        description="Example: dpo-scale eval --policy runs/hh --out eval.json generation.num_prompts=64 "
+        "generation.reward_fn=my_rewards.py:score",
+    )
+    evaluate.add_argument("--policy", help="run directory (latest checkpoint) or model directory (policy)")
+    evaluate.add_argument("--data", help="held-out preference pairs (data.path); default: the run's held-out pairs")
+    evaluate.add_argument("--out", help="output JSON; samples go beside it as .samples.md (out)")
+    _add_config_arguments(evaluate, "of dpo_scale.config.EvalRunConfig", "generation.temperature=0.7 num_pairs=256")
+    evaluate.set_defaults(run=_eval)
 
     export = commands.add_parser("export", help="write a run's latest weights as a Hugging Face model directory")
     export.add_argument("run_dir")

@@ -358,11 +358,78 @@ class DriftRunConfig:
             raise ConfigError(f"beta={self.beta}: must be positive")
 
 
+@dataclass
+class GenerationConfig:
+    """Sampling from the policy and the reference for `dpo-scale eval`."""
+
+    num_prompts: int = 32
+    """Prompts to sample for (the first this many); 0: no generations."""
+    prompts: str | None = None
+    """A .txt file (one prompt per line) or .jsonl file (a "prompt" string per row), tokenized as plain text; None:
+    the prompts of the held-out pairs, exactly as training tokenized them (chat template included)."""
+    samples_per_prompt: int = 2
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0: no top-k filtering. The KL estimate is unbiased only at temperature 1, top_p 1, top_k 0."""
+    batch_size: int = 8
+    """Prompts per generate call."""
+    seed: int = 0
+    reward_fn: str | None = None
+    """Optional reward: `package.module:function` or `path/to/file.py:function`, called as
+    function(prompts: list[str], completions: list[str]) -> list[float]. Runs your code: name only code you trust."""
+
+    def __post_init__(self) -> None:
+        if min(self.samples_per_prompt, self.max_new_tokens, self.batch_size) < 1 or self.num_prompts < 0:
+            raise ConfigError("generation: samples_per_prompt, max_new_tokens and batch_size must be >= 1, "
+                              "num_prompts >= 0")  # fmt: skip
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ConfigError(f"generation: temperature={self.temperature} must be > 0, top_p={self.top_p} in (0, 1], "
+                              f"top_k={self.top_k} >= 0")  # fmt: skip
+        if self.reward_fn is not None and ":" not in self.reward_fn:
+            raise ConfigError(f"generation.reward_fn={self.reward_fn!r}: expected module:function or file.py:function")
+
+
+@dataclass
+class EvalRunConfig:
+    """`dpo-scale eval`: a trained policy against its reference, on held-out pairs and on sampled generations."""
+
+    policy: str
+    """A run directory (its latest checkpoint) or a model directory (e.g. from `dpo-scale export`)."""
+    out: str
+    """Output JSON, written atomically; the samples go beside it as <out>.samples.md."""
+    reference: str | None = None
+    """The reference model directory; default: the run's model.path (required when policy is a model directory)."""
+    reference_cache: str | None = None
+    """Score held-out pairs against this precomputed cache instead of the reference model (generations still use
+    the reference model for their KL)."""
+    data: DataConfig | None = None
+    """Held-out preference pairs; default: the pairs the run held out (eval.fraction of its data, same seed)."""
+    num_pairs: int | None = None
+    """Score at most this many held-out pairs (None: all)."""
+    loss: LossConfig | None = None
+    """Default: the run's loss settings (beta and the loss type)."""
+    logps: LogpsConfig = field(default_factory=LogpsConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    batch_size: int = 8
+    """Pairs per forward."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"
+    """auto: the first GPU if there is one, else the CPU."""
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "", "dtype", Literal["float32", "bfloat16", "float16"])
+        if self.batch_size < 1 or (self.num_pairs is not None and self.num_pairs < 1):
+            raise ConfigError("batch_size and num_pairs must be at least 1")
+
+
 def _check_choice(section: Any, prefix: str, name: str, choices: Any) -> None:
     allowed = typing.get_args(choices)
     value = getattr(section, name)
     if value not in allowed:
-        raise ConfigError(f"{prefix}.{name}={value!r}: must be one of {', '.join(allowed)}")
+        key = f"{prefix}.{name}" if prefix else name
+        raise ConfigError(f"{key}={value!r}: must be one of {', '.join(allowed)}")
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:

@@ -19,19 +19,29 @@ from dpo_scale.model import add_lora
 
 
 def export(run_dir: str | Path, out: str | Path, merge_lora: bool = False) -> Path:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from dpo_scale.data import load_tokenizer
+
+    model, config = load_trained_policy(run_dir, merge_lora=merge_lora)
+    out = Path(out)
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    load_tokenizer(config.data.tokenizer or config.model.path).save_pretrained(staging)
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    return out
+
+
+def load_trained_policy(run_dir: str | Path, merge_lora: bool = True) -> tuple[torch.nn.Module, TrainConfig]:
+    """The latest complete checkpoint of `run_dir` as a transformers model (peft model for an unmerged LoRA run),
+    and the run's config. Only safetensors and a tensor-only train state are read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     latest = checkpoint.latest(run_dir)
     if latest is None:
         raise ConfigError(f"{run_dir}: no complete checkpoint (checkpoints/latest is missing); train first")
     config = build(TrainConfig, torch.load(latest / "train_state.pt", weights_only=True)["config"])
     weights = load_file(latest / "model.safetensors")
-    out = Path(out)
-    staging = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-
     if config.lora.enabled:
         base = AutoModelForCausalLM.from_pretrained(
             config.model.path, use_safetensors=True, trust_remote_code=config.model.trust_remote_code
@@ -44,11 +54,7 @@ def export(run_dir: str | Path, out: str | Path, merge_lora: bool = False) -> Pa
         model_config = AutoConfig.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
         model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.model.trust_remote_code)
         _load_exactly(model, weights)
-    model.save_pretrained(staging, safe_serialization=True)
-    load_tokenizer(config.data.tokenizer or config.model.path).save_pretrained(staging)
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
-    return out
+    return model, config
 
 
 def _load_exactly(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:

@@ -11,7 +11,6 @@ Stopping early on purpose (a scheduler's time limit): create run_dir/stop-reques
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ import torch
 
 from dpo_scale import checkpoint, distributed
 from dpo_scale.config import ConfigError, TrainConfig, to_dict
-from dpo_scale.data import Pair, load_tokenizer, padding_id, prepare
+from dpo_scale.data import Pair, load_tokenizer, padding_id, prepare, split_held_out
 from dpo_scale.ds_config import resolve_deepspeed_config
 from dpo_scale.io import atomic_open
 from dpo_scale.layout import collate
@@ -86,7 +85,7 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
     tokenizer = load_tokenizer(config.data.tokenizer or config.model.path)
     data = prepare(config.data, tokenizer)
     print0(data.summary())
-    train_pairs, eval_pairs = _split(data.pairs, config.eval.fraction if config.eval.every else 0.0, config.seed)
+    train_pairs, eval_pairs = split_held_out(data.pairs, config.eval.fraction if config.eval.every else 0.0, config.seed)
     if config.eval.every and len(eval_pairs) < config.micro_batch_size * world.size:
         raise ConfigError(
             f"eval.fraction={config.eval.fraction} holds out {len(eval_pairs)} pairs, fewer than one evaluation "
@@ -333,14 +332,6 @@ def _warn_on_nf4_drift(state: Run) -> None:
             f"reference.nf4.max_margin_error_p95={settings.max_margin_error_p95}); rewards and the loss's starting "
             "point carry that error. Consider reference.source=cache with a full-precision precompute"
         )
-
-
-def _split(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
-    """Hold out `fraction` of the pairs for evaluation, the same ones for every rank and every resume."""
-    count = math.floor(len(pairs) * fraction)
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed + 10_007)).tolist()
-    held_out = set(order[:count])
-    return [p for i, p in enumerate(pairs) if i not in held_out], [p for i, p in enumerate(pairs) if i in held_out]
 
 
 def _disable_dropout(model: torch.nn.Module) -> None:

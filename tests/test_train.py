@@ -16,11 +16,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from dpo_scale.config import DataConfig, LogpsConfig, TrainConfig, build
-from dpo_scale.data import load_tokenizer, prepare
+from dpo_scale.data import load_tokenizer, prepare, split_held_out
 from dpo_scale.demo import write_demo_material
 from dpo_scale.layout import collate
 from dpo_scale.model import PairLogpsModel
-from dpo_scale.train import _split
 from launch import DPO_SCALE, base_config, train, train_metrics
 
 LN2 = math.log(2)
@@ -175,7 +174,7 @@ def test_export_loads_and_gives_the_trained_log_probs(material, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     tokenizer = load_tokenizer(str(out))
     pairs = prepare(DataConfig(str(material[1])), tokenizer).pairs
-    _, held_out = _split(pairs, 0.25, seed=0)
+    _, held_out = split_held_out(pairs, 0.25, seed=0)
     config = LogpsConfig()
     with torch.no_grad():
         logps = PairLogpsModel(model, config)(collate(held_out, config, tokenizer.pad_token_id))

@@ -16,11 +16,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from dpo_scale.config import DataConfig, LogpsConfig
-from dpo_scale.data import Pair, load_tokenizer, prepare
+from dpo_scale.data import Pair, load_tokenizer, prepare, split_held_out
 from dpo_scale.demo import write_demo_material
 from dpo_scale.layout import collate
 from dpo_scale.model import PairLogpsModel
-from dpo_scale.train import _split
 from launch import DPO_SCALE, base_config, train, train_metrics
 
 LN2 = math.log(2)
@@ -207,7 +206,7 @@ def test_export_adapter_and_merged_model_agree(material, lora_run, tmp_path):
     assert load_file(merged / "model.safetensors").keys() == load_file(material[0] / "model.safetensors").keys()
 
     tokenizer = load_tokenizer(str(merged))
-    _, held_out = _split(prepare(DataConfig(str(material[1])), tokenizer).pairs, EVAL_FRACTION, seed=0)
+    _, held_out = split_held_out(prepare(DataConfig(str(material[1])), tokenizer).pairs, EVAL_FRACTION, seed=0)
     with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(material[0]), adapter)
     chosen, rejected = _logps(with_adapter, held_out, tokenizer.pad_token_id)
     final_eval = train_metrics(lora_run, split="eval")[-1]

@@ -6,7 +6,7 @@ Importing this package loads neither transformers nor datasets; they are importe
 from dpo_scale.data.errors import DataError
 from dpo_scale.data.formats import Example, normalise, read_examples, split_transcripts
 from dpo_scale.data.pairs import Dropped, Pair, PreparedData
-from dpo_scale.data.prepare import prepare
+from dpo_scale.data.prepare import prepare, split_held_out
 from dpo_scale.data.sources import Row, read_rows
 from dpo_scale.data.tokenizer import load_tokenizer, padding_id
 
@@ -23,5 +23,6 @@ __all__ = [
     "prepare",
     "read_examples",
     "read_rows",
+    "split_held_out",
     "split_transcripts",
 ]

@@ -4,6 +4,7 @@ that cannot teach a preference."""
 from __future__ import annotations
 
 import itertools
+import math
 import logging
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
@@ -69,3 +70,14 @@ def _batches(examples: Iterable[Example], size: int) -> Iterator[list[Example]]:
     iterator = iter(examples)
     while batch := list(itertools.islice(iterator, size)):
         yield batch
+
+
+def split_held_out(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """(train, held out): `fraction` of the pairs held out for evaluation, the same ones for every rank, every resume
+    and `dpo-scale eval` of the run."""
+    import torch
+
+    count = math.floor(len(pairs) * fraction)
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed + 10_007)).tolist()
+    held_out = set(order[:count])
+    return [p for i, p in enumerate(pairs) if i not in held_out], [p for i, p in enumerate(pairs) if i in held_out]

@@ -1,0 +1,287 @@
+"""`dpo-scale eval`: is the trained policy better, or only further from its reference?
+
+Two views, one process, one device (no DeepSpeed: a checkpoint's consolidated weights are loaded whole):
+
+- held-out preference pairs: the DPO loss and its reward metrics against the reference (its model, or a cache),
+  scored by the training log-prob stage;
+- sampled generations from the policy and from the reference for the same prompts: mean length, distinct-1 /
+  distinct-2, a sequence-level KL(policy || reference) estimate, and an optional user reward with its win rate
+  against the reference's samples.
+
+KL estimate: for samples y ~ policy(.|x), KL = E[log policy(y|x) - log reference(y|x)], both sums over the sampled
+tokens (EOS included) at temperature 1. It is unbiased only when sampling is plain (temperature 1, top_p 1,
+top_k 0); otherwise the JSON says so. Samples are scored two per prompt as one prefix-shared "pair", the same path
+as training.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from dpo_scale.config import ConfigError, EvalRunConfig, GenerationConfig, LossConfig, ModelConfig
+from dpo_scale.data import Pair, load_tokenizer, padding_id, prepare, split_held_out
+from dpo_scale.io import atomic_open
+from dpo_scale.layout import collate
+from dpo_scale.loss import build_preference_loss, preference_metrics
+from dpo_scale.model import PairLogpsModel, load_causal_lm
+from dpo_scale.ref_cache import CacheReader, fingerprint
+from dpo_scale.reference import CachedReference
+
+RewardFn = Callable[[list[str], list[str]], list[float]]
+
+
+def run_eval(config: EvalRunConfig) -> dict:
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device)
+    dtype = getattr(torch, config.dtype)
+    policy, run = _load_policy(config.policy)
+    reference_path = config.reference or (run.model.path if run else None)
+    if reference_path is None:
+        raise ConfigError(f"policy={config.policy} is a model directory: set reference=DIR (the model it started from)")
+    tokenizer = load_tokenizer((run.data.tokenizer or run.model.path) if run else config.policy)
+    reward_fn = load_reward_fn(config.generation.reward_fn) if config.generation.reward_fn else None
+    pairs = _held_out_pairs(config, run, tokenizer)
+    loss_config = config.loss or (run.loss if run else LossConfig())
+
+    policy = policy.to(device=device, dtype=dtype).eval()
+    reference = load_causal_lm(ModelConfig(reference_path, dtype=config.dtype)).to(device).eval()
+    result: dict = {
+        "policy": config.policy, "reference": reference_path, "reference_cache": config.reference_cache,
+        "loss_type": loss_config.loss_type, "beta": loss_config.beta,
+    }  # fmt: skip
+    cache_fingerprint = None
+    if config.reference_cache:
+        data = config.data or run.data
+        cache_fingerprint = fingerprint(ModelConfig(reference_path, dtype=config.dtype), data, tokenizer)
+    result["preference"] = score_pairs(
+        policy, reference, pairs, config, loss_config, tokenizer, device, cache_fingerprint
+    )
+    samples: list[dict] = []
+    if config.generation.num_prompts:
+        prompts = _prompts(config.generation, pairs, tokenizer)
+        result["generation"], samples = evaluate_generations(
+            policy, reference, prompts, config.generation, config.logps, tokenizer, device, reward_fn
+        )
+    out = Path(config.out)
+    with atomic_open(out) as handle:
+        json.dump(result, handle, indent=2)
+    with atomic_open(out.with_suffix(".samples.md")) as handle:
+        handle.write(samples_table(samples))
+    return result
+
+
+def _load_policy(path: str) -> tuple[torch.nn.Module, object]:
+    """(model, the run's TrainConfig) for a run directory; (model, None) for a model directory."""
+    from dpo_scale.export import load_trained_policy
+
+    if (Path(path) / "checkpoints").is_dir():
+        return load_trained_policy(path, merge_lora=True)
+    return load_causal_lm(ModelConfig(path)), None
+
+
+def _held_out_pairs(config: EvalRunConfig, run, tokenizer) -> list[Pair]:
+    if config.data is not None:
+        pairs = prepare(config.data, tokenizer).pairs
+    elif run is not None and run.eval.every and run.eval.fraction:
+        _, pairs = split_held_out(prepare(run.data, tokenizer).pairs, run.eval.fraction, run.seed)
+    else:
+        raise ConfigError(
+            "no held-out pairs: set data.path to a preference file (the run held none out: eval.every was 0"
+            + ("" if run else ", or policy is not a run directory")
+            + ")"
+        )
+    return pairs[: config.num_pairs]
+
+
+@torch.no_grad()
+def score_pairs(policy, reference, pairs, config: EvalRunConfig, loss_config, tokenizer, device,
+                cache_fingerprint: dict[str, str] | None = None) -> dict[str, float]:  # fmt: skip
+    """Per-pair means of the training metrics (loss, rewards, margins, accuracies, log-probs) over `pairs`; the
+    reference's log-probs from config.reference_cache (checked against `cache_fingerprint`) when it is set."""
+    if not pairs:
+        return {"pairs": 0}
+    pad = padding_id(tokenizer)
+    policy_scorer, reference_scorer = PairLogpsModel(policy, config.logps), PairLogpsModel(reference, config.logps)
+    cache = CachedReference(CacheReader(config.reference_cache, cache_fingerprint)) if cache_fingerprint else None
+    loss_fn = build_preference_loss(loss_config)
+    sums: dict[str, float] = {}
+    for start in range(0, len(pairs), config.batch_size):
+        chunk = pairs[start : start + config.batch_size]
+        batch = collate(chunk, config.logps, pad).to(device)
+        policy_logps = policy_scorer(batch)
+        reference_logps = cache.logps(batch) if cache is not None else reference_scorer(batch)
+        for key, value in preference_metrics(loss_fn(policy_logps, reference_logps), policy_logps).items():
+            sums[key] = sums.get(key, 0.0) + value.item() * len(chunk)
+    metrics = {key: value / len(pairs) for key, value in sums.items()}
+    metrics["pairs"] = len(pairs)
+    return metrics
+
+
+def _prompts(settings: GenerationConfig, pairs: list[Pair], tokenizer) -> list[list[int]]:
+    if settings.prompts is None:
+        prompts = [pair.prompt_ids for pair in pairs]
+    else:
+        path = Path(settings.prompts)
+        if not path.is_file():
+            raise ConfigError(f"generation.prompts={path}: no such file (a .txt, one prompt per line, or .jsonl)")
+        if path.suffix == ".jsonl":
+            texts = []
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+                if line.strip():
+                    row = json.loads(line)
+                    if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                        raise ConfigError(f"{path} line {number}: expected an object with a \"prompt\" string")
+                    texts.append(row["prompt"])
+        else:
+            texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = [tokenizer(text)["input_ids"] for text in texts]
+    return prompts[: settings.num_prompts]
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], settings: GenerationConfig, tokenizer, device) -> list[list[int]]:
+    """`samples_per_prompt` completions per prompt (prompt-major order), each cut after its first EOS."""
+    pad, eos = padding_id(tokenizer), tokenizer.eos_token_id
+    completions: list[list[int]] = []
+    generator_seed = settings.seed
+    for start in range(0, len(prompts), settings.batch_size):
+        chunk = prompts[start : start + settings.batch_size]
+        width = max(len(p) for p in chunk)
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)  # left padding
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        torch.manual_seed(generator_seed + start)  # the same draws for the policy and the reference
+        output = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=settings.temperature,
+            top_p=settings.top_p, top_k=settings.top_k, max_new_tokens=settings.max_new_tokens,
+            num_return_sequences=settings.samples_per_prompt, pad_token_id=pad, eos_token_id=eos,
+        )  # fmt: skip
+        for row in output[:, width:].tolist():
+            completions.append(row[: row.index(eos) + 1] if eos in row else row)
+    return completions
+
+
+@torch.no_grad()
+def sequence_logps(model, prompts: list[list[int]], completions: list[list[int]], samples: int, logps_config, tokenizer,
+                   device) -> list[float]:  # fmt: skip
+    """log model(completion | prompt), summed over the completion's tokens, for each completion (prompt-major).
+
+    Two samples of one prompt go in as the chosen and rejected of one pair, so their prompt is computed once; an
+    odd one out is paired with itself."""
+    scorer = PairLogpsModel(model, logps_config)
+    units: list[tuple[Pair, int | None]] = []  # the pair, and the index of its second sample
+    for number, prompt in enumerate(prompts):
+        for first in range(number * samples, (number + 1) * samples, 2):
+            second = first + 1 if first + 1 < (number + 1) * samples else None
+            partner = completions[first if second is None else second]
+            units.append((Pair(first, f"sample {first}", prompt, completions[first], partner), second))
+    scores = [0.0] * len(completions)
+    for start in range(0, len(units), 8):
+        chunk = units[start : start + 8]
+        out = scorer(collate([pair for pair, _ in chunk], logps_config, padding_id(tokenizer)).to(device))
+        for (pair, second), chosen, rejected in zip(chunk, out.chosen_logps.tolist(), out.rejected_logps.tolist()):
+            scores[pair.index] = chosen
+            if second is not None:
+                scores[second] = rejected
+    return scores
+
+
+def distinct_n(completions: list[list[int]], n: int) -> float:
+    """Unique n-grams over all n-grams of all completions (Li et al. 2016), on token ids; 0 for none."""
+    grams = [tuple(c[i : i + n]) for c in completions for i in range(len(c) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def evaluate_generations(policy, reference, prompts, settings: GenerationConfig, logps_config, tokenizer, device,
+                         reward_fn: RewardFn | None) -> tuple[dict, list[dict]]:  # fmt: skip
+    k = settings.samples_per_prompt
+    policy_samples = generate(policy, prompts, settings, tokenizer, device)
+    reference_samples = generate(reference, prompts, settings, tokenizer, device)
+    policy_logps = sequence_logps(policy, prompts, policy_samples, k, logps_config, tokenizer, device)
+    reference_logps = sequence_logps(reference, prompts, policy_samples, k, logps_config, tokenizer, device)
+    log_ratios = [p - r for p, r in zip(policy_logps, reference_logps)]
+    metrics = {
+        "prompts": len(prompts),
+        "samples": len(policy_samples),
+        "mean_length": sum(map(len, policy_samples)) / len(policy_samples),
+        "reference_mean_length": sum(map(len, reference_samples)) / len(reference_samples),
+        "distinct_1": distinct_n(policy_samples, 1),
+        "distinct_2": distinct_n(policy_samples, 2),
+        "reference_distinct_1": distinct_n(reference_samples, 1),
+        "reference_distinct_2": distinct_n(reference_samples, 2),
+        "kl": sum(log_ratios) / len(log_ratios),
+        "kl_unbiased": settings.temperature == 1.0 and settings.top_p == 1.0 and settings.top_k == 0,
+    }
+    prompt_texts = [tokenizer.decode(prompts[i // k], skip_special_tokens=True) for i in range(len(policy_samples))]
+    policy_texts = [tokenizer.decode(c, skip_special_tokens=True) for c in policy_samples]
+    reference_texts = [tokenizer.decode(c, skip_special_tokens=True) for c in reference_samples]
+    samples = [
+        {"prompt": p, "policy": c, "reference": r, "log_ratio": lr}
+        for p, c, r, lr in zip(prompt_texts, policy_texts, reference_texts, log_ratios)
+    ]
+    if reward_fn is not None:
+        policy_rewards = _call_reward(reward_fn, prompt_texts, policy_texts)
+        reference_rewards = _call_reward(reward_fn, prompt_texts, reference_texts)
+        wins = [1.0 if p > r else 0.5 if p == r else 0.0 for p, r in zip(policy_rewards, reference_rewards)]
+        metrics.update(
+            reward=sum(policy_rewards) / len(policy_rewards),
+            reference_reward=sum(reference_rewards) / len(reference_rewards),
+            win_rate=sum(wins) / len(wins),
+        )
+        for sample, p, r in zip(samples, policy_rewards, reference_rewards):
+            sample.update(reward=p, reference_reward=r)
+    return metrics, samples
+
+
+def load_reward_fn(spec: str) -> RewardFn:
+    """`package.module:function` (importable) or `path/to/file.py:function`."""
+    target, _, name = spec.rpartition(":")
+    try:
+        if target.endswith(".py"):
+            path = Path(target)
+            if not path.is_file():
+                raise ConfigError(f"generation.reward_fn={spec}: no such file {path}")
+            module_spec = importlib.util.spec_from_file_location(f"dpo_scale_reward_{path.stem}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[module_spec.name] = module
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except ImportError as error:
+        raise ConfigError(f"generation.reward_fn={spec}: cannot import {target} ({error})") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise ConfigError(f"generation.reward_fn={spec}: {target} has no function {name}")
+    return function
+
+
+def _call_reward(reward_fn: RewardFn, prompts: list[str], completions: list[str]) -> list[float]:
+    rewards = reward_fn(prompts, completions)
+    if not hasattr(rewards, "__len__") or len(rewards) != len(completions):
+        raise ConfigError(f"the reward function returned {type(rewards).__name__}, not one number per completion "
+                          f"({len(completions)})")  # fmt: skip
+    return [float(r) for r in rewards]
+
+
+def samples_table(samples: list[dict]) -> str:
+    """A markdown table of the samples, one row each, for reading."""
+    if not samples:
+        return "No generations (generation.num_prompts=0).\n"
+    has_reward = "reward" in samples[0]
+    header = "| # | prompt | policy | reference | log-ratio |" + (" reward | reference reward |" if has_reward else "")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for number, sample in enumerate(samples):
+        cells = [str(number), *(_cell(sample[k]) for k in ("prompt", "policy", "reference")), f"{sample['log_ratio']:.2f}"]
+        if has_reward:
+            cells += [f"{sample['reward']:.3f}", f"{sample['reference_reward']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ⏎ ").strip()

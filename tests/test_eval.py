@@ -1,0 +1,122 @@
+"""`dpo-scale eval`: held-out metrics reproduce training's own eval, generations are scored exactly, user rewards."""
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from dpo_scale.cli import main
+from dpo_scale.config import ConfigError, EvalRunConfig, GenerationConfig, LogpsConfig, build
+from dpo_scale.data import load_tokenizer
+from dpo_scale.demo import write_demo_material
+from dpo_scale.evaluate import distinct_n, load_reward_fn, run_eval, sequence_logps
+from launch import base_config, train, train_metrics
+
+
+@pytest.fixture(scope="module")
+def material(tmp_path_factory):
+    return write_demo_material(tmp_path_factory.mktemp("demo"), rows=96)
+
+
+@pytest.fixture(scope="module")
+def trained_run(material, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("eval") / "run"
+    tree = base_config(material, run_dir, max_steps=10, eval={"every": 5, "fraction": 0.25})
+    tree["optim"]["lr"] = 0.003
+    result = train(tree)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+REWARD_FILE = '''
+def count_baa(prompts, completions):
+    return [completion.count("baa") for completion in completions]
+'''
+
+
+def test_eval_of_a_run_reproduces_its_last_training_eval(trained_run, tmp_path):
+    """Same held-out pairs (the run's split), same weights (the consolidated checkpoint), same loss: the numbers
+    training logged at its last eval come back."""
+    out = tmp_path / "eval.json"
+    result = run_eval(build(EvalRunConfig, {"policy": str(trained_run), "out": str(out), "generation": {"num_prompts": 0}}))
+    logged = train_metrics(trained_run, split="eval")[-1]
+    for key in ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "logps/chosen", "logps/rejected"):
+        assert result["preference"][key] == pytest.approx(logged[key], abs=1e-5), key
+    assert result["preference"]["pairs"] == logged["pairs"] == 24
+    assert json.loads(out.read_text()) == result
+    assert "No generations" in out.with_suffix(".samples.md").read_text()
+
+
+def test_policy_equal_to_reference_has_zero_kl_and_half_the_wins(material, tmp_path):
+    """The untrained model against itself: identical samples (same seed), every log-ratio exactly 0, KL 0, equal
+    diversity, reward win rate 0.5 (all ties)."""
+    model_dir, data_path = material
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text(REWARD_FILE)
+    config = build(EvalRunConfig, {
+        "policy": str(model_dir), "reference": str(model_dir), "data": {"path": str(data_path)}, "num_pairs": 8,
+        "out": str(tmp_path / "self.json"),
+        "generation": {"num_prompts": 4, "samples_per_prompt": 3, "max_new_tokens": 10,
+                       "reward_fn": f"{rewards}:count_baa"},
+    })  # fmt: skip
+    result = run_eval(config)
+    generation = result["generation"]
+    assert generation["samples"] == 12 and generation["kl"] == 0.0 and generation["kl_unbiased"]
+    assert generation["distinct_2"] == generation["reference_distinct_2"]
+    assert generation["win_rate"] == 0.5 and generation["reward"] == generation["reference_reward"]
+    assert result["preference"]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    table = (tmp_path / "self.samples.md").read_text().splitlines()
+    assert table[0].startswith("| # | prompt | policy | reference | log-ratio | reward |") and len(table) == 2 + 12
+
+
+def test_samples_scored_two_per_prompt_equal_scoring_each_alone(material):
+    """The prefix-shared scoring of samples (3 per prompt: a pair and an odd one out) gives each sample's summed
+    log-prob as a plain full-logits forward of prompt + sample does."""
+    model_dir, _ = material
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = load_tokenizer(str(model_dir))
+    prompts = [[5, 6, 7], [8, 9]]
+    completions = [[10, 11, 2], [12, 2], [13, 14, 15, 2], [16, 2], [17, 18], [19, 20, 21]]
+    scored = sequence_logps(model, prompts, completions, 3, LogpsConfig(), tokenizer, torch.device("cpu"))
+    for index, completion in enumerate(completions):
+        ids = torch.tensor([prompts[index // 3] + completion])
+        with torch.no_grad():
+            logps = model(ids).logits.log_softmax(-1)[0, :-1].gather(-1, ids[0, 1:, None])[:, 0]
+        assert scored[index] == pytest.approx(logps[-len(completion) :].sum().item(), abs=1e-4), index
+
+
+def test_distinct_n():
+    assert distinct_n([[1, 2, 3], [1, 2, 4]], 1) == pytest.approx(4 / 6)
+    assert distinct_n([[1, 2, 3], [1, 2, 4]], 2) == pytest.approx(3 / 4)
+    assert distinct_n([[1], []], 2) == 0.0
+
+
+def test_reward_function_refusals(tmp_path):
+    with pytest.raises(ConfigError, match="expected module:function"):
+        GenerationConfig(reward_fn="nocolon")
+    with pytest.raises(ConfigError, match="no such file"):
+        load_reward_fn(f"{tmp_path}/missing.py:f")
+    with pytest.raises(ConfigError, match="cannot import no_such_module_xyz"):
+        load_reward_fn("no_such_module_xyz:f")
+    rewards = tmp_path / "r.py"
+    rewards.write_text(REWARD_FILE)
+    with pytest.raises(ConfigError, match="has no function missing"):
+        load_reward_fn(f"{rewards}:missing")
+    assert load_reward_fn(f"{rewards}:count_baa")(["p"], ["baa baa"]) == [2]
+
+
+def test_cli_eval_prints_and_refuses_a_model_without_reference(material, trained_run, tmp_path, capsys):
+    out = tmp_path / "cli.json"
+    assert main(["eval", "--policy", str(trained_run), "--out", str(out), "generation.num_prompts=2",
+                 "generation.max_new_tokens=4"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "pairs: loss" in printed and "generations: prompts 2" in printed and out.exists()
+    assert main(["eval", "--policy", str(material[0]), "--out", str(tmp_path / "x.json")]) == 2
+    assert "set reference=DIR" in capsys.readouterr().err
+    config = tmp_path / "eval.yaml"
+    config.write_text(yaml.safe_dump({"policy": str(material[0]), "reference": str(material[0]), "out": "o.json"}))
+    assert main(["eval", "--config", str(config)]) == 2
+    assert "no held-out pairs: set data.path" in capsys.readouterr().err
