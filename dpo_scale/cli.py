@@ -132,6 +132,15 @@ def _eval(args: argparse.Namespace) -> None:
     print(f"wrote {config.out} and {Path(config.out).with_suffix('.samples.md')}")
 
 
+def _plot(args: argparse.Namespace) -> None:
+    from dpo_scale.plot import plot_runs
+
+    try:
+        print(f"wrote {plot_runs(args.run_dirs, args.out, args.labels)}")
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(str(error)) from None
+
+
 def _export(args: argparse.Namespace) -> None:
     from dpo_scale.export import export
 
@@ -222,6 +231,15 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--out", help="output JSON; samples go beside it as .samples.md (out)")
     _add_config_arguments(evaluate, "of dpo_scale.config.EvalRunConfig", "generation.temperature=0.7 num_pairs=256")
     evaluate.set_defaults(run=_eval)
+
+    plot = commands.add_parser(
+        "plot", help="PNG of loss, reward accuracy, margins, chosen and rejected rewards per step, runs overlaid",
+        description="Example: dpo-scale plot runs/sweep/beta=0.1 runs/sweep/beta=0.5 --out betas.png",
+    )
+    plot.add_argument("run_dirs", nargs="+", help="run directories (each with its metrics.jsonl)")
+    plot.add_argument("--out", required=True, help="PNG to write")
+    plot.add_argument("--labels", nargs="+", help="one legend label per run (default: the directory names)")
+    plot.set_defaults(run=_plot)
 
     export = commands.add_parser("export", help="write a run's latest weights as a Hugging Face model directory")
     export.add_argument("run_dir")

@@ -290,10 +290,16 @@ class EvalConfig:
     """Optimizer steps between evaluations on the held-out pairs; 0: never."""
     fraction: float = 0.05
     """Share of the prepared pairs held out for evaluation (deterministic in the seed)."""
+    generate_prompts: int = 0
+    """At each evaluation, sample one completion for this many held-out prompts and log their distinct-1/2 and
+    mean length (a warning when distinct-2 collapses); 0: no generations."""
+    generate_max_new_tokens: int = 32
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.fraction < 1.0:
             raise ConfigError(f"eval.fraction={self.fraction}: must be in [0, 1)")
+        if self.generate_prompts < 0 or self.generate_max_new_tokens < 1:
+            raise ConfigError("eval.generate_prompts must be >= 0 and eval.generate_max_new_tokens >= 1")
 
 
 @dataclass

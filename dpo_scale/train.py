@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 
 from dpo_scale import checkpoint, distributed
-from dpo_scale.config import ConfigError, TrainConfig, to_dict
+from dpo_scale.config import ConfigError, GenerationConfig, TrainConfig, to_dict
 from dpo_scale.data import Pair, load_tokenizer, padding_id, prepare, split_held_out
 from dpo_scale.ds_config import resolve_deepspeed_config
 from dpo_scale.io import atomic_open
 from dpo_scale.layout import collate
 from dpo_scale.drift import concatenate, drift_statistics
+from dpo_scale.evaluate import distinct_n, generate
 from dpo_scale.loss import build_preference_loss, preference_metrics
 from dpo_scale.model import PairLogpsModel, add_lora
 from dpo_scale.nf4 import NF4Reference, load_nf4_reference, nf4_memory
@@ -32,6 +33,7 @@ from dpo_scale.ref_cache import CacheReader, fingerprint
 from dpo_scale.reference import AdaptersDisabled, CachedReference, FrozenCopy, ReferenceSource
 from dpo_scale.sampler import StepSampler
 from dpo_scale.tracking import MetricsLog, ProgressBar, build_tracker, print0
+from dpo_scale.watch import FailureSigns
 
 
 # Created in run_dir (by a job script on its walltime warning, or by hand): every rank finishes its step, a checkpoint
@@ -59,6 +61,8 @@ class Run:
     loss_fn: object
     metrics_log: MetricsLog
     tracker: object
+    tokenizer: object = None
+    signs: FailureSigns = field(default_factory=FailureSigns)
     start_step: int = 0
     skipped_steps: int = 0
     history: list[dict] = field(default_factory=list)
@@ -153,7 +157,7 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
     state = Run(
         config=config, world=world, engine=engine, reference=reference, train_pairs=train_pairs,
         eval_pairs=eval_pairs, sampler=sampler, total_steps=total_steps,
-        pad_token_id=padding_id(tokenizer),
+        pad_token_id=padding_id(tokenizer), tokenizer=tokenizer,
         loss_fn=build_preference_loss(config.loss), metrics_log=MetricsLog(run_dir / "metrics.jsonl"),
         tracker=build_tracker(config.logging, run_dir, to_dict(config)),
     )  # fmt: skip
@@ -202,8 +206,13 @@ def train(state: Run) -> None:
             if metrics:  # empty when every update since the last log was skipped
                 _log(state, done, "train", {**metrics, "lr": lr, "seconds_per_step": seconds_per_step})
                 progress.update(done, metrics)
+                for warning in state.signs.train(done, metrics, done * state.sampler.global_batch):
+                    print0(warning)
         if config.eval.every and done % config.eval.every == 0:
-            _log(state, done, "eval", evaluate(state))
+            metrics = evaluate(state)
+            _log(state, done, "eval", metrics)
+            for warning in state.signs.eval(done, metrics):
+                print0(warning)
         saved = (config.checkpoint.every and done % config.checkpoint.every == 0) or done == state.total_steps
         if saved:
             checkpoint.save(engine, done, config, world)
@@ -238,7 +247,31 @@ def evaluate(state: Run) -> dict[str, float]:
         policy = state.engine(batch)
         reference = state.reference.logps(batch) if state.reference else None
         _accumulate(sums, preference_metrics(state.loss_fn(policy, reference), policy), batch)
-    return _reduce(sums)
+    metrics = _reduce(sums)
+    if config.eval.generate_prompts:
+        metrics.update(_generation_metrics(state))
+    return metrics
+
+
+def _generation_metrics(state: Run) -> dict[str, float]:
+    """Sample from the policy for the first eval.generate_prompts held-out prompts, split over the ranks (ZeRO-3
+    generation is collective: transformers keeps every rank stepping until all are done, so each rank gets the same
+    number of prompts); rank 0 measures the diversity of all of them."""
+    config, world = state.config, state.world
+    per_rank = config.eval.generate_prompts // world.size
+    prompts = [p.prompt_ids for p in state.eval_pairs[: per_rank * world.size]][world.rank :: world.size]
+    settings = GenerationConfig(
+        num_prompts=per_rank, samples_per_prompt=1, max_new_tokens=config.eval.generate_max_new_tokens,
+        batch_size=config.micro_batch_size, seed=config.seed,
+    )  # fmt: skip
+    completions = generate(state.engine.module.model, prompts, settings, state.tokenizer, world.device)
+    everyone = distributed.gather_to_all(completions)
+    samples = [completion for rank in everyone for completion in rank]
+    return {
+        "generations/distinct_1": distinct_n(samples, 1),
+        "generations/distinct_2": distinct_n(samples, 2),
+        "generations/mean_length": sum(map(len, samples)) / max(len(samples), 1),
+    }
 
 
 def _accumulate(sums: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor], batch) -> None:

@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from dpo_scale.plot import plot_training, training_figure
+from dpo_scale.plot import comparison_figure, plot_runs, plot_training, training_figure
 from dpo_scale.tracking import read_metrics
 
 TRAIN = [
@@ -68,3 +68,22 @@ def test_no_train_rows_is_a_clear_error(tmp_path):
         plot_training(metrics, tmp_path / "training.png")
     assert not (tmp_path / "training.png").exists()
     assert read_metrics(metrics) == EVAL
+
+
+def test_runs_overlay_one_colour_per_run(tmp_path):
+    for name, shift in (("beta=0.1", 0.0), ("beta=0.5", 0.1)):
+        rows = [{**row, "loss": row["loss"] + shift, "rewards/chosen": 0.1, "rewards/rejected": -0.1} for row in TRAIN]
+        (tmp_path / name).mkdir()
+        _write(tmp_path / name / "metrics.jsonl", rows + EVAL)
+    out = plot_runs([tmp_path / "beta=0.1", tmp_path / "beta=0.5"], tmp_path / "compare.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    figure = comparison_figure({"a": TRAIN + EVAL, "b": TRAIN})
+    assert [axes.get_title() for axes in figure.axes] == [
+        "loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"
+    ]  # fmt: skip
+    loss = figure.axes[0]
+    assert [t.get_text() for t in loss.get_legend().get_texts()] == ["a", "b"]
+    a_train, a_eval, b_train, _ln2 = loss.get_lines()
+    assert a_eval.get_color() == a_train.get_color() != b_train.get_color()
+    with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
+        plot_runs([tmp_path], tmp_path / "x.png")
