@@ -86,7 +86,7 @@ def _config(args: argparse.Namespace) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> None:
-    from dpo_scale.sweep import expand, parse_grid, run_points, train_arguments
+    from dpo_scale.sweep import expand, parse_grid, run_points, summarize, train_arguments
 
     points = expand(_config_tree(args, {}), parse_grid(args.grid))
     if args.count:
@@ -95,8 +95,11 @@ def _sweep(args: argparse.Namespace) -> None:
         if not 0 <= args.print_point < len(points):
             raise ConfigError(f"--print-point {args.print_point}: the grid has points 0 to {len(points) - 1}")
         print("\n".join(train_arguments(args.config, args.overrides, points[args.print_point])))
+    elif args.summarize:
+        print("wrote " + ", ".join(map(str, summarize(points[0].run_dir.parent, points))))
     else:
         run_points(args.config, args.overrides, points)
+        print("wrote " + ", ".join(map(str, summarize(points[0].run_dir.parent, points))))
 
 
 def _precompute_ref(args: argparse.Namespace) -> None:
@@ -196,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     what = sweep.add_mutually_exclusive_group()
     what.add_argument("--count", action="store_true", help="print the number of points and exit")
     what.add_argument("--print-point", type=int, metavar="K", help="print point K's train arguments, one per line")
+    what.add_argument("--summarize", action="store_true", help="write run_dir/summary.csv, summary.md, sweep.png")
     sweep.set_defaults(run=_sweep)
 
     precompute_ref = commands.add_parser(

@@ -1,12 +1,15 @@
 """Sweep grids: keys resolved against the config, every point checked before anything runs, one run_dir per point."""
 
+import csv
+import json
+
 import pytest
 import yaml
 
 from dpo_scale.cli import main
 from dpo_scale.config import ConfigError
 from dpo_scale.demo import write_demo_material
-from dpo_scale.sweep import expand, parse_grid
+from dpo_scale.sweep import expand, parse_grid, summarize
 from launch import base_config
 
 
@@ -69,3 +72,28 @@ def test_sweep_runs_every_point_on_this_machine(tmp_path):
         saved = yaml.safe_load((tmp_path / "sweep" / f"beta={beta}" / "config.yaml").read_text())
         assert saved["loss"]["beta"] == float(beta)
         assert (tmp_path / "sweep" / f"beta={beta}" / "metrics.jsonl").exists()
+    summary = list(csv.DictReader((tmp_path / "sweep" / "summary.csv").open()))
+    assert sorted(row["point"] for row in summary) == ["beta=0.1", "beta=0.5"]
+    assert all(row["status"] == "done" and row["steps"] == "2" for row in summary)
+    losses = [float(row["final train loss"]) for row in summary]
+    assert losses == sorted(losses)  # no eval: sorted by final train loss
+    assert (tmp_path / "sweep" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert "sorted by final train loss" in (tmp_path / "sweep" / "summary.md").read_text()
+
+
+def test_summary_sorts_by_best_eval_loss_and_lists_missing_points(tmp_path):
+    base = {**BASE, "run_dir": str(tmp_path)}
+    points = expand(base, parse_grid(["beta=0.1,0.2,0.3"]))
+    for point, losses in zip(points[:2], ([0.6, 0.5, 0.55], [0.65, 0.4, 0.45])):
+        point.run_dir.mkdir()
+        rows = [{"step": 1, "split": "train", "loss": 0.69, "rewards/accuracies": 0.5, "rewards/margins": 0.0}]
+        rows += [{"step": 10 * (i + 1), "split": "eval", "loss": loss, "rewards/accuracies": 1 - loss,
+                  "rewards/margins": 0.1} for i, loss in enumerate(losses)]  # fmt: skip
+        (point.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summarize(tmp_path, points)
+    summary = list(csv.DictReader((tmp_path / "summary.csv").open()))
+    assert [row["point"] for row in summary] == ["beta=0.2", "beta=0.1", "beta=0.3"]
+    assert [row["status"] for row in summary] == ["done", "done", "missing"]
+    assert (summary[0]["best eval loss"], summary[0]["best eval loss step"]) == ("0.4", "20")
+    assert summary[0]["final eval loss"] == "0.45"
+
