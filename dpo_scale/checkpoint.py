@@ -39,6 +39,12 @@ def latest(run_dir: str | Path) -> Path | None:
     return path if path.is_dir() else None
 
 
+def is_checkpoint(path: str | Path) -> bool:
+    """A complete checkpoint directory (step-N, not a .partial one)."""
+    path = Path(path)
+    return path.name.startswith("step-") and (path / "model.safetensors").is_file() and (path / "train_state.pt").is_file()
+
+
 def save(engine, step: int, config: TrainConfig, world: World) -> Path:
     """Write checkpoint `step` on every rank; returns its final path. Refuses weights that are not finite."""
     _check_finite(engine, step)

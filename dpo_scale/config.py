@@ -402,7 +402,8 @@ class EvalRunConfig:
     """`dpo-scale eval`: a trained policy against its reference, on held-out pairs and on sampled generations."""
 
     policy: str
-    """A run directory (its latest checkpoint) or a model directory (e.g. from `dpo-scale export`)."""
+    """A run directory (its latest checkpoint), one checkpoint (run_dir/checkpoints/step-N) or a model directory
+    (e.g. from `dpo-scale export`)."""
     out: str
     """Output JSON, written atomically; the samples go beside it as <out>.samples.md."""
     reference: str | None = None

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from dpo_scale.checkpoint import is_checkpoint
 from dpo_scale.config import ConfigError, EvalRunConfig, GenerationConfig, LossConfig, ModelConfig
 from dpo_scale.data import Pair, load_tokenizer, padding_id, prepare, split_held_out
 from dpo_scale.io import atomic_open
@@ -77,10 +78,10 @@ def run_eval(config: EvalRunConfig) -> dict:
 
 
 def _load_policy(path: str) -> tuple[torch.nn.Module, object]:
-    """(model, the run's TrainConfig) for a run directory; (model, None) for a model directory."""
+    """(model, the run's TrainConfig) for a run or checkpoint directory; (model, None) for a model directory."""
     from dpo_scale.export import load_trained_policy
 
-    if (Path(path) / "checkpoints").is_dir():
+    if (Path(path) / "checkpoints").is_dir() or is_checkpoint(path):
         return load_trained_policy(path, merge_lora=True)
     return load_causal_lm(ModelConfig(path)), None
 

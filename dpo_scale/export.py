@@ -33,11 +33,12 @@ def export(run_dir: str | Path, out: str | Path, merge_lora: bool = False) -> Pa
 
 
 def load_trained_policy(run_dir: str | Path, merge_lora: bool = True) -> tuple[torch.nn.Module, TrainConfig]:
-    """The latest complete checkpoint of `run_dir` as a transformers model (peft model for an unmerged LoRA run),
-    and the run's config. Only safetensors and a tensor-only train state are read."""
+    """The latest complete checkpoint of `run_dir` (or `run_dir` itself when it is one checkpoint directory,
+    run_dir/checkpoints/step-N) as a transformers model (peft model for an unmerged LoRA run), and the run's config.
+    Only safetensors and a tensor-only train state are read."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    latest = checkpoint.latest(run_dir)
+    latest = Path(run_dir) if checkpoint.is_checkpoint(run_dir) else checkpoint.latest(run_dir)
     if latest is None:
         raise ConfigError(f"{run_dir}: no complete checkpoint (checkpoints/latest is missing); train first")
     config = build(TrainConfig, torch.load(latest / "train_state.pt", weights_only=True)["config"])

@@ -47,6 +47,9 @@ def test_eval_of_a_run_reproduces_its_last_training_eval(trained_run, tmp_path):
         assert result["preference"][key] == pytest.approx(logged[key], abs=1e-5), key
     assert result["preference"]["pairs"] == logged["pairs"] == 24
     assert json.loads(out.read_text()) == result
+    one_checkpoint = {"policy": str(trained_run / "checkpoints" / "step-00000010"), "out": str(tmp_path / "c.json"),
+                      "generation": {"num_prompts": 0}}  # fmt: skip
+    assert run_eval(build(EvalRunConfig, one_checkpoint))["preference"] == result["preference"]
     assert "No generations" in out.with_suffix(".samples.md").read_text()
 
 

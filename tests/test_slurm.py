@@ -162,11 +162,13 @@ def test_sweep_array_runs_every_point_from_one_cache(cluster, material, tmp_path
     tree["reference"] = {"source": "cache", "cache_dir": str(tmp_path / "cache"), "shard_size": 16}
     config.write_text(yaml.safe_dump(tree))
     env = {
-        **cluster, "PRECOMPUTE_SBATCH": f"--output={tmp_path}/%x-%j.out", "SWEEP_SBATCH": f"--output={tmp_path}/%x-%A_%a.out"
+        **cluster, "PRECOMPUTE_SBATCH": f"--output={tmp_path}/%x-%j.out", "SWEEP_SBATCH": f"--output={tmp_path}/%x-%A_%a.out",
+        "SUMMARY_SBATCH": f"--output={tmp_path}/%x-%j.out",
     }  # fmt: skip
     printed = _run(["slurm/sweep.sh", "--config", str(config), "--grid", "beta=0.05,0.1,0.5"], env)
     precompute_id = re.search(r"precompute job: (\d+)", printed).group(1)
     array_id = re.search(r"sweep array job: (\d+) \(3 points\)", printed).group(1)
+    summary_id = re.search(r"summary job: (\d+)", printed).group(1)
 
     precompute = _wait(precompute_id, cluster)
     for task in range(3):
@@ -180,3 +182,7 @@ def test_sweep_array_runs_every_point_from_one_cache(cluster, material, tmp_path
         assert saved["loss"]["beta"] == float(beta) and saved["reference"]["cache_dir"] == str(tmp_path / "cache")
         assert [r["step"] for r in train_metrics(run_dir)] == [1, 2, 3]
     assert len(json.loads((tmp_path / "cache" / "manifest.json").read_text())["shards"]) == 6
+    _wait(summary_id, cluster)
+    summary = (tmp_path / "sweep" / "summary.md").read_text()
+    assert all(f"| beta={beta} | done | 3 |" in summary for beta in ("0.05", "0.1", "0.5"))
+    assert (tmp_path / "sweep" / "sweep.png").exists()
