@@ -13,7 +13,9 @@ from __future__ import annotations
 EARLY_PAIRS = 300
 """'The first few hundred pairs' of the accuracy sign."""
 CHOSEN_DROP_NATS = 1.0
-"""How far (per pair, in nats) chosen log-probs must fall below their first logged value to count as falling."""
+CHOSEN_DROP_SHARE = 0.1
+"""Chosen log-probs count as falling once they are more than max(1 nat, 10%) below their first logged value (per
+pair): DPO lowers them a little in most healthy runs."""
 DIVERSITY_FLOOR = 0.5
 """Eval distinct-2 below this share of its first value counts as collapsed."""
 
@@ -30,7 +32,8 @@ class FailureSigns:
             self.first_train = metrics
         first = self.first_train
         chosen_drop = first["logps/chosen"] - metrics["logps/chosen"]
-        if chosen_drop > CHOSEN_DROP_NATS and metrics["rewards/margins"] > first["rewards/margins"]:
+        allowed_drop = max(CHOSEN_DROP_NATS, CHOSEN_DROP_SHARE * abs(first["logps/chosen"]))
+        if chosen_drop > allowed_drop and metrics["rewards/margins"] > first["rewards/margins"]:
             warnings += self._once(
                 "chosen_falling",
                 f"warning: step {step}: chosen log-probs fell from {first['logps/chosen']:.2f} to "

@@ -19,6 +19,10 @@ def test_chosen_falling_while_margin_rises_warns_once():
     assert "chosen log-probs fell from -10.00 to -12.00 while the margin rose from 0.000 to 0.500" in warning
     assert signs.train(4, _metrics(chosen=-13.0, margin=0.9), 600) == []  # once
     assert FailureSigns().train(1, _metrics(), 8) == [] and FailureSigns().train(9, _metrics(chosen=-15.0), 900) == []
+    long_answers = FailureSigns()  # 10% of 80 nats: a fall of 5 is within what healthy runs show
+    long_answers.train(1, _metrics(chosen=-80.0), 8)
+    assert long_answers.train(9, _metrics(chosen=-85.0, margin=0.4), 900) == []
+    assert "fell from -80.00 to -90.00" in long_answers.train(10, _metrics(chosen=-90.0, margin=0.5), 1000)[0]
 
 
 def test_perfect_accuracy_early_warns_but_not_late():
