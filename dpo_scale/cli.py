@@ -86,9 +86,11 @@ def _config(args: argparse.Namespace) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> None:
+    from dpo_scale.config import TrainConfig
     from dpo_scale.sweep import expand, parse_grid, run_points, summarize, train_arguments
 
-    points = expand(_config_tree(args, {}), parse_grid(args.grid))
+    tree = _config_tree(args, {})
+    points = expand(tree, parse_grid(args.grid))
     if args.count:
         print(len(points))
     elif args.print_point is not None:
@@ -98,7 +100,8 @@ def _sweep(args: argparse.Namespace) -> None:
     elif args.summarize:
         print("wrote " + ", ".join(map(str, summarize(points[0].run_dir.parent, points))))
     else:
-        run_points(args.config, args.overrides, points)
+        reference = build(TrainConfig, tree).reference
+        run_points(args.config, args.overrides, points, reference.cache_dir if reference.source == "cache" else None)
         print("wrote " + ", ".join(map(str, summarize(points[0].run_dir.parent, points))))
 
 

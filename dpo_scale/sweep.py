@@ -104,8 +104,15 @@ def train_arguments(config_path: str | None, overrides: list[str], point: Point)
     return (["--config", config_path] if config_path else []) + overrides + point.overrides
 
 
-def run_points(config_path: str | None, overrides: list[str], points: list[Point]) -> None:
-    """One after another on this machine, each as its own `dpo-scale train` process (a fresh DeepSpeed state)."""
+def run_points(config_path: str | None, overrides: list[str], points: list[Point], cache_dir: str | None) -> None:
+    """One after another on this machine, each as its own `dpo-scale train` process (a fresh DeepSpeed state).
+    A reference cache the points read (`cache_dir`) that is not complete yet is computed first, once."""
+    arguments = (["--config", config_path] if config_path else []) + overrides
+    if cache_dir and not (Path(cache_dir) / "manifest.json").exists():
+        print(f"sweep: computing the reference cache {cache_dir} once for all points", flush=True)
+        status = subprocess.run([sys.executable, "-m", "dpo_scale.cli", "precompute-ref", *arguments]).returncode
+        if status != 0:
+            raise SystemExit(f"sweep: the reference precompute failed (exit {status})")
     for number, point in enumerate(points):
         print(f"sweep point {number + 1}/{len(points)}: {point.name}", flush=True)
         command = [sys.executable, "-m", "dpo_scale.cli", "train", *train_arguments(config_path, overrides, point)]

@@ -61,13 +61,16 @@ def test_print_point_gives_train_arguments(tmp_path, capsys):
     assert "the grid has points 0 to 3" in capsys.readouterr().err
 
 
-def test_sweep_runs_every_point_on_this_machine(tmp_path):
-    """Two points, one after another, each its own run directory with its own beta in the saved config."""
+def test_sweep_runs_every_point_on_this_machine(tmp_path, capfd):
+    """The reference cache computed once, then two points one after another, each its own run directory with its
+    own beta in the saved config, both reading that cache; then the summary."""
     material = write_demo_material(tmp_path / "demo", rows=32)
     tree = base_config(material, tmp_path / "sweep", max_steps=2)
+    tree["reference"] = {"source": "cache", "cache_dir": str(tmp_path / "cache")}
     config = tmp_path / "sweep.yaml"
     config.write_text(yaml.safe_dump(tree))
     assert main(["sweep", "--config", str(config), "--grid", "beta=0.1,0.5"]) == 0
+    assert (tmp_path / "cache" / "manifest.json").exists()  # computed once, before the points
     for beta in ("0.1", "0.5"):
         saved = yaml.safe_load((tmp_path / "sweep" / f"beta={beta}" / "config.yaml").read_text())
         assert saved["loss"]["beta"] == float(beta)
@@ -79,6 +82,9 @@ def test_sweep_runs_every_point_on_this_machine(tmp_path):
     assert losses == sorted(losses)  # no eval: sorted by final train loss
     assert (tmp_path / "sweep" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert "sorted by final train loss" in (tmp_path / "sweep" / "summary.md").read_text()
+    printed = capfd.readouterr().out
+    assert printed.count("computing the reference cache") == 1
+    assert printed.count(f"reference log-probs from the cache {tmp_path / 'cache'}") == 2
 
 
 def test_summary_sorts_by_best_eval_loss_and_lists_missing_points(tmp_path):
