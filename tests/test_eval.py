@@ -2,6 +2,7 @@
 
 import json
 import math
+import subprocess
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from dpo_scale.config import ConfigError, EvalRunConfig, GenerationConfig, Logps
 from dpo_scale.data import load_tokenizer
 from dpo_scale.demo import write_demo_material
 from dpo_scale.evaluate import distinct_n, load_reward_fn, run_eval, sequence_logps
-from launch import base_config, train, train_metrics
+from launch import DPO_SCALE, base_config, train, train_metrics
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,27 @@ def test_eval_of_a_run_reproduces_its_last_training_eval(trained_run, tmp_path):
                       "generation": {"num_prompts": 0}}  # fmt: skip
     assert run_eval(build(EvalRunConfig, one_checkpoint))["preference"] == result["preference"]
     assert "No generations" in out.with_suffix(".samples.md").read_text()
+
+
+def test_eval_against_a_reference_cache_matches_the_reference_model(trained_run, tmp_path):
+    """The cache made by precompute-ref for the run's config gives the held-out metrics the reference model gives
+    (fp32 rounding across batch compositions only); a cache for other data is refused by its fingerprint."""
+    config = yaml.safe_load((trained_run / "config.yaml").read_text())
+    config["reference"]["cache_dir"] = str(tmp_path / "cache")
+    (tmp_path / "pre.yaml").write_text(yaml.safe_dump(config))
+    made = subprocess.run([DPO_SCALE, "precompute-ref", "--config", str(tmp_path / "pre.yaml")], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert made.returncode == 0, made.stderr[-2000:]
+    settings = {"policy": str(trained_run), "generation": {"num_prompts": 0}}
+    online = run_eval(build(EvalRunConfig, {**settings, "out": str(tmp_path / "online.json")}))
+    cached = run_eval(build(EvalRunConfig, {**settings, "out": str(tmp_path / "cached.json"),
+                                            "reference_cache": str(tmp_path / "cache")}))  # fmt: skip
+    for key, value in online["preference"].items():
+        assert cached["preference"][key] == pytest.approx(value, abs=1e-5), key
+    other_data = {**settings, "out": str(tmp_path / "x.json"), "reference_cache": str(tmp_path / "cache"),
+                  "data": {"path": config["data"]["path"], "max_length": 200}}  # fmt: skip
+    with pytest.raises(ConfigError, match="made for another data_settings"):
+        run_eval(build(EvalRunConfig, other_data))
 
 
 def test_policy_equal_to_reference_has_zero_kl_and_half_the_wins(material, tmp_path):

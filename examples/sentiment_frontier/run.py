@@ -7,8 +7,8 @@
 2. Pairs: samples from the model itself, several per training prompt, scored by sentiment.py; the most and the least
    positive sample of a prompt become chosen and rejected (prompts whose samples all score the same are dropped and
    counted).
-3. The reference log-probs once into a cache (`dpo-scale precompute-ref`), then DPO at each beta
-   (`dpo-scale sweep`, every point reading that cache), with checkpoints along the way.
+3. DPO at each beta (`dpo-scale sweep`): the reference log-probs computed once into a cache that every point reads,
+   checkpoints along the way.
 4. Each checkpoint evaluated (`dpo-scale eval`): the mean sentiment of its samples for the evaluation prompts (the
    reward) and the sequence-level KL(policy || reference) estimated from those samples.
 5. frontier.png and frontier.json: reward against KL, one curve per beta from the reference (KL 0) outwards.
@@ -72,8 +72,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4, help="samples per training prompt")
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--checkpoints", type=int, default=3, help="checkpoints per run, evenly spaced")
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--checkpoints", type=int, default=4, help="checkpoints per run, evenly spaced")
     args = parser.parse_args()
     if not Path(args.model).is_dir():
         raise SystemExit(f"--model {args.model}: no such directory (stories260K lives in ../shared/data/models)")
@@ -108,10 +108,9 @@ def main() -> None:
     config_path = out / "run.yaml"
     with atomic_open(config_path) as handle:
         yaml.safe_dump(config, handle)
-    dpo_scale = [sys.executable, "-m", "dpo_scale.cli"]
-    subprocess.run([*dpo_scale, "precompute-ref", "--config", str(config_path)], check=True)
-    grid = "beta=" + ",".join(f"{beta:g}" for beta in args.betas)
-    subprocess.run([*dpo_scale, "sweep", "--config", str(config_path), "--grid", grid], check=True)
+    grid = "beta=" + ",".join(f"{beta:g}" for beta in args.betas)  # the sweep computes the cache first, once
+    subprocess.run([sys.executable, "-m", "dpo_scale.cli", "sweep", "--config", str(config_path), "--grid", grid],
+                   check=True)  # fmt: skip
     print(f"trained {len(args.betas)} betas [{time.perf_counter() - started:.0f} s]", flush=True)
 
     settings = {"prompts": str(out / "eval_prompts.txt"), "num_prompts": args.eval_prompts, "samples_per_prompt": 4,
