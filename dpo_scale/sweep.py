@@ -137,10 +137,10 @@ def summarize(base_run_dir: str | Path, points: list[Point]) -> list[Path]:
     has_eval = any(row.get("best eval loss") is not None for row in rows)
     key = "best eval loss" if has_eval else "final train loss"
     rows.sort(key=lambda row: (row["status"] != "done", math.inf if row.get(key) is None else row[key]))
-    columns = list(dict.fromkeys(column for row in rows for column in row))
+    columns = [c for c in dict.fromkeys(c for row in rows for c in row) if any(row.get(c) is not None for row in rows)]
     base = Path(base_run_dir)
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     with atomic_open(base / "summary.csv") as handle:

@@ -3,7 +3,6 @@ progress bar, and a real wandb run in offline mode that touches no network."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import socket
 import subprocess

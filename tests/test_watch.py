@@ -1,7 +1,5 @@
 """Failure-sign warnings: each fires on its pattern, once, and stays quiet on a healthy run."""
 
-import pytest
-
 from dpo_scale.demo import write_demo_material
 from dpo_scale.watch import FailureSigns
 from launch import base_config, train, train_metrics
