@@ -1,0 +1,281 @@
+"""dpo_scale against TRL 1.16's DPOTrainer and a plain PyTorch step, side by side on this CPU, same everything.
+
+    python bench/bench_vs_trl.py                         # 15.8M Llama, GPT-2 vocab, HH-RLHF, max_length 512, batch 4
+    python bench/bench_vs_trl.py --steps 20 --warmup 3 --model-size small
+
+Every side trains the same saved model on the same pairs in the same order (TRL's sampler sequential over rows
+written in dpo_scale's step order), batch 4 pairs, fp32, AdamW at the same learning rate, with reference log-probs
+precomputed before the timed steps (TRL: precompute_ref_log_probs; dpo_scale: precompute-ref into a cache; plain:
+computed once up front). Each side runs in its own process, so its peak resident memory (ru_maxrss) is its own.
+
+- dpo_scale: `dpo-scale train` (ZeRO-3 engine, world of one), prefix sharing + packing + streaming head.
+- TRL as shipped: on CPU its chunked log-prob head works on 32,768 positions x the whole vocabulary at a time.
+- TRL, CPU chunk: the same with trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE = 1024.
+- plain PyTorch: chosen and rejected as separate right-padded sequences, full logits, log_softmax + gather, the DPO
+  loss, AdamW: the floor any user could write.
+
+Reported: pairs/s and tokens/s (non-padding tokens of prompt + chosen + rejected, prompt counted once per
+completion, as the plain layout computes them) over the timed steps, peak RSS, the first steps' losses, and achieved
+FLOP/s (6 x parameters x unique tokens per second) against this CPU's measured fp32 matmul rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+HH = SHARED / "preferences/hh-rlhf/helpful-base/test.jsonl.gz"
+GPT2 = SHARED / "tokenizers/gpt2"
+SIDES = ("dpo_scale", "trl", "trl_cpu_chunk", "plain")
+LR = 5e-6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # a child process runs one side
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps, after the warm-up steps")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
+    args = parser.parse_args()
+    if args.side:
+        result = RUNNERS[args.side](Path(args.work), args)
+        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        (Path(args.work) / f"{args.side}.json").write_text(json.dumps(result))
+        return
+
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch)
+        parameters, unique_tokens, sequence_tokens = _prepare(work, args)
+        results = {}
+        for side in args.sides:
+            started = time.perf_counter()
+            command = [sys.executable, __file__, "--side", side, "--work", str(work), "--steps", str(args.steps),
+                       "--warmup", str(args.warmup), "--batch", str(args.batch), "--max-length", str(args.max_length)]
+            child = subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True)  # fmt: skip
+            if child.returncode == 0:
+                results[side] = json.loads((work / f"{side}.json").read_text())
+            else:  # e.g. SIGKILL from the kernel's OOM killer: a result to report, not a crash of the benchmark
+                how = "killed by SIGKILL (out of memory?)" if child.returncode == -9 else f"exit {child.returncode}"
+                results[side] = {"error": how, "stderr": child.stderr[-2000:]}
+            print(f"{side}: done in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    _report(results, parameters, unique_tokens, sequence_tokens, args)
+
+
+def _prepare(work: Path, args) -> tuple[int, int, int]:
+    """The model (saved), the pairs as rows in dpo_scale's step order, and the run config."""
+    import yaml
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dpo_scale.config import DataConfig
+    from dpo_scale.data import load_tokenizer, prepare, read_examples
+    from dpo_scale.sampler import StepSampler
+
+    tokenizer = load_tokenizer(str(GPT2 / "tokenizer.json"))
+    tokenizer.eos_token = "<|endoftext|>"  # GPT-2's bare tokenizer.json names no EOS; saved with the model below
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(work / "model")
+    tokenizer.save_pretrained(work / "model")
+    tokenizer = load_tokenizer(str(work / "model"))
+    parameters = sum(p.numel() for p in model.parameters())
+
+    needed = args.batch * (args.steps + args.warmup)
+    data_config = DataConfig(str(HH), max_length=args.max_length)
+    rows = []
+    for example in read_examples(data_config):
+        rows.append(example.as_dict())
+        if len(rows) == 2 * needed:
+            break
+    rows_file = work / "rows.jsonl"
+    rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = prepare(DataConfig(str(rows_file), max_length=args.max_length), tokenizer).pairs
+    # dpo_scale trains on rows.jsonl with its own sampler; TRL and the plain step read ordered.jsonl in order,
+    # which holds the same rows in the order that sampler takes them
+    sampler = StepSampler(len(pairs), args.batch, 1, 1, seed=0)
+    order = [i for step in range(args.steps + args.warmup) for batch in sampler.micro_batches(step, 0) for i in batch]
+    (work / "ordered.jsonl").write_text("".join(json.dumps(rows[pairs[i].index]) + "\n" for i in order))
+    timed = [pairs[i] for i in order[args.warmup * args.batch :]]
+    unique_tokens = sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in timed)
+    padded_free_tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in timed)
+    run = {
+        "model": {"path": str(work / "model")}, "data": {"path": str(rows_file), "max_length": args.max_length},
+        "run_dir": str(work / "run"), "micro_batch_size": args.batch, "max_steps": args.steps + args.warmup,
+        "optim": {"lr": LR, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.0, "betas": [0.9, 0.999]},
+        "reference": {"source": "cache", "cache_dir": str(work / "cache")},
+        "logging": {"every": 1, "progress_bar": False}, "checkpoint": {"every": 0},
+    }  # fmt: skip
+    (work / "run.yaml").write_text(yaml.safe_dump(run))
+    return parameters, unique_tokens, padded_free_tokens
+
+
+def _run_dpo_scale(work: Path, args) -> dict:
+    subprocess.run([sys.executable, "-m", "dpo_scale.cli", "precompute-ref", "--config", str(work / "run.yaml")],
+                   check=True, capture_output=True)  # fmt: skip
+    from dpo_scale.config import TrainConfig, build, load_yaml
+    from dpo_scale.train import run
+
+    history = run(build(TrainConfig, load_yaml(work / "run.yaml")))
+    timed = history[args.warmup :]
+    return {"losses": [row["loss"] for row in history[:3]], "seconds": sum(r["seconds_per_step"] for r in timed),
+            "steps": len(timed)}  # fmt: skip
+
+
+def _run_trl(work: Path, args, chunk: int | None = None) -> dict:
+    import logging
+
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    import trl.trainer.utils
+
+    if chunk is not None:
+        trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE = chunk
+    logging.getLogger("trl").setLevel(logging.ERROR)
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.durations, self.started = [], None
+
+        def on_step_begin(self, *unused, **unused_too):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, *unused, **unused_too):
+            self.durations.append(time.perf_counter() - self.started)
+
+    rows = [json.loads(line) for line in (work / "ordered.jsonl").read_text().splitlines()]
+    config = DPOConfig(output_dir=str(work / "trl"), bf16=False, use_cpu=True, report_to=[], logging_steps=1,
+                       per_device_train_batch_size=args.batch, max_length=args.max_length, learning_rate=LR,
+                       lr_scheduler_type="constant", weight_decay=0.0, max_steps=args.steps + args.warmup,
+                       precompute_ref_log_probs=True, save_strategy="no", seed=0,
+                       train_sampling_strategy="sequential")  # fmt: skip
+    clock = StepClock()
+    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(work / "model"), args=config,
+                      train_dataset=Dataset.from_list(rows), processing_class=_tokenizer(work), callbacks=[clock])  # fmt: skip
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry][:3]
+    timed = clock.durations[args.warmup :]
+    return {"losses": losses, "seconds": sum(timed), "steps": len(timed)}
+
+
+def _run_plain(work: Path, args) -> dict:
+    """Separate chosen / rejected sequences, full logits, the DPO loss, AdamW."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from dpo_scale.config import DataConfig
+    from dpo_scale.data import prepare
+
+    tokenizer = _tokenizer(work)
+    pairs = prepare(DataConfig(str(work / "ordered.jsonl"), max_length=args.max_length), tokenizer).pairs
+    model = AutoModelForCausalLM.from_pretrained(work / "model")
+    model.train()
+    pad = tokenizer.eos_token_id
+
+    def batch_logps(batch):
+        sequences = [p.prompt_ids + p.chosen_ids for p in batch] + [p.prompt_ids + p.rejected_ids for p in batch]
+        starts = [len(p.prompt_ids) for p in batch] * 2
+        width = max(map(len, sequences))
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences])
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        token_logps = F.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+        keep = torch.zeros_like(token_logps, dtype=torch.bool)
+        for row, (start, sequence) in enumerate(zip(starts, sequences)):
+            keep[row, start - 1 : len(sequence) - 1] = True
+        sums = (token_logps * keep).sum(-1)
+        return sums[: len(batch)], sums[len(batch) :]
+
+    batches = [pairs[i : i + args.batch] for i in range(0, len(pairs), args.batch)][: args.steps + args.warmup]
+    with torch.no_grad():
+        reference = [batch_logps(b) for b in batches]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    losses, durations = [], []
+    for batch, (ref_chosen, ref_rejected) in zip(batches, reference):
+        started = time.perf_counter()
+        chosen, rejected = batch_logps(batch)
+        logits = 0.1 * ((chosen - ref_chosen) - (rejected - ref_rejected))
+        loss = -F.logsigmoid(logits).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        durations.append(time.perf_counter() - started)
+        losses.append(loss.item())
+    timed = durations[args.warmup :]
+    return {"losses": losses[:3], "seconds": sum(timed), "steps": len(timed)}
+
+
+def _tokenizer(work: Path):
+    from dpo_scale.data import load_tokenizer
+
+    return load_tokenizer(str(work / "model"))
+
+
+def _matmul_gflops() -> float:
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    for _ in range(3):
+        a @ b
+    started, reps = time.perf_counter(), 10
+    for _ in range(reps):
+        a @ b
+    return 2 * 2048**3 * reps / (time.perf_counter() - started) / 1e9
+
+
+def _report(results: dict, parameters: int, unique_tokens: int, sequence_tokens: int, args) -> None:
+    """`unique_tokens`: prompt + chosen + rejected of the timed pairs; `sequence_tokens`: the same with the prompt
+    counted twice (what chosen and rejected as separate sequences hold, padding aside)."""
+    print(f"{parameters / 1e6:.1f}M-parameter Llama (GPT-2 vocabulary), HH-RLHF helpful-base, max_length "
+          f"{args.max_length}, batch {args.batch} pairs, fp32, precomputed reference, {args.steps} timed steps after "
+          f"{args.warmup}; torch {torch.__version__}, {torch.get_num_threads()} threads\n")  # fmt: skip
+    matmul = _matmul_gflops()
+    print("| side | pairs/s | tokens/s (sequence) | GFLOP/s (6 N x unique tokens) | of matmul peak | peak RSS (MiB) "
+          "| first losses |\n|---|---|---|---|---|---|---|")  # fmt: skip
+    rates = {}
+    for side, result in results.items():
+        if "error" in result:
+            print(f"| {side} | {result['error']} | | | | | |")
+            continue
+        seconds = result["seconds"]
+        rates[side] = args.batch * args.steps / seconds
+        flops = 6 * parameters * unique_tokens / seconds / 1e9
+        losses = ", ".join(f"{x:.6f}" for x in result["losses"])
+        print(f"| {side} | {rates[side]:.2f} | {sequence_tokens / seconds:,.0f} | {flops:.1f} | {flops / matmul:.0%} "
+              f"| {result['peak_rss_mib']:,.0f} | {losses} |")  # fmt: skip
+    trl_best = max((rates[s] for s in ("trl", "trl_cpu_chunk") if s in rates), default=None)  # those that finished
+    if "dpo_scale" in rates and trl_best:
+        print(f"\ndpo_scale / best TRL: {rates['dpo_scale'] / trl_best:.2f}x pairs/s")
+    if "dpo_scale" in rates and "plain" in rates:
+        print(f"dpo_scale / plain full-logits step: {rates['dpo_scale'] / rates['plain']:.2f}x pairs/s")
+    memory = {s: results[s]["peak_rss_mib"] for s in ("trl", "trl_cpu_chunk") if s in rates}
+    if "dpo_scale" in rates and memory:
+        print(f"dpo_scale peak RSS / lower TRL's: {results['dpo_scale']['peak_rss_mib'] / min(memory.values()):.2f}x")
+    print(f"fp32 matmul (2048 x 2048, this machine now): {matmul:.0f} GFLOP/s")
+
+
+RUNNERS = {
+    "dpo_scale": _run_dpo_scale,
+    "trl": _run_trl,
+    "trl_cpu_chunk": lambda work, args: _run_trl(work, args, chunk=1024),
+    "plain": _run_plain,
+}
+
+if __name__ == "__main__":
+    main()
