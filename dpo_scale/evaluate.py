@@ -147,7 +147,13 @@ def _prompts(settings: GenerationConfig, pairs: list[Pair], tokenizer) -> list[l
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], settings: GenerationConfig, tokenizer, device) -> list[list[int]]:
-    """`samples_per_prompt` completions per prompt (prompt-major order), each cut after its first EOS."""
+    """`samples_per_prompt` completions per prompt (prompt-major order), each cut after its first EOS. Seeded per
+    batch from settings.seed inside a forked RNG, so a caller's random state (a training run's) is left as it was."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return _sample(model, prompts, settings, tokenizer, device)
+
+
+def _sample(model, prompts: list[list[int]], settings: GenerationConfig, tokenizer, device) -> list[list[int]]:
     pad, eos = padding_id(tokenizer), tokenizer.eos_token_id
     completions: list[list[int]] = []
     generator_seed = settings.seed

@@ -13,7 +13,7 @@ from dpo_scale.cli import main
 from dpo_scale.config import ConfigError, EvalRunConfig, GenerationConfig, LogpsConfig, build
 from dpo_scale.data import load_tokenizer
 from dpo_scale.demo import write_demo_material
-from dpo_scale.evaluate import distinct_n, load_reward_fn, run_eval, sequence_logps
+from dpo_scale.evaluate import distinct_n, generate, load_reward_fn, run_eval, sequence_logps
 from launch import DPO_SCALE, base_config, train, train_metrics
 
 
@@ -111,6 +111,16 @@ def test_samples_scored_two_per_prompt_equal_scoring_each_alone(material):
         with torch.no_grad():
             logps = model(ids).logits.log_softmax(-1)[0, :-1].gather(-1, ids[0, 1:, None])[:, 0]
         assert scored[index] == pytest.approx(logps[-len(completion) :].sum().item(), abs=1e-4), index
+
+
+def test_generation_leaves_the_callers_random_state_alone(material):
+    """Training samples at its evaluations: that must not move the run's own RNG (resume saves and restores it)."""
+    model_dir, _ = material
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    generate(model, [[5, 6, 7]], GenerationConfig(max_new_tokens=4), load_tokenizer(str(model_dir)), torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_distinct_n():
