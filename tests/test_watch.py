@@ -1,5 +1,7 @@
 """Failure-sign warnings: each fires on its pattern, once, and stays quiet on a healthy run."""
 
+from pathlib import Path
+
 from dpo_scale.demo import write_demo_material
 from dpo_scale.watch import FailureSigns
 from launch import base_config, train, train_metrics
@@ -48,8 +50,10 @@ def test_two_rank_run_logs_generation_diversity_and_warns_on_easy_pairs(tmp_path
     tree = base_config(material, tmp_path / "run", max_steps=6, micro_batch_size=2)
     tree["optim"]["lr"] = 0.01
     tree["eval"] = {"every": 3, "fraction": 0.25, "generate_prompts": 6, "generate_max_new_tokens": 8}
+    shared_memory = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     result = train(tree, ranks=2)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shared_memory  # no buffer left behind
     evals = train_metrics(tmp_path / "run", split="eval")
     assert [row["step"] for row in evals] == [3, 6]
     for row in evals:
