@@ -91,7 +91,8 @@ def _unlink_shared_memory() -> None:
     memory is freed when the last process that maps it exits."""
     if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
         return
-    prefix = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}"
+    address, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
+    prefix = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}"
     for rank in {os.environ.get("RANK", "0"), os.environ.get("LOCAL_RANK", "0")}:
         try:
             os.unlink(f"{prefix}_{rank}")
