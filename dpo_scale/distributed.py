@@ -136,8 +136,12 @@ def training_engine(module: nn.Module, ds_config: dict):
 
 
 def inference_engine(module: nn.Module, ds_config: dict):
-    """A frozen model under the same ZeRO stage, with no optimizer state: the reference copy."""
+    """A frozen model with no optimizer state: the reference copy. Sharded like the policy under ZeRO-3; under
+    stages 1 and 2, which partition only optimizer state and gradients (and refuse an engine without an optimizer),
+    it is held whole (stage 0), as those stages hold the policy's weights."""
     config = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
+    if (config.get("zero_optimization") or {}).get("stage", 0) != 3:
+        config["zero_optimization"] = {"stage": 0}
     for parameter in module.parameters():
         parameter.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=module, config=config)

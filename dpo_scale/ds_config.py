@@ -49,7 +49,7 @@ from typing import Any
 from dpo_scale.config import ConfigError, DeepSpeedConfig, OptimConfig
 
 DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
-"""The shipped choices (zero3, zero3_offload, zero2), next to the package in a source checkout."""
+"""The shipped choices (zero3, zero3_offload, zero2, zero0), next to the package in a source checkout."""
 
 SCHEDULERS = {"cosine": "WarmupCosineLR", "linear": "WarmupDecayLR", "constant": "WarmupLR"}
 """optim.schedule -> the DeepSpeed scheduler (deepspeed/runtime/lr_schedules.py) that implements it."""

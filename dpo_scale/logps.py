@@ -57,8 +57,11 @@ class _StreamingTokenLogps(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             stop = start + chunk_size
             logits, _ = _chunk_logits(hidden[start:stop], head)  # (n, V) fp32: the peak allocation
-            lse[start:stop] = torch.logsumexp(logits, dim=-1)
-            logps[start:stop] = logits.gather(1, labels[start:stop, None]).squeeze(1) - lse[start:stop]
+            picked = logits.gather(1, labels[start:stop, None]).squeeze(1)  # (n,)
+            # log-sum-exp in the logits' own buffer: torch.logsumexp would allocate a second (n, V) temporary
+            peak = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+            lse[start:stop] = logits.sub_(peak).exp_().sum(dim=-1).log_() + peak.squeeze(1)
+            logps[start:stop] = picked - lse[start:stop]
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.chunk_size, ctx.scale, ctx.softcap = chunk_size, scale, softcap
         return logps

@@ -21,7 +21,7 @@ from dpo_scale.ds_config import (
     zero_stage,
 )
 
-SHIPPED = ["zero3", "zero3_offload", "zero2"]
+SHIPPED = ["zero3", "zero3_offload", "zero2", "zero0"]
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -66,9 +66,9 @@ def test_shipped_configs_resolve_completely(name, precision):
 
 
 def test_shipped_stage_and_offload():
-    assert [zero_stage(resolve(n)) for n in SHIPPED] == [3, 3, 2]
-    assert [offloads_optimizer(resolve(n)) for n in SHIPPED] == [False, True, False]
-    assert [offloads_params(resolve(n)) for n in SHIPPED] == [False, True, False]
+    assert [zero_stage(resolve(n)) for n in SHIPPED] == [3, 3, 2, 0]
+    assert [offloads_optimizer(resolve(n)) for n in SHIPPED] == [False, True, False, False]
+    assert [offloads_params(resolve(n)) for n in SHIPPED] == [False, True, False, False]
     assert resolve("zero3")["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
 
 
@@ -202,7 +202,7 @@ def test_missing_name_and_missing_file():
         resolve("zero4")
     message = str(error.value)
     assert f"deepspeed.config='zero4': there is no {DS_CONFIGS / 'zero4.json'}" in message
-    assert "shipped configs: zero2, zero3, zero3_offload" in message and f"looked in {DS_CONFIGS}" in message
+    assert "shipped configs: zero0, zero2, zero3, zero3_offload" in message and f"looked in {DS_CONFIGS}" in message
     with pytest.raises(ConfigError, match=r"deepspeed.config: /nonexistent/ds.json cannot be read \(No such file"):
         resolve("/nonexistent/ds.json")
 
