@@ -1,14 +1,19 @@
 """dpo_scale against TRL 1.16's DPOTrainer and a plain PyTorch step, side by side on this CPU, same everything.
 
-    python bench/bench_vs_trl.py                         # 15.8M Llama, GPT-2 vocab, HH-RLHF, max_length 512, batch 4
-    python bench/bench_vs_trl.py --steps 20 --warmup 3 --model-size small
+    python bench/bench_vs_trl.py                                  # 16M Llama, GPT-2 vocab, precomputed reference
+    python bench/bench_vs_trl.py --reference online               # a frozen reference copy run every step
+    python bench/bench_vs_trl.py --model stories260k              # the real pretrained stories260K, 512-token vocab
 
 Every side trains the same saved model on the same pairs in the same order (TRL's sampler sequential over rows
-written in dpo_scale's step order), batch 4 pairs, fp32, AdamW at the same learning rate, with reference log-probs
-precomputed before the timed steps (TRL: precompute_ref_log_probs; dpo_scale: precompute-ref into a cache; plain:
-computed once up front). Each side runs in its own process, so its peak resident memory (ru_maxrss) is its own.
+written in dpo_scale's step order), batch 4 pairs, fp32, AdamW at the same learning rate and saves a final
+checkpoint (weights and optimizer state). `--reference cache`: reference log-probs precomputed before the timed
+steps (TRL: precompute_ref_log_probs; dpo_scale: precompute-ref into a cache; plain: computed once up front);
+`--reference online`: a frozen copy of the starting model scores every batch (TRL's ref_model, dpo_scale's
+reference.source=copy, plain: a second model under no_grad). Each side runs in its own process, so its peak
+resident memory (ru_maxrss) is its own, imports and set-up included.
 
-- dpo_scale: `dpo-scale train` (ZeRO-3 engine, world of one), prefix sharing + packing + streaming head.
+- dpo_scale: `dpo-scale train` with the default ZeRO-3 config (world of one), prefix sharing + streaming head.
+- dpo_scale_zero0: the same with ds_configs/zero0.json (no partitioning), the lean choice for one process.
 - TRL as shipped: on CPU its chunked log-prob head works on 32,768 positions x the whole vocabulary at a time.
 - TRL, CPU chunk: the same with trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE = 1024.
 - plain PyTorch: chosen and rejected as separate right-padded sequences, full logits, log_softmax + gather, the DPO
@@ -25,6 +30,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,7 +42,8 @@ import torch
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 HH = SHARED / "preferences/hh-rlhf/helpful-base/test.jsonl.gz"
 GPT2 = SHARED / "tokenizers/gpt2"
-SIDES = ("dpo_scale", "trl", "trl_cpu_chunk", "plain")
+STORIES = SHARED / "models/stories260K"
+SIDES = ("dpo_scale", "dpo_scale_zero0", "trl", "trl_cpu_chunk", "plain")
 LR = 5e-6
 
 
@@ -49,6 +56,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
+    parser.add_argument("--model", choices=("llama16m", "stories260k"), default="llama16m")
+    parser.add_argument("--reference", choices=("cache", "online"), default="cache")
     args = parser.parse_args()
     if args.side:
         result = RUNNERS[args.side](Path(args.work), args)
@@ -63,11 +72,13 @@ def main() -> None:
         for side in args.sides:
             started = time.perf_counter()
             command = [sys.executable, __file__, "--side", side, "--work", str(work), "--steps", str(args.steps),
-                       "--warmup", str(args.warmup), "--batch", str(args.batch), "--max-length", str(args.max_length)]
+                       "--warmup", str(args.warmup), "--batch", str(args.batch), "--max-length", str(args.max_length),
+                       "--model", args.model, "--reference", args.reference]
             child = subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, text=True)  # fmt: skip
             if child.returncode == 0:
                 results[side] = json.loads((work / f"{side}.json").read_text())
+                results[side]["process_seconds"] = time.perf_counter() - started
             else:  # e.g. SIGKILL from the kernel's OOM killer: a result to report, not a crash of the benchmark
                 how = "killed by SIGKILL (out of memory?)" if child.returncode == -9 else f"exit {child.returncode}"
                 results[side] = {"error": how, "stderr": child.stderr[-2000:]}
@@ -78,22 +89,26 @@ def main() -> None:
 def _prepare(work: Path, args) -> tuple[int, int, int]:
     """The model (saved), the pairs as rows in dpo_scale's step order, and the run config."""
     import yaml
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from dpo_scale.config import DataConfig
     from dpo_scale.data import load_tokenizer, prepare, read_examples
     from dpo_scale.sampler import StepSampler
 
-    tokenizer = load_tokenizer(str(GPT2 / "tokenizer.json"))
-    tokenizer.eos_token = "<|endoftext|>"  # GPT-2's bare tokenizer.json names no EOS; saved with the model below
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)  # fmt: skip
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(work / "model")
-    tokenizer.save_pretrained(work / "model")
+    if args.model == "stories260k":
+        shutil.copytree(STORIES, work / "model")
+        model = AutoModelForCausalLM.from_pretrained(work / "model")
+    else:
+        tokenizer = load_tokenizer(str(GPT2 / "tokenizer.json"))
+        tokenizer.eos_token = "<|endoftext|>"  # GPT-2's bare tokenizer.json names no EOS; saved with the model below
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+                             tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+        model = LlamaForCausalLM(config)
+        model.save_pretrained(work / "model")
+        tokenizer.save_pretrained(work / "model")
     tokenizer = load_tokenizer(str(work / "model"))
     parameters = sum(p.numel() for p in model.parameters())
 
@@ -119,20 +134,24 @@ def _prepare(work: Path, args) -> tuple[int, int, int]:
         "model": {"path": str(work / "model")}, "data": {"path": str(rows_file), "max_length": args.max_length},
         "run_dir": str(work / "run"), "micro_batch_size": args.batch, "max_steps": args.steps + args.warmup,
         "optim": {"lr": LR, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.0, "betas": [0.9, 0.999]},
-        "reference": {"source": "cache", "cache_dir": str(work / "cache")},
+        "reference": {"source": "cache", "cache_dir": str(work / "cache")} if args.reference == "cache" else {},
         "logging": {"every": 1, "progress_bar": False}, "checkpoint": {"every": 0},
     }  # fmt: skip
     (work / "run.yaml").write_text(yaml.safe_dump(run))
     return parameters, unique_tokens, padded_free_tokens
 
 
-def _run_dpo_scale(work: Path, args) -> dict:
-    subprocess.run([sys.executable, "-m", "dpo_scale.cli", "precompute-ref", "--config", str(work / "run.yaml")],
-                   check=True, capture_output=True)  # fmt: skip
+def _run_dpo_scale(work: Path, args, deepspeed_config: str = "zero3") -> dict:
+    if args.reference == "cache":
+        subprocess.run([sys.executable, "-m", "dpo_scale.cli", "precompute-ref", "--config", str(work / "run.yaml")],
+                       check=True, capture_output=True)  # fmt: skip
     from dpo_scale.config import TrainConfig, build, load_yaml
     from dpo_scale.train import run
 
-    history = run(build(TrainConfig, load_yaml(work / "run.yaml")))
+    tree = load_yaml(work / "run.yaml")
+    tree["deepspeed"] = {"config": deepspeed_config}
+    tree["run_dir"] = str(work / f"run-{deepspeed_config}")
+    history = run(build(TrainConfig, tree))
     timed = history[args.warmup :]
     return {"losses": [row["loss"] for row in history[:3]], "seconds": sum(r["seconds_per_step"] for r in timed),
             "steps": len(timed)}  # fmt: skip
@@ -165,7 +184,8 @@ def _run_trl(work: Path, args, chunk: int | None = None) -> dict:
     config = DPOConfig(output_dir=str(work / "trl"), bf16=False, use_cpu=True, report_to=[], logging_steps=1,
                        per_device_train_batch_size=args.batch, max_length=args.max_length, learning_rate=LR,
                        lr_scheduler_type="constant", weight_decay=0.0, max_steps=args.steps + args.warmup,
-                       precompute_ref_log_probs=True, save_strategy="no", seed=0,
+                       precompute_ref_log_probs=args.reference == "cache", seed=0,
+                       save_strategy="steps", save_steps=args.steps + args.warmup,  # one final checkpoint, as ours
                        train_sampling_strategy="sequential")  # fmt: skip
     clock = StepClock()
     trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(work / "model"), args=config,
@@ -188,9 +208,10 @@ def _run_plain(work: Path, args) -> dict:
     pairs = prepare(DataConfig(str(work / "ordered.jsonl"), max_length=args.max_length), tokenizer).pairs
     model = AutoModelForCausalLM.from_pretrained(work / "model")
     model.train()
+    reference_model = AutoModelForCausalLM.from_pretrained(work / "model").eval() if args.reference == "online" else None
     pad = tokenizer.eos_token_id
 
-    def batch_logps(batch):
+    def batch_logps(model, batch):
         sequences = [p.prompt_ids + p.chosen_ids for p in batch] + [p.prompt_ids + p.rejected_ids for p in batch]
         starts = [len(p.prompt_ids) for p in batch] * 2
         width = max(map(len, sequences))
@@ -205,13 +226,19 @@ def _run_plain(work: Path, args) -> dict:
         return sums[: len(batch)], sums[len(batch) :]
 
     batches = [pairs[i : i + args.batch] for i in range(0, len(pairs), args.batch)][: args.steps + args.warmup]
-    with torch.no_grad():
-        reference = [batch_logps(b) for b in batches]
+    if reference_model is None:
+        with torch.no_grad():
+            precomputed = [batch_logps(model, b) for b in batches]
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     losses, durations = [], []
-    for batch, (ref_chosen, ref_rejected) in zip(batches, reference):
+    for step, batch in enumerate(batches):
         started = time.perf_counter()
-        chosen, rejected = batch_logps(batch)
+        if reference_model is None:
+            ref_chosen, ref_rejected = precomputed[step]
+        else:
+            with torch.no_grad():
+                ref_chosen, ref_rejected = batch_logps(reference_model, batch)
+        chosen, rejected = batch_logps(model, batch)
         logits = 0.1 * ((chosen - ref_chosen) - (rejected - ref_rejected))
         loss = -F.logsigmoid(logits).mean()
         loss.backward()
@@ -219,6 +246,7 @@ def _run_plain(work: Path, args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         durations.append(time.perf_counter() - started)
         losses.append(loss.item())
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, work / "plain-final.pt")
     timed = durations[args.warmup :]
     return {"losses": losses[:3], "seconds": sum(timed), "steps": len(timed)}
 
@@ -242,36 +270,44 @@ def _matmul_gflops() -> float:
 def _report(results: dict, parameters: int, unique_tokens: int, sequence_tokens: int, args) -> None:
     """`unique_tokens`: prompt + chosen + rejected of the timed pairs; `sequence_tokens`: the same with the prompt
     counted twice (what chosen and rejected as separate sequences hold, padding aside)."""
-    print(f"{parameters / 1e6:.1f}M-parameter Llama (GPT-2 vocabulary), HH-RLHF helpful-base, max_length "
-          f"{args.max_length}, batch {args.batch} pairs, fp32, precomputed reference, {args.steps} timed steps after "
-          f"{args.warmup}; torch {torch.__version__}, {torch.get_num_threads()} threads\n")  # fmt: skip
+    model = "stories260K" if args.model == "stories260k" else "Llama, GPT-2 vocabulary"
+    reference = "precomputed reference" if args.reference == "cache" else "online reference copy"
+    print(f"{parameters / 1e6:.2f}M-parameter {model}, HH-RLHF helpful-base, max_length {args.max_length}, batch "
+          f"{args.batch} pairs, fp32, {reference}, {args.steps} timed steps after {args.warmup}; torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads\n")  # fmt: skip
     matmul = _matmul_gflops()
-    print("| side | pairs/s | tokens/s (sequence) | GFLOP/s (6 N x unique tokens) | of matmul peak | peak RSS (MiB) "
-          "| first losses |\n|---|---|---|---|---|---|---|")  # fmt: skip
+    print("| side | pairs/s | tokens/s (sequence) | GFLOP/s (6 N x unique tokens) | of matmul rate | peak RSS (MiB) "
+          "| process s | first losses |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
     rates = {}
     for side, result in results.items():
         if "error" in result:
-            print(f"| {side} | {result['error']} | | | | | |")
+            print(f"| {side} | {result['error']} | | | | | | |")
             continue
         seconds = result["seconds"]
         rates[side] = args.batch * args.steps / seconds
         flops = 6 * parameters * unique_tokens / seconds / 1e9
         losses = ", ".join(f"{x:.6f}" for x in result["losses"])
-        print(f"| {side} | {rates[side]:.2f} | {sequence_tokens / seconds:,.0f} | {flops:.1f} | {flops / matmul:.0%} "
-              f"| {result['peak_rss_mib']:,.0f} | {losses} |")  # fmt: skip
-    trl_best = max((rates[s] for s in ("trl", "trl_cpu_chunk") if s in rates), default=None)  # those that finished
-    if "dpo_scale" in rates and trl_best:
-        print(f"\ndpo_scale / best TRL: {rates['dpo_scale'] / trl_best:.2f}x pairs/s")
-    if "dpo_scale" in rates and "plain" in rates:
-        print(f"dpo_scale / plain full-logits step: {rates['dpo_scale'] / rates['plain']:.2f}x pairs/s")
-    memory = {s: results[s]["peak_rss_mib"] for s in ("trl", "trl_cpu_chunk") if s in rates}
-    if "dpo_scale" in rates and memory:
-        print(f"dpo_scale peak RSS / lower TRL's: {results['dpo_scale']['peak_rss_mib'] / min(memory.values()):.2f}x")
+        print(f"| {side} | {rates[side]:.2f} | {sequence_tokens / seconds:,.0f} | {flops:.2f} | {flops / matmul:.1%} "
+              f"| {result['peak_rss_mib']:,.0f} | {result['process_seconds']:.0f} | {losses} |")  # fmt: skip
+    trl_rates = {s: rates[s] for s in ("trl", "trl_cpu_chunk") if s in rates}  # those that finished
+    trl_memory = {s: results[s]["peak_rss_mib"] for s in trl_rates}
+    print()
+    for ours in ("dpo_scale", "dpo_scale_zero0"):
+        if ours not in rates:
+            continue
+        if trl_rates:
+            best = max(trl_rates, key=trl_rates.get)
+            leanest = min(trl_memory, key=trl_memory.get)
+            print(f"{ours} / best TRL ({best}): {rates[ours] / trl_rates[best]:.2f}x pairs/s; peak RSS / leaner "
+                  f"TRL ({leanest}): {results[ours]['peak_rss_mib'] / trl_memory[leanest]:.2f}x")  # fmt: skip
+        if "plain" in rates:
+            print(f"{ours} / plain full-logits step: {rates[ours] / rates['plain']:.2f}x pairs/s")
     print(f"fp32 matmul (2048 x 2048, this machine now): {matmul:.0f} GFLOP/s")
 
 
 RUNNERS = {
     "dpo_scale": _run_dpo_scale,
+    "dpo_scale_zero0": lambda work, args: _run_dpo_scale(work, args, deepspeed_config="zero0"),
     "trl": _run_trl,
     "trl_cpu_chunk": lambda work, args: _run_trl(work, args, chunk=1024),
     "plain": _run_plain,
