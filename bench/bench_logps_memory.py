@@ -2,6 +2,7 @@
 
     python bench/bench_logps_memory.py                       # vocab 32,000, batch 8 x 1,024 tokens, hidden 2,048
     python bench/bench_logps_memory.py --hidden 4096 --chunk-size 256
+    python bench/bench_logps_memory.py --growth                # seq 512 -> 4,096 and vocab 32k -> 128k, hidden 1,024
 
 The loss stage is: final hidden states (B*T, H) and the LM head weight (V, H) -> per-token log p(label) -> sum ->
 backward to the hidden states and the weight. The full-logits path projects every position, as a model's forward
@@ -90,9 +91,13 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--scored-fraction", type=float, action="append", help="default: 1.0 and 0.28")
+    parser.add_argument("--growth", action="store_true", help="how time and memory grow with tokens and vocab")
     parser.add_argument("--variant", choices=["streaming", "full_logits"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     tokens = args.batch * args.seq
+    if args.growth:
+        growth()
+        return
 
     fractions = args.scored_fraction or [1.0, 0.28]
     if args.variant:  # child process: one variant, one JSON line
@@ -131,6 +136,57 @@ def main() -> None:
             f"time {streaming['median_s'] / full['median_s']:.2f}x"
         )
     print("\n" + "\n".join(ratios))
+
+
+def _child(variant: str, vocab: int, tokens: int, hidden: int, chunk: int, repeats: int, fraction: float) -> dict:
+    command = [
+        sys.executable, __file__, "--variant", variant, "--scored-fraction", str(fraction), "--vocab", str(vocab),
+        "--batch", "1", "--seq", str(tokens), "--hidden", str(hidden), "--chunk-size", str(chunk),
+        "--repeats", str(repeats),
+    ]  # fmt: skip
+    child = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+GROWTH_HIDDEN = 1024
+GROWTH_CHUNK = 512
+
+
+def growth() -> None:
+    """One sequence of 512 -> 4,096 tokens at vocab 32,000, then vocab 32,000 -> 128,000 at 1,024 tokens, every
+    position scored, hidden 1,024: the full path, streaming with chunk_size 512, and streaming with chunk_size scaled
+    as 512 x 32,000 / vocab (the same chunk bytes at every vocab)."""
+    points = [(seq, 32000) for seq in (512, 1024, 2048, 4096)] + [(1024, vocab) for vocab in (64000, 128000)]
+    print(f"one sequence, every position scored, hidden {GROWTH_HIDDEN}, fp32, forward + backward, median of 2; "
+          "peak without the returned gradients (d hidden, d weight)\n")  # fmt: skip
+    print("| tokens | vocab | full: s | full: peak MiB | streaming 512: s | streaming 512: peak MiB "
+          "| streaming, chunk x vocab fixed: chunk | s | peak MiB |\n|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for tokens, vocab in points:
+        scaled = max(1, GROWTH_CHUNK * 32000 // vocab)
+        full = _child("full_logits", vocab, tokens, GROWTH_HIDDEN, GROWTH_CHUNK, 2, 1.0)
+        streaming = _child("streaming", vocab, tokens, GROWTH_HIDDEN, GROWTH_CHUNK, 2, 1.0)
+        fixed = _child("streaming", vocab, tokens, GROWTH_HIDDEN, scaled, 2, 1.0) if scaled != GROWTH_CHUNK else streaming
+        rows.append((tokens, vocab, full, streaming, fixed))
+        print(f"| {tokens:,} | {vocab:,} | {full['median_s']:.2f} | {full['peak_without_grads_mib']:,.0f} "
+              f"| {streaming['median_s']:.2f} | {streaming['peak_without_grads_mib']:,.0f} | {scaled} "
+              f"| {fixed['median_s']:.2f} | {fixed['peak_without_grads_mib']:,.0f} |", flush=True)  # fmt: skip
+
+    def per_doubling(selected, path, key):
+        """Geometric mean of the ratio between neighbouring points (each a doubling)."""
+        values = [row[path][key] for row in selected]
+        ratios = [b / a for a, b in zip(values, values[1:]) if a > 0]
+        product = 1.0
+        for ratio in ratios:
+            product *= ratio
+        return product ** (1 / len(ratios))
+
+    by_tokens, by_vocab = rows[:4], [rows[1], *rows[4:]]
+    print()
+    for title, selected in (("tokens", by_tokens), ("vocab", by_vocab)):
+        for name, path in (("full", 2), ("streaming 512", 3), ("streaming, fixed chunk bytes", 4)):
+            print(f"per doubling of {title}, {name}: time x{per_doubling(selected, path, 'median_s'):.2f}, "
+                  f"peak x{per_doubling(selected, path, 'peak_without_grads_mib'):.2f}")
 
 
 if __name__ == "__main__":

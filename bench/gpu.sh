@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# ZeRO-3 bf16 DPO of a ~1B Llama on one GPU, dpo_scale then TRL 1.16: tokens/s, peak GPU memory, MFU.
+#
+#   bash bench/gpu_wheels.sh        # once, on a machine with the package registry: wheels into .whl/
+#   bash bench/gpu.sh               # on the GPU machine (with .whl/ carried there): about 4 minutes, at most 8
+#
+# Environment: STEPS (20 timed steps), WARMUP (3), BATCH (8 pairs per step), SIDES ("dpo_scale trl"),
+# GPU_PEAK_TFLOPS (the dense bf16 peak, when the GPU's name is not in bench/bench_gpu.py's table), LIMIT_S (450),
+# OUT (where the table and JSON are written; default runs/gpu-bench). Everything else is in bench/bench_gpu.py.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+OUT=${OUT:-runs/gpu-bench}
+mkdir -p "$OUT"
+
+# Install from .whl/ only the modules that do not import already: the image's torch and transformers stay.
+for pair in deepspeed:deepspeed hjson:hjson ninja:ninja cpuinfo:py_cpuinfo msgpack:msgpack einops:einops \
+            psutil:psutil pyarrow:pyarrow dill:dill multiprocess:multiprocess xxhash:xxhash datasets:datasets trl:trl; do
+  module=${pair%%:*} wheel=${pair##*:}
+  "$PYTHON" -c "import $module" 2>/dev/null && continue
+  files=(.whl/"$wheel"-*.whl)
+  if [[ -e "${files[0]}" ]] && "$PYTHON" -m pip install -q --no-deps --no-index "${files[@]}"; then
+    echo "installed $wheel from .whl/"
+  else
+    echo "WARNING: $module does not import and no usable wheel of $wheel is in .whl/ (run bench/gpu_wheels.sh)"
+  fi
+done
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+
+read -ra sides <<< "${SIDES:-dpo_scale trl}"
+timeout "${LIMIT_S:-450}" "$PYTHON" bench/bench_gpu.py --work "$(mktemp -d)" --steps "${STEPS:-20}" \
+  --warmup "${WARMUP:-3}" --batch "${BATCH:-8}" --sides "${sides[@]}" | tee "$OUT/gpu-bench.md"
