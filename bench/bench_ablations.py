@@ -100,7 +100,7 @@ def main() -> None:
         for group, runs in variants(str(work / "cache")).items():
             if args.only and group not in args.only:
                 continue
-            print(f"### {group}\n\n| variant | s/step (median) | pairs/s | vs first row | tokens computed / unique "
+            print(f"### {group}\n\n| variant | s/step (median) | pairs/s | speed vs first row | tokens computed / unique "
                   "| peak RSS of the largest process (MiB) | first losses |\n|---|---|---|---|---|---|---|")
             first = None
             for number, (label, sections, ranks) in enumerate(runs):
