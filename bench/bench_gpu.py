@@ -186,6 +186,7 @@ def _run_trl(work: Path, args) -> dict:
                        per_device_train_batch_size=args.batch, max_length=int((work / "max_length").read_text()),
                        learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0,
                        max_steps=args.steps + args.warmup, precompute_ref_log_probs=True, save_strategy="no",
+                       gradient_checkpointing=False,  # DPOConfig's default is True; dpo_scale's run recomputes nothing
                        seed=0, train_sampling_strategy="sequential", use_cpu=not torch.cuda.is_available())  # fmt: skip
     clock = StepClock()
     trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(work / "model"), args=config,

@@ -6,7 +6,9 @@
 
 Every side trains the same saved model on the same pairs in the same order (TRL's sampler sequential over rows
 written in dpo_scale's step order), batch 4 pairs, fp32, AdamW at the same learning rate and saves a final
-checkpoint (weights and optimizer state). `--reference cache`: reference log-probs precomputed before the timed
+checkpoint (weights and optimizer state), and recomputes activations in backward only with
+--activation-checkpointing (TRL's DPOConfig turns gradient checkpointing on by default; it is set explicitly here
+so that every side does the same work). `--reference cache`: reference log-probs precomputed before the timed
 steps (TRL: precompute_ref_log_probs; dpo_scale: precompute-ref into a cache; plain: computed once up front);
 `--reference online`: a frozen copy of the starting model scores every batch (TRL's ref_model, dpo_scale's
 reference.source=copy, plain: a second model under no_grad). Each side runs in its own process, so its peak
@@ -58,6 +60,8 @@ def main() -> None:
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
     parser.add_argument("--model", choices=("llama16m", "stories260k"), default="llama16m")
     parser.add_argument("--reference", choices=("cache", "online"), default="cache")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="every side recomputes activations in backward (TRL's DPOConfig default; off otherwise)")
     args = parser.parse_args()
     if args.side:
         result = RUNNERS[args.side](Path(args.work), args)
@@ -74,6 +78,8 @@ def main() -> None:
             command = [sys.executable, __file__, "--side", side, "--work", str(work), "--steps", str(args.steps),
                        "--warmup", str(args.warmup), "--batch", str(args.batch), "--max-length", str(args.max_length),
                        "--model", args.model, "--reference", args.reference]
+            if args.activation_checkpointing:
+                command.append("--activation-checkpointing")
             child = subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, text=True)  # fmt: skip
             if child.returncode == 0:
@@ -149,7 +155,7 @@ def _run_dpo_scale(work: Path, args, deepspeed_config: str = "zero3") -> dict:
     from dpo_scale.train import run
 
     tree = load_yaml(work / "run.yaml")
-    tree["deepspeed"] = {"config": deepspeed_config}
+    tree["deepspeed"] = {"config": deepspeed_config, "activation_checkpointing": args.activation_checkpointing}
     tree["run_dir"] = str(work / f"run-{deepspeed_config}")
     history = run(build(TrainConfig, tree))
     timed = history[args.warmup :]
@@ -185,6 +191,7 @@ def _run_trl(work: Path, args, chunk: int | None = None) -> dict:
                        per_device_train_batch_size=args.batch, max_length=args.max_length, learning_rate=LR,
                        lr_scheduler_type="constant", weight_decay=0.0, max_steps=args.steps + args.warmup,
                        precompute_ref_log_probs=args.reference == "cache", seed=0,
+                       gradient_checkpointing=args.activation_checkpointing,  # DPOConfig's default is True
                        save_strategy="steps", save_steps=args.steps + args.warmup,  # one final checkpoint, as ours
                        train_sampling_strategy="sequential")  # fmt: skip
     clock = StepClock()
@@ -208,6 +215,8 @@ def _run_plain(work: Path, args) -> dict:
     pairs = prepare(DataConfig(str(work / "ordered.jsonl"), max_length=args.max_length), tokenizer).pairs
     model = AutoModelForCausalLM.from_pretrained(work / "model")
     model.train()
+    if args.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     reference_model = AutoModelForCausalLM.from_pretrained(work / "model").eval() if args.reference == "online" else None
     pad = tokenizer.eos_token_id
 
@@ -272,8 +281,10 @@ def _report(results: dict, parameters: int, unique_tokens: int, sequence_tokens:
     counted twice (what chosen and rejected as separate sequences hold, padding aside)."""
     model = "stories260K" if args.model == "stories260k" else "Llama, GPT-2 vocabulary"
     reference = "precomputed reference" if args.reference == "cache" else "online reference copy"
+    recompute = "with" if args.activation_checkpointing else "without"
     print(f"{parameters / 1e6:.2f}M-parameter {model}, HH-RLHF helpful-base, max_length {args.max_length}, batch "
-          f"{args.batch} pairs, fp32, {reference}, {args.steps} timed steps after {args.warmup}; torch "
+          f"{args.batch} pairs, fp32, {reference}, {recompute} activation checkpointing, {args.steps} timed steps "
+          f"after {args.warmup}; torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads\n")  # fmt: skip
     matmul = _matmul_gflops()
     print("| side | pairs/s | tokens/s (sequence) | GFLOP/s (6 N x unique tokens) | of matmul rate | peak RSS (MiB) "
