@@ -284,8 +284,7 @@ def _report(results: dict, parameters: int, unique_tokens: int, sequence_tokens:
     recompute = "with" if args.activation_checkpointing else "without"
     print(f"{parameters / 1e6:.2f}M-parameter {model}, HH-RLHF helpful-base, max_length {args.max_length}, batch "
           f"{args.batch} pairs, fp32, {reference}, {recompute} activation checkpointing, {args.steps} timed steps "
-          f"after {args.warmup}; torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads\n")  # fmt: skip
+          f"after {args.warmup}; torch {torch.__version__}, {torch.get_num_threads()} threads\n")  # fmt: skip
     matmul = _matmul_gflops()
     print("| side | pairs/s | tokens/s (sequence) | GFLOP/s (6 N x unique tokens) | of matmul rate | peak RSS (MiB) "
           "| process s | first losses |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
