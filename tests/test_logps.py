@@ -58,6 +58,22 @@ def test_streaming_matches_full_logits(chunk_size, variant):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
+def test_streaming_log_sum_exp_is_stable_for_large_logits():
+    """The forward's log-sum-exp is written by hand (in the logits' own buffer, to skip torch.logsumexp's (n, V)
+    temporary), so it must subtract the row maximum as torch does: logits of about +-2,000 overflow exp() in fp32
+    without it. Values and gradients against the full path at the same relative tolerance as the main test (the
+    log-probs are now thousands of nats, so 1e-5 relative is ~1e-2 absolute)."""
+    hidden, weight, _, labels = _inputs()
+    hidden = (hidden.detach() * 100).requires_grad_()
+    head = LMHead(weight, None)
+    expected = _full_path(hidden, head, labels)
+    got = streaming_token_logps(hidden, head, labels, 5)
+    assert (expected.abs() > 100).any() and torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), hidden)[0], torch.autograd.grad(expected.sum(), hidden)[0],
+                               rtol=1e-5, atol=1e-3)  # fmt: skip
+
+
 def test_streaming_gradcheck_float64():
     """Finite differences in float64 (gradcheck's own eps=1e-6, atol=1e-5): the hand-written backward, including
     soft-capping, scaling and bias, is the derivative of the forward."""
