@@ -88,25 +88,19 @@ def main() -> None:
 def _prepare(work: Path, args) -> tuple[int, int, int]:
     """Tokenizer, model (saved in bf16), synthetic pairs and the dpo_scale run config."""
     import yaml
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dpo_scale.demo import SPECIAL, write_tokenizer
 
     size = SIZES[args.size]
-    special = ["<pad>", "<s>", "</s>", "<unk>"]
-    words = [f"w{i}" for i in range(size["vocab_size"] - len(special))]
-    vocab = {token: i for i, token in enumerate(special + words)}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                        unk_token="<unk>")  # fmt: skip
+    words = [f"w{i}" for i in range(size["vocab_size"] - len(SPECIAL))]
+    write_tokenizer(work / "model", words)
     config = LlamaConfig(**size, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                          tie_word_embeddings=False, dtype="bfloat16")  # fmt: skip
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # initialising 1B weights on a CPU is slow
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(work / "model")
-    tokenizer.save_pretrained(work / "model")
     parameters = sum(p.numel() for p in model.parameters())
     del model
 
@@ -159,20 +153,10 @@ def _run_dpo_scale(work: Path, args) -> dict:
 
 def _run_trl(work: Path, args) -> dict:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    class StepClock(TrainerCallback):
-        def __init__(self):
-            self.durations, self.started = [], None
-
-        def on_step_begin(self, *unused, **unused_too):
-            _synchronize()
-            self.started = time.perf_counter()
-
-        def on_step_end(self, *unused, **unused_too):
-            _synchronize()
-            self.durations.append(time.perf_counter() - self.started)
+    from bench_vs_trl import step_clock
 
     zero3 = {
         "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
@@ -188,7 +172,7 @@ def _run_trl(work: Path, args) -> dict:
                        max_steps=args.steps + args.warmup, precompute_ref_log_probs=True, save_strategy="no",
                        gradient_checkpointing=False,  # DPOConfig's default is True; dpo_scale's run recomputes nothing
                        seed=0, train_sampling_strategy="sequential", use_cpu=not torch.cuda.is_available())  # fmt: skip
-    clock = StepClock()
+    clock = step_clock()
     trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(work / "model"), args=config,
                          train_dataset=Dataset.from_list(rows),
                          processing_class=AutoTokenizer.from_pretrained(work / "model"), callbacks=[clock])  # fmt: skip
@@ -196,11 +180,6 @@ def _run_trl(work: Path, args) -> dict:
     timed = clock.durations[args.warmup :]
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry][:3]
     return {"seconds": sum(timed), "steps": len(timed), "losses": losses}
-
-
-def _synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def _peak_tflops() -> tuple[str, float | None]:

@@ -167,7 +167,7 @@ def _run_trl(work: Path, args, chunk: int | None = None) -> dict:
     import logging
 
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
     import trl.trainer.utils
@@ -175,16 +175,6 @@ def _run_trl(work: Path, args, chunk: int | None = None) -> dict:
     if chunk is not None:
         trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE = chunk
     logging.getLogger("trl").setLevel(logging.ERROR)
-
-    class StepClock(TrainerCallback):
-        def __init__(self):
-            self.durations, self.started = [], None
-
-        def on_step_begin(self, *unused, **unused_too):
-            self.started = time.perf_counter()
-
-        def on_step_end(self, *unused, **unused_too):
-            self.durations.append(time.perf_counter() - self.started)
 
     rows = [json.loads(line) for line in (work / "ordered.jsonl").read_text().splitlines()]
     config = DPOConfig(output_dir=str(work / "trl"), bf16=False, use_cpu=True, report_to=[], logging_steps=1,
@@ -194,13 +184,37 @@ def _run_trl(work: Path, args, chunk: int | None = None) -> dict:
                        gradient_checkpointing=args.activation_checkpointing,  # DPOConfig's default is True
                        save_strategy="steps", save_steps=args.steps + args.warmup,  # one final checkpoint, as ours
                        train_sampling_strategy="sequential")  # fmt: skip
-    clock = StepClock()
+    clock = step_clock()
     trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(work / "model"), args=config,
                       train_dataset=Dataset.from_list(rows), processing_class=_tokenizer(work), callbacks=[clock])  # fmt: skip
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry][:3]
     timed = clock.durations[args.warmup :]
     return {"losses": losses, "seconds": sum(timed), "steps": len(timed)}
+
+
+def step_clock():
+    """A TRL (transformers Trainer) callback that times each optimizer step into `.durations`, waiting for the GPU,
+    if there is one, at both ends."""
+    from transformers import TrainerCallback
+
+    def synchronize():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.durations, self.started = [], None
+
+        def on_step_begin(self, *unused, **unused_too):
+            synchronize()
+            self.started = time.perf_counter()
+
+        def on_step_end(self, *unused, **unused_too):
+            synchronize()
+            self.durations.append(time.perf_counter() - self.started)
+
+    return StepClock()
 
 
 def _run_plain(work: Path, args) -> dict:

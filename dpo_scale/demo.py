@@ -19,12 +19,13 @@ SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
 WORDS = ["the", "in", "says", "and", "then", "loudly", "softly", *ANIMALS, *ANIMALS.values(), *ADJECTIVES, *PLACES]
 
 
-def write_tokenizer(directory: Path):
-    """A word-level fast tokenizer that `AutoTokenizer.from_pretrained(directory)` loads; BOS is prepended."""
+def write_tokenizer(directory: Path, words: list[str] = WORDS):
+    """A word-level fast tokenizer over SPECIAL + `words` (one token per word) that
+    `AutoTokenizer.from_pretrained(directory)` loads; BOS is prepended."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(SPECIAL + WORDS)}
+    vocab = {token: i for i, token in enumerate(SPECIAL + words)}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
