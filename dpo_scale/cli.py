@@ -11,6 +11,8 @@ from pathlib import Path
 
 from dpo_scale.config import ConfigError, LogpsRunConfig, build, load_yaml, merge, parse_overrides
 from dpo_scale.data.errors import DataError
+from dpo_scale.host_memory import return_freed_blocks_to_the_os
+from dpo_scale.tracking import stop_tqdm_monitor
 
 
 # Flags for the settings every scoring command needs, and the config keys they set.
@@ -259,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(run=_demo)
 
     args = parser.parse_args(argv)
+    # this command owns the process: how it frees memory (dpo_scale/host_memory.py) and exits (stop_tqdm_monitor)
+    return_freed_blocks_to_the_os()
+    stop_tqdm_monitor()
     try:
         args.run(args)
     except (DataError, ConfigError) as error:

@@ -74,14 +74,14 @@ def free_port() -> int:
 def close() -> None:
     if dist.is_initialized():
         dist.barrier()  # every rank has mapped every other rank's shared-memory buffer long before this
-        dist.destroy_process_group()
+        deepspeed.comm.destroy_process_group()  # torch's, and DeepSpeed's references to its groups
     _unlink_shared_memory()
 
 
 def abort() -> None:
     """Leave the process group after an error on this rank, without waiting for the others."""
     if dist.is_initialized():
-        dist.destroy_process_group()
+        deepspeed.comm.destroy_process_group()
     _unlink_shared_memory()
 
 

@@ -124,6 +124,18 @@ def build_tracker(config: LoggingConfig, run_dir: str | Path, run_config: dict) 
     return WandbTracker(config, run_dir, run_config)
 
 
+def stop_tqdm_monitor() -> None:
+    """No tqdm monitor thread in this process (tqdm starts one with its first bar, transformers' bars included).
+
+    It is a daemon thread. If a garbage collection it triggers is freeing tensors when the interpreter starts to
+    exit, CPython ends the thread inside torch's C++ and the process aborts ("terminate called without an active
+    exception") after the run has finished and written everything, and its job is reported failed. The monitor only
+    corrects the refresh rate of a bar that stalls; bars work the same without it."""
+    import tqdm
+
+    tqdm.tqdm.monitor_interval = 0
+
+
 class ProgressBar:
     """tqdm over optimizer steps on rank 0 (off on other ranks or when `enabled` is False).
 

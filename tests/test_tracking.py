@@ -208,3 +208,26 @@ def test_progress_bar_is_silent_off_rank_zero_or_when_disabled(monkeypatch, caps
     bar.update(5, {"loss": 0.5})
     bar.close()
     assert capsys.readouterr() == ("", "")
+
+
+THREADS_AFTER_BARS = textwrap.dedent("""
+    import sys, threading
+    from tqdm import tqdm
+    from transformers.utils.logging import tqdm as transformers_tqdm
+    from dpo_scale.tracking import stop_tqdm_monitor
+
+    if sys.argv[1] == "stopped":
+        stop_tqdm_monitor()
+    for bar in (tqdm(range(3)), transformers_tqdm(range(3))):  # ours, and from_pretrained's "Loading weights"
+        list(bar)
+    print(",".join(sorted(thread.name for thread in threading.enumerate())))
+""")
+
+
+@pytest.mark.parametrize(("mode", "threads"), [("default", "MainThread,tqdm_monitor"), ("stopped", "MainThread")])
+def test_no_tqdm_monitor_thread_is_left_to_die_at_exit(mode, threads):
+    """`dpo-scale` stops tqdm's monitor before any bar starts: a daemon thread that frees tensors while the
+    interpreter exits aborts the process (a finished SLURM job reported FAILED). The default shows the thread."""
+    result = subprocess.run([sys.executable, "-c", THREADS_AFTER_BARS, mode], capture_output=True, text=True,
+                            timeout=120, check=True)  # fmt: skip
+    assert result.stdout.strip() == threads
