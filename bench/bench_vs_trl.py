@@ -152,10 +152,7 @@ def _run_dpo_scale(work: Path, args, deepspeed_config: str = "zero3") -> dict:
         subprocess.run([sys.executable, "-m", "dpo_scale.cli", "precompute-ref", "--config", str(work / "run.yaml")],
                        check=True, capture_output=True)  # fmt: skip
     from dpo_scale.config import TrainConfig, build, load_yaml
-    from dpo_scale.host_memory import return_freed_blocks_to_the_os
     from dpo_scale.train import run
-
-    return_freed_blocks_to_the_os()  # as `dpo-scale train` does on start
 
     tree = load_yaml(work / "run.yaml")
     tree["deepspeed"] = {"config": deepspeed_config, "activation_checkpointing": args.activation_checkpointing}

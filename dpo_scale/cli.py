@@ -11,7 +11,6 @@ from pathlib import Path
 
 from dpo_scale.config import ConfigError, LogpsRunConfig, build, load_yaml, merge, parse_overrides
 from dpo_scale.data.errors import DataError
-from dpo_scale.host_memory import return_freed_blocks_to_the_os
 from dpo_scale.tracking import stop_tqdm_monitor
 
 
@@ -261,9 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(run=_demo)
 
     args = parser.parse_args(argv)
-    # this command owns the process: how it frees memory (dpo_scale/host_memory.py) and exits (stop_tqdm_monitor)
-    return_freed_blocks_to_the_os()
-    stop_tqdm_monitor()
+    stop_tqdm_monitor()  # this command owns the process, and how it exits
     try:
         args.run(args)
     except (DataError, ConfigError) as error:
