@@ -21,8 +21,10 @@ Adam implementation. DeepSpeed picks it in `DeepSpeedEngine.get_optimizer_config
 `torch.optim.AdamW`; otherwise offloaded optimizer states give `DeepSpeedCPUAdam`, and anything else `FusedAdam`.
 Both DeepSpeed ops are C++/CUDA extensions compiled just in time on first use (about a minute, and a compiler,
 ninja and, for FusedAdam on GPUs, a CUDA toolkit on every node). So without offload we set `torch_adam: true`:
-torch's AdamW needs no build, runs on CPU and GPU alike (multi-tensor `foreach` kernels on GPU) and is on ZeRO's
-list of tested optimizers. With offload we leave it unset: `DeepSpeedCPUAdam` is the fast path for optimizer
+torch's AdamW needs no build, runs on CPU and GPU alike and is on ZeRO's list of tested optimizers. We also set
+its `fused: true` (unless the JSON names `fused` or `foreach`): one kernel per parameter on CPU and GPU, where the
+default on CPU is a per-tensor loop that allocates parameter-sized temporaries (16M-parameter bench: 6% more
+pairs/s, 16 MiB less peak memory). With offload we leave it unset: `DeepSpeedCPUAdam` is the fast path for optimizer
 states on the CPU, and its C++ build needs no CUDA. An explicit `torch_adam` in the JSON is respected. Both are on
 ZeRO's list of supported optimizers, so `zero_allow_untested_optimizer` is not needed.
 
@@ -165,6 +167,8 @@ def _resolve_optimizer(resolved: dict[str, Any], optim: OptimConfig, settle: _Se
     settle(params, "weight_decay", optim.weight_decay, "optim.weight_decay", "optimizer.params")
     if "torch_adam" not in params and not offloads_optimizer(resolved):
         params["torch_adam"] = True  # why: see the module docstring
+        if "foreach" not in params:
+            params.setdefault("fused", True)
 
 
 def _resolve_scheduler(

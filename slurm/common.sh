@@ -28,9 +28,10 @@ on_every_node() {
     srun --nodes="$NUM_NODES" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
         set -euo pipefail
         export HOSTFILE=${TMPDIR:-/tmp}/dpo-scale-hosts-$SLURM_JOB_ID-$SLURM_NODEID
+        trap "rm -f \"\$HOSTFILE\"" EXIT
         scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=${NUM_GPUS:-1}/" >"$HOSTFILE"
         export NODE_RANK=$SLURM_NODEID
-        exec "$0" "$@"
+        "$0" "$@"
     ' "$DPO_SCALE_REPO/launch/$script" "$@"
 }
 

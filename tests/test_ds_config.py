@@ -58,7 +58,7 @@ def test_shipped_configs_resolve_completely(name, precision):
     assert resolved["optimizer"] == {
         "type": "AdamW",
         "params": {"lr": 5e-7, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0,
-                   **({} if offloads_optimizer(resolved) else {"torch_adam": True})},
+                   **({} if offloads_optimizer(resolved) else {"torch_adam": True, "fused": True})},
     }
     assert resolved["zero_optimization"] == loaded["zero_optimization"]  # choices pass through untouched
     assert resolved["steps_per_print"] == loaded["steps_per_print"]
@@ -129,7 +129,7 @@ def test_user_json_with_autos_and_missing_sections(tmp_path):
     assert resolved["bf16"] == {"enabled": True} and resolved["fp16"] == {"enabled": False}
     assert resolved["optimizer"]["type"] == "AdamW"
     assert resolved["optimizer"]["params"] == {"lr": 1e-6, "fp32_optimizer_states": False, "betas": [0.9, 0.95],
-                                               "eps": 1e-8, "weight_decay": 0.0, "torch_adam": True}
+                                               "eps": 1e-8, "weight_decay": 0.0, "torch_adam": True, "fused": True}
     assert resolved["scheduler"]["type"] == "WarmupDecayLR"
     assert resolved["scheduler"]["params"]["total_num_steps"] == 50
     assert resolved["zero_optimization"] == {"stage": 1} and resolved["communication_data_type"] == "fp32"
@@ -145,6 +145,7 @@ def test_agreeing_explicit_values_are_fine(tmp_path):
     micro = resolved["train_micro_batch_size_per_gpu"]
     assert micro == 4 and isinstance(micro, int)  # 4.0 agrees, and is written back as the int DeepSpeed wants
     assert resolved["optimizer"]["params"]["torch_adam"] is False  # an explicit choice is the user's
+    assert "fused" not in resolved["optimizer"]["params"]  # an option of torch's AdamW, which the user turned down
     assert resolved["scheduler"]["params"]["cos_min_ratio"] == 0.0
 
 
@@ -237,6 +238,7 @@ def test_deepspeed_parser_accepts_resolved_config(name):
     assert parsed.optimizer_name == "adamw"
     assert parsed.optimizer_params["lr"] == 2e-6
     assert parsed.optimizer_params.get("torch_adam") is (None if offloads_optimizer(resolved) else True)
+    assert parsed.optimizer_params.get("fused") is (None if offloads_optimizer(resolved) else True)
     assert parsed.scheduler_name == "WarmupCosineLR"
     assert parsed.scheduler_params == {"total_num_steps": 40, "warmup_min_ratio": 0.0, "warmup_num_steps": 5,
                                        "cos_min_ratio": 0.0, "warmup_type": "linear"}
@@ -280,3 +282,12 @@ def test_deepspeed_engine_runs_resolved_zero3_on_cpu():
     cosine = [(1 + math.cos(math.pi * i / 4)) / 2 for i in (1, 2, 3)]  # 4 decay steps after 4 warm-up steps
     expected = [0.0, 0.0, 0.25, 0.5, 0.75, *cosine]
     assert result["lrs"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_a_named_adam_kernel_is_the_users(tmp_path):
+    """torch's AdamW refuses fused together with foreach: a JSON that asks for either keeps exactly its choice."""
+    for choice in ({"foreach": True}, {"fused": False}):
+        tree = {"optimizer": {"type": "AdamW", "params": dict(choice)}}
+        params = resolve(write_json(tmp_path, tree))["optimizer"]["params"]
+        assert params["torch_adam"] is True
+        assert {key: params[key] for key in ("foreach", "fused") if key in params} == choice

@@ -105,6 +105,8 @@ def test_pipeline_precomputes_then_trains_on_two_nodes_from_the_cache(cluster, m
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert (tmp_path / "run" / "checkpoints" / "step-00000006" / "model.safetensors").exists()
+    hostfiles = Path(os.environ.get("TMPDIR", "/tmp")).glob(f"dpo-scale-hosts-{train_id}-*")
+    assert not list(hostfiles), "each node removes the hostfile it wrote"
 
 
 def test_usr1_saves_requeues_and_resumes_to_the_same_weights(cluster, material, tmp_path):
