@@ -56,6 +56,9 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     args = parser.parse_args()
     if args.side:
+        from dpo_scale.tracking import stop_tqdm_monitor
+
+        stop_tqdm_monitor()  # every side's process exits as `dpo-scale` does (a finished side must not abort)
         result = (_run_dpo_scale if args.side == "dpo_scale" else _run_trl)(Path(args.work), args)
         if torch.cuda.is_available():
             result["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30

@@ -64,6 +64,9 @@ def main() -> None:
                         help="every side recomputes activations in backward (TRL's DPOConfig default; off otherwise)")
     args = parser.parse_args()
     if args.side:
+        from dpo_scale.tracking import stop_tqdm_monitor
+
+        stop_tqdm_monitor()  # every side's process exits as `dpo-scale` does (a finished side must not abort)
         result = RUNNERS[args.side](Path(args.work), args)
         result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         (Path(args.work) / f"{args.side}.json").write_text(json.dumps(result))
