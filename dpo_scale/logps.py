@@ -2,8 +2,9 @@
 
 `streaming_token_logps` projects only the scored positions, `chunk_size` of them at a time, and recomputes each
 chunk's logits in backward instead of saving them: peak extra memory is one chunk's fp32 logits
-(chunk_size x vocab x 4 bytes) plus the (vocab, hidden) fp32 gradient accumulator, against 2+ full
-(rows x seq x vocab) tensors for the plain path. Log-sum-exp is always taken in fp32.
+(chunk_size x vocab x 4 bytes; each chunk's buffer is freed before the next one is made) plus the (vocab, hidden)
+fp32 gradient accumulator, against 2+ full (rows x seq x vocab) tensors for the plain path. Log-sum-exp is always
+taken in fp32.
 
 The LM head weight is an explicit input rather than read from a module, so a caller running under ZeRO-3 can gather
 it (inside a hooked module forward) and pass the full tensor; gradients flow back to that same tensor.
@@ -62,6 +63,8 @@ class _StreamingTokenLogps(torch.autograd.Function):
             peak = logits.amax(dim=-1, keepdim=True)  # (n, 1)
             lse[start:stop] = logits.sub_(peak).exp_().sum(dim=-1).log_() + peak.squeeze(1)
             logps[start:stop] = picked - lse[start:stop]
+            # freed before the next chunk's matmul: rebinding `logits` there would keep two chunks alive at once
+            del logits
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.chunk_size, ctx.scale, ctx.softcap = chunk_size, scale, softcap
         return logps
@@ -93,6 +96,7 @@ class _StreamingTokenLogps(torch.autograd.Function):
                 grad_weight.addmm_(grad_logits.t(), h.to(lse.dtype))
             if need_bias:
                 grad_bias += grad_logits.sum(0)
+            del logits, squashed, grad_logits, grad_raw  # one chunk's buffer alive at a time, as in forward
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
         if need_bias:

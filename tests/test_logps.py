@@ -114,3 +114,39 @@ def test_no_gradient_requested_for_frozen_head():
     weight.requires_grad_(False)
     streaming_token_logps(hidden, LMHead(weight, None), labels, 8).sum().backward()
     assert weight.grad is None and hidden.grad is not None
+
+
+def _peak_allocated_bytes(step) -> int:
+    """Most bytes held at once by tensors allocated inside `step`, from the profiler's record of every allocation
+    and free (in time order)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    records, pending = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        event = pending.pop()
+        pending.extend(event.children)
+        if event.tag == _EventType.Allocation:
+            records.append((event.start_time_ns, event.extra_fields.alloc_size))  # negative for a free
+    live = peak = 0
+    for _, size in sorted(records):
+        live += size
+        peak = max(peak, live)
+    return peak
+
+
+def test_one_chunk_of_logits_is_alive_at_a_time():
+    """Forward and backward over 6 chunks hold one chunk's (chunk_size, vocab) fp32 logits at a time (plus the
+    (vocab, hidden) gradient accumulator): a chunk's buffer kept until the next one exists would double the peak."""
+    n, hidden_size, vocab, chunk_size = 384, 8, 8192, 64
+    hidden, weight, _, labels = _inputs(n=n, hidden_size=hidden_size, vocab=vocab)
+    head = LMHead(weight, None)
+    chunk_bytes = chunk_size * vocab * 4
+    accumulator_bytes = vocab * hidden_size * 4
+
+    peak = _peak_allocated_bytes(lambda: streaming_token_logps(hidden, head, labels, chunk_size).sum().backward())
+
+    small = 64 * n * 4 + 2 * n * hidden_size * 4  # per-token vectors and the hidden gradient
+    assert chunk_bytes + accumulator_bytes <= peak <= chunk_bytes + accumulator_bytes + small
