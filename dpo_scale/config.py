@@ -77,17 +77,20 @@ class LogpsConfig:
 
     prefix_sharing: bool = True
     """One [prompt | chosen | rejected] sequence per pair, the prompt computed once."""
-    packing: bool = False
-    """Several pairs per row (padding-free), attention isolated and position ids restarting per pair."""
+    packing: bool = True
+    """Several pairs per row (padding-free), attention isolated and position ids restarting per pair. Rows are
+    never longer than the batch's longest pair unless pack_length says so: fewer rows, the same attention width."""
     pack_length: int | None = None
     """Row capacity in tokens when packing; None packs into rows as long as the longest unit of the batch."""
     streaming: bool = True
     """Chunked LM head with recomputation in backward; False materializes the full [rows, seq, vocab] logits."""
-    chunk_size: int = 512
-    """Scored tokens per LM-head chunk: peak extra memory is about chunk_size x vocab x 4 bytes."""
+    chunk_size: int | None = None
+    """Scored tokens per LM-head chunk: peak extra memory is about chunk_size x vocab x 4 bytes. None: as many as
+    fit logps.CHUNK_BYTES (64 MiB of fp32 logits: 333 tokens at GPT-2's vocabulary, 524 at 32k, 130 at 128,256), so
+    the head's memory stays flat as the vocabulary grows."""
 
     def __post_init__(self) -> None:
-        if self.chunk_size < 1:
+        if self.chunk_size is not None and self.chunk_size < 1:
             raise ConfigError(f"logps.chunk_size={self.chunk_size}: must be a positive number of tokens")
         if self.pack_length is not None and not self.packing:
             raise ConfigError("logps.pack_length is set but logps.packing is false: set logps.packing=true or drop it")

@@ -104,8 +104,23 @@ class _StreamingTokenLogps(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
-def streaming_token_logps(hidden: torch.Tensor, head: LMHead, labels: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """log p(labels[n] | hidden[n]) for hidden (N, H): (N,) fp32, differentiable in hidden, weight and bias."""
+# The default chunk's fp32 logits: bounded in bytes, not positions, so a larger vocabulary means narrower chunks
+# (more, smaller matmuls: slower per token) rather than more memory.
+CHUNK_BYTES = 64 * 2**20
+
+
+def default_chunk_size(vocab: int) -> int:
+    """Scored positions per chunk whose fp32 logits fit CHUNK_BYTES."""
+    return max(1, CHUNK_BYTES // (4 * vocab))
+
+
+def streaming_token_logps(
+    hidden: torch.Tensor, head: LMHead, labels: torch.Tensor, chunk_size: int | None = None
+) -> torch.Tensor:
+    """log p(labels[n] | hidden[n]) for hidden (N, H): (N,) fp32, differentiable in hidden, weight and bias.
+    `chunk_size` None: default_chunk_size of the head's vocabulary."""
+    if chunk_size is None:
+        chunk_size = default_chunk_size(head.weight.shape[0])
     return _StreamingTokenLogps.apply(hidden, head.weight, head.bias, labels, chunk_size, head.scale, head.softcap)
 
 

@@ -132,7 +132,9 @@ def _most_forwards(forwards: int, device: torch.device) -> int:
 def _scoring(logps: LogpsConfig) -> LogpsConfig:
     """Training's log-prob settings, minus packing: one pair per row keeps every pair's value independent of its
     neighbours' lengths, the same whichever shard boundaries and batches the job used."""
-    return LogpsConfig(prefix_sharing=logps.prefix_sharing, streaming=logps.streaming, chunk_size=logps.chunk_size)
+    return LogpsConfig(
+        prefix_sharing=logps.prefix_sharing, packing=False, streaming=logps.streaming, chunk_size=logps.chunk_size
+    )
 
 
 def _claim(directory: Path, made_for: dict[str, str]) -> None:

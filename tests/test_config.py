@@ -17,12 +17,12 @@ from dpo_scale.config import (
 
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("model: {path: m}\ndata: {path: d.jsonl, max_length: 128}\nout: o.jsonl\nlogps: {packing: true}\n")
+    path.write_text("model: {path: m}\ndata: {path: d.jsonl, max_length: 128}\nout: o.jsonl\nlogps: {packing: false}\n")
     tree = merge(load_yaml(path), parse_overrides(["data.max_length=256", "logps.chunk_size=64", "data.columns={prompt: q}"]))
     config = build(LogpsRunConfig, tree)
     assert config.data.max_length == 256 and config.data.path == "d.jsonl"
     assert config.data.columns == {"prompt": "q"}
-    assert config.logps == LogpsConfig(packing=True, chunk_size=64)
+    assert config.logps == LogpsConfig(packing=False, chunk_size=64)
     assert config.batch_size == 8  # the dataclass default
 
 
@@ -44,7 +44,7 @@ def test_exponent_without_dot_is_a_float():
         ({"model": {"path": "m"}, "data": {"path": "x"}, "out": "o", "logps": 3}, "logps must be a section"),
         ({"model": {"path": "m"}, "data": {"path": "x", "strict": "yes"}, "out": "o"}, "data.strict='yes': expected a bool"),
         ({"model": {"path": "m"}, "data": {"path": "x", "columns": {"answer": "a"}}, "out": "o"}, "data.columns: unknown key"),
-        ({"model": {"path": "m"}, "data": {"path": "x"}, "out": "o", "logps": {"pack_length": 64}}, "logps.packing is false"),
+        ({"model": {"path": "m"}, "data": {"path": "x"}, "out": "o", "logps": {"packing": False, "pack_length": 64}}, "logps.packing is false"),
     ],
 )
 def test_invalid_settings_name_their_key(tree, message):

@@ -11,7 +11,7 @@ PAIR = Pair(0, "hand-made", prompt_ids=[10, 11, 12], chosen_ids=[20, 21], reject
 
 def test_padded_layout_is_trl_layout():
     """Chosen rows first, then rejected, right-padded, with TRL's 2D mask."""
-    batch = collate([PAIR], LogpsConfig(prefix_sharing=False, streaming=False), pad_token_id=0)
+    batch = collate([PAIR], LogpsConfig(prefix_sharing=False, packing=False, streaming=False), pad_token_id=0)
     assert batch.input_ids.tolist() == [[10, 11, 12, 20, 21, 0], [10, 11, 12, 30, 31, 32]]
     assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
     # chosen token 20 is predicted from position 2 (the prompt's last), etc.

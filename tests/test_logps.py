@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dpo_scale.logps import LMHead, full_logits_token_logps, streaming_token_logps
+from dpo_scale.logps import CHUNK_BYTES, LMHead, default_chunk_size, full_logits_token_logps, streaming_token_logps
 
 
 def _full_path(hidden, head: LMHead, labels):
@@ -150,3 +150,12 @@ def test_one_chunk_of_logits_is_alive_at_a_time():
 
     small = 64 * n * 4 + 2 * n * hidden_size * 4  # per-token vectors and the hidden gradient
     assert chunk_bytes + accumulator_bytes <= peak <= chunk_bytes + accumulator_bytes + small
+
+
+def test_default_chunk_holds_a_fixed_number_of_bytes_of_logits():
+    for vocab, expected in ((32_000, 524), (50_257, 333), (128_256, 130), (2**30, 1)):
+        assert default_chunk_size(vocab) == expected
+        assert expected * vocab * 4 <= max(CHUNK_BYTES, vocab * 4)
+    hidden, weight, _, labels = _inputs(n=40, vocab=CHUNK_BYTES // (4 * 16))  # the default chunk: 16 positions
+    head = LMHead(weight, None)
+    assert torch.equal(streaming_token_logps(hidden, head, labels), streaming_token_logps(hidden, head, labels, 16))
