@@ -154,23 +154,27 @@ GROWTH_CHUNK = 512
 
 def growth() -> None:
     """One sequence of 512 -> 4,096 tokens at vocab 32,000, then vocab 32,000 -> 128,000 at 1,024 tokens, every
-    position scored, hidden 1,024: the full path, streaming with chunk_size 512, and streaming with chunk_size scaled
-    as 512 x 32,000 / vocab (the same chunk bytes at every vocab)."""
+    position scored, hidden 1,024: the full path, streaming with chunk_size 512, and streaming with the default
+    chunk_size (logps.default_chunk_size: 64 MiB of fp32 logits at every vocab)."""
+    from dpo_scale.logps import default_chunk_size
+
     points = [(seq, 32000) for seq in (512, 1024, 2048, 4096)] + [(1024, vocab) for vocab in (64000, 128000)]
     print(f"one sequence, every position scored, hidden {GROWTH_HIDDEN}, fp32, forward + backward, median of 2; "
           "peak without the returned gradients (d hidden, d weight)\n")  # fmt: skip
     print("| tokens | vocab | full: s | full: peak MiB | streaming 512: s | streaming 512: peak MiB "
-          "| streaming, chunk x vocab fixed: chunk | s | peak MiB |\n|---|---|---|---|---|---|---|---|---|")
+          "| streaming, default chunk (64 MiB): chunk | s | peak MiB |\n|---|---|---|---|---|---|---|---|---|")
     rows = []
     for tokens, vocab in points:
-        scaled = max(1, GROWTH_CHUNK * 32000 // vocab)
+        default = default_chunk_size(vocab)
         full = _child("full_logits", vocab, tokens, GROWTH_HIDDEN, GROWTH_CHUNK, 2, 1.0)
         streaming = _child("streaming", vocab, tokens, GROWTH_HIDDEN, GROWTH_CHUNK, 2, 1.0)
-        fixed = _child("streaming", vocab, tokens, GROWTH_HIDDEN, scaled, 2, 1.0) if scaled != GROWTH_CHUNK else streaming
-        rows.append((tokens, vocab, full, streaming, fixed))
+        budget = streaming
+        if default != GROWTH_CHUNK:
+            budget = _child("streaming", vocab, tokens, GROWTH_HIDDEN, default, 2, 1.0)
+        rows.append((tokens, vocab, full, streaming, budget))
         print(f"| {tokens:,} | {vocab:,} | {full['median_s']:.2f} | {full['peak_without_grads_mib']:,.0f} "
-              f"| {streaming['median_s']:.2f} | {streaming['peak_without_grads_mib']:,.0f} | {scaled} "
-              f"| {fixed['median_s']:.2f} | {fixed['peak_without_grads_mib']:,.0f} |", flush=True)  # fmt: skip
+              f"| {streaming['median_s']:.2f} | {streaming['peak_without_grads_mib']:,.0f} | {default} "
+              f"| {budget['median_s']:.2f} | {budget['peak_without_grads_mib']:,.0f} |", flush=True)  # fmt: skip
 
     def per_doubling(selected, path, key):
         """Geometric mean of the ratio between neighbouring points (each a doubling)."""
@@ -184,7 +188,7 @@ def growth() -> None:
     by_tokens, by_vocab = rows[:4], [rows[1], *rows[4:]]
     print()
     for title, selected in (("tokens", by_tokens), ("vocab", by_vocab)):
-        for name, path in (("full", 2), ("streaming 512", 3), ("streaming, fixed chunk bytes", 4)):
+        for name, path in (("full", 2), ("streaming 512", 3), ("streaming, default chunk", 4)):
             print(f"per doubling of {title}, {name}: time x{per_doubling(selected, path, 'median_s'):.2f}, "
                   f"peak x{per_doubling(selected, path, 'peak_without_grads_mib'):.2f}")
 

@@ -14,7 +14,8 @@ steps (TRL: precompute_ref_log_probs; dpo_scale: precompute-ref into a cache; pl
 reference.source=copy, plain: a second model under no_grad). Each side runs in its own process, so its peak
 resident memory (ru_maxrss) is its own, imports and set-up included.
 
-- dpo_scale: `dpo-scale train` with the default ZeRO-3 config (world of one), prefix sharing + streaming head.
+- dpo_scale: `dpo-scale train` with the default ZeRO-3 config (world of one) and the default layout: prefix sharing,
+  packing and the streaming head.
 - dpo_scale_zero0: the same with ds_configs/zero0.json (no partitioning), the lean choice for one process.
 - TRL as shipped: on CPU its chunked log-prob head works on 32,768 positions x the whole vocabulary at a time.
 - TRL, CPU chunk: the same with trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE = 1024.
