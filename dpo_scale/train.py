@@ -21,7 +21,7 @@ import torch
 from dpo_scale import checkpoint, distributed
 from dpo_scale.config import ConfigError, GenerationConfig, TrainConfig, to_dict
 from dpo_scale.data import Pair, load_tokenizer, padding_id, prepare, split_held_out
-from dpo_scale.ds_config import resolve_deepspeed_config
+from dpo_scale.ds_config import resolve_deepspeed_config, single_process_advice
 from dpo_scale.io import atomic_open
 from dpo_scale.layout import collate
 from dpo_scale.drift import concatenate, drift_statistics
@@ -116,6 +116,9 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
         config.deepspeed, config.optim, config.micro_batch_size, config.gradient_accumulation_steps, world.size,
         total_steps,
     )  # fmt: skip
+    advice = single_process_advice(ds_config, world.size)
+    if advice:
+        print0(advice)
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_yaml(run_dir / "config.yaml", to_dict(config))

@@ -19,6 +19,7 @@ from dpo_scale.ds_config import (
     offloads_optimizer,
     offloads_params,
     resolve_deepspeed_config,
+    single_process_advice,
     zero_stage,
 )
 
@@ -311,3 +312,13 @@ def test_fused_adamw_takes_the_same_steps_as_the_per_tensor_loop():
         updated[fused] = [w.detach() for w in weights]
     for plain, fused in zip(updated[False], updated[True]):
         torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(("config", "world", "advised"), [
+    ("zero3", 1, True), ("zero3", 2, False), ("zero3_offload", 1, False), ("zero2", 1, False), ("zero0", 1, False),
+])  # fmt: skip
+def test_one_process_under_zero3_without_offload_is_advised_to_use_zero0(config, world, advised):
+    advice = single_process_advice(resolve(config, world=world, accum=1), world)
+    assert (advice is not None) == advised
+    if advised:
+        assert "deepspeed.config=zero0" in advice
