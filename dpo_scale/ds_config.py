@@ -153,7 +153,7 @@ def offloads_params(resolved: dict[str, Any]) -> bool:
 def single_process_advice(resolved: dict[str, Any], world_size: int) -> str | None:
     """What to say when ZeRO-3 runs on one process without offload: it has no one to share shards with, yet keeps a
     flat fp32 master copy, gradient buffers and per-module hooks (measured on the 16M CPU benchmark: +300 MiB peak,
-    1.37x slower than zero0)."""
+    1.16x-1.37x slower than zero0 over runs)."""
     if world_size > 1 or zero_stage(resolved) != 3 or offloads_params(resolved) or offloads_optimizer(resolved):
         return None
     return (
