@@ -13,6 +13,7 @@ forwards. A rank with fewer batches left runs throw-away forwards of one pair un
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -132,9 +133,7 @@ def _most_forwards(forwards: int, device: torch.device) -> int:
 def _scoring(logps: LogpsConfig) -> LogpsConfig:
     """Training's log-prob settings, minus packing: one pair per row keeps every pair's value independent of its
     neighbours' lengths, the same whichever shard boundaries and batches the job used."""
-    return LogpsConfig(
-        prefix_sharing=logps.prefix_sharing, packing=False, streaming=logps.streaming, chunk_size=logps.chunk_size
-    )
+    return dataclasses.replace(logps, packing=False, pack_length=None)
 
 
 def _claim(directory: Path, made_for: dict[str, str]) -> None:

@@ -148,7 +148,7 @@ def test_one_chunk_of_logits_is_alive_at_a_time():
 
     peak = _peak_allocated_bytes(lambda: streaming_token_logps(hidden, head, labels, chunk_size).sum().backward())
 
-    small = 64 * n * 4 + 2 * n * hidden_size * 4  # per-token vectors and the hidden gradient
+    small = 16 * n * 4 + 2 * n * hidden_size * 4  # a few fp32 per-token vectors (lse, log-probs, ...), d hidden
     assert chunk_bytes + accumulator_bytes <= peak <= chunk_bytes + accumulator_bytes + small
 
 

@@ -14,7 +14,8 @@ LAYOUTS = {
     "packed": LogpsConfig(prefix_sharing=False, packing=True, chunk_size=16),
     "prefix_shared": LogpsConfig(prefix_sharing=True, packing=False, chunk_size=3),
     "prefix_shared+packed": LogpsConfig(prefix_sharing=True, packing=True, pack_length=40),
-    "prefix_shared+full_logits": LogpsConfig(prefix_sharing=True, streaming=False),
+    "prefix_shared+full_logits": LogpsConfig(prefix_sharing=True, packing=False, streaming=False),
+    "default": LogpsConfig(),  # what a run uses unless told otherwise
 }
 
 
