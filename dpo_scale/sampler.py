@@ -9,6 +9,7 @@ the same update.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -40,8 +41,7 @@ class StepSampler:
     def micro_batches(self, step: int, rank: int) -> list[list[int]]:
         """Pair indices for `rank`'s `gradient_accumulation_steps` micro-batches of optimizer step `step`."""
         epoch, within = divmod(step, self.steps_per_epoch)
-        generator = torch.Generator().manual_seed(self.seed + epoch)
-        order = torch.randperm(self.num_pairs, generator=generator)
+        order = _epoch_order(self.num_pairs, self.seed, epoch)
         start = within * self.global_batch
         batch = order[start : start + self.global_batch].tolist()
         # micro-batch a of rank r: the (a * world_size + r)-th slice, so ranks split each accumulation round evenly
@@ -50,3 +50,13 @@ class StepSampler:
             batch[(a * self.world_size + rank) * size : (a * self.world_size + rank + 1) * size]
             for a in range(self.gradient_accumulation_steps)
         ]
+
+
+# Drawing an epoch's permutation costs O(num_pairs) (a 1M-element randperm at 1M pairs), so it is drawn once per
+# epoch, not once per step. Each entry holds num_pairs int64s (8 MB at 1M pairs); two leave room for a second
+# sampler used alongside the training one without the two evicting each other on every step.
+@functools.lru_cache(maxsize=2)
+def _epoch_order(num_pairs: int, seed: int, epoch: int) -> torch.Tensor:
+    """Epoch `epoch`'s order of the pairs, shared by every caller: read it, never write to it."""
+    generator = torch.Generator().manual_seed(seed + epoch)
+    return torch.randperm(num_pairs, generator=generator)  # (num_pairs,)
