@@ -135,3 +135,33 @@ def test_a_hub_failure_is_a_data_error(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DataError, match=r"someone/prefs \[train\]: no such local file .* \(ConnectionError: offline\)"):
         read_rows("someone/prefs", "train")
+
+
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark Windows tools write at the start of a file
+
+
+@pytest.mark.parametrize("name, opener", [("train.jsonl", open), ("train.jsonl.gz", gzip.open)])
+def test_jsonl_starting_with_a_byte_order_mark(tmp_path, name, opener):
+    path = tmp_path / name
+    with opener(path, "wb") as f:
+        f.write(BOM + "".join(json.dumps(row) + "\n" for row in ROWS).encode("utf-8"))
+    rows = list(read_rows(str(path), "train"))
+    assert [r.fields for r in rows] == ROWS
+    assert rows[0].source == f"{path} line 1"
+
+
+def test_json_starting_with_a_byte_order_mark(tmp_path):
+    path = tmp_path / "pairs.json"
+    path.write_bytes(BOM + json.dumps(ROWS).encode("utf-8"))
+    assert [r.fields for r in read_rows(str(path), "train")] == ROWS
+
+
+def test_a_byte_order_mark_after_the_start_is_still_malformed(tmp_path):
+    lines = tmp_path / "train.jsonl"
+    lines.write_bytes(json.dumps(ROWS[0]).encode("utf-8") + b"\n" + BOM + json.dumps(ROWS[1]).encode("utf-8"))
+    with pytest.raises(DataError, match=r"train\.jsonl line 2: malformed JSON \(Unexpected UTF-8 BOM"):
+        list(read_rows(str(lines), "train"))
+    listed = tmp_path / "pairs.json"
+    listed.write_bytes(b"[" + BOM + json.dumps(ROWS[0]).encode("utf-8") + b"]")
+    with pytest.raises(DataError, match=r"pairs\.json line 1: malformed JSON \(Expecting value at column 2\)"):
+        list(read_rows(str(listed), "train"))

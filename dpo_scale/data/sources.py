@@ -6,6 +6,7 @@ that every later error message quotes, so a bad row can be found in the file wit
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
 import re
@@ -63,6 +64,8 @@ def _read_jsonl(file: Path, path: str) -> Iterator[Row]:
         # Decode line by line (not the whole file) so a bad byte or a bad line is reported with its line number.
         for number, raw in enumerate(_gzip_safe(lines, path), start=1):
             source = f"{path} line {number}"
+            if number == 1:
+                raw = _strip_bom(raw)
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as error:
@@ -88,6 +91,14 @@ def _read_jsonl(file: Path, path: str) -> Iterator[Row]:
             index += 1
 
 
+def _strip_bom(start: bytes) -> bytes:
+    """The start of a file without the UTF-8 byte-order mark that Windows tools often write there.
+
+    The mark names the encoding and is no part of the text. Elsewhere in a file it stays, and JSON rejects it as before.
+    """
+    return start.removeprefix(codecs.BOM_UTF8)
+
+
 def _gzip_safe(lines: Any, path: str) -> Iterator[bytes]:
     try:
         yield from lines
@@ -99,7 +110,7 @@ def _gzip_safe(lines: Any, path: str) -> Iterator[bytes]:
 
 
 def _read_json(file: Path, path: str) -> Iterator[Row]:
-    data = file.read_bytes()
+    data = _strip_bom(file.read_bytes())
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
