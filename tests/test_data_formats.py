@@ -1,12 +1,14 @@
 """Each format is detected from its columns and normalised to an explicit prompt, chosen and rejected."""
 
 import json
+import os
+import random
 
 import pytest
 
 from dpo_scale.config import DataConfig
 from dpo_scale.data import DataError, read_examples, split_transcripts
-from dpo_scale.data.formats import detect_format
+from dpo_scale.data.formats import ASSISTANT_TURN, detect_format, shared_prefix_length
 from dpo_scale.data.sources import Row
 
 USER = [{"role": "user", "content": "What color is the sky?"}]
@@ -84,6 +86,54 @@ def test_implicit_prompt_with_an_extra_chosen_turn_keeps_the_prompt_shared():
     assert prompt == "\n\nHuman: Price?\n\nAssistant:"
     assert chosen_rest == " Umm. Just a second...\n\nAssistant: About $50."
     assert rejected_rest == " Visit their web site."
+
+
+def _split_transcripts_by_commonprefix(chosen, rejected):
+    """split_transcripts as first written, on os.path.commonprefix's item-by-item common prefix."""
+    shared = os.path.commonprefix([chosen, rejected])
+    cut = shared.rfind(ASSISTANT_TURN)
+    if cut < 0:
+        return None
+    cut += len(ASSISTANT_TURN)
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def _strings_sharing_a_start(rng, pieces, count):
+    """Pairs of random strings that share a start of random length; few pieces, so their rests often agree a while."""
+    for _ in range(count):
+        start = "".join(rng.choices(pieces, k=rng.randint(0, 40)))
+        yield tuple(start + "".join(rng.choices(pieces, k=rng.randint(0, 12))) for _ in range(2))
+
+
+# ASCII, Latin-1, BMP and astral characters: Python stores strings of each at a different width per character.
+PIECES = ["a", "b", " ", "é", "中", "😀", "\n\nHuman:", ASSISTANT_TURN, " I"]
+EDGE_CASES = [("", ""), ("", "abc"), ("abc", ""), ("abc", "abc"), ("ab", "abc"), ("abc", "ab"), ("x", "y"), ("é", "e")]
+
+
+def test_shared_prefix_length_equals_commonprefix():
+    """Exact equality with os.path.commonprefix on random strings and lists, including empty and prefix cases."""
+    rng = random.Random(0)
+    pairs = EDGE_CASES + list(_strings_sharing_a_start(rng, PIECES, 3000))
+    pairs += [(list(a), list(b)) for a, b in pairs]
+    for a, b in pairs:
+        assert shared_prefix_length(a, b) == len(os.path.commonprefix([a, b])), (a, b)
+
+
+def test_shared_prefix_length_finds_a_difference_at_every_position():
+    """One changed character at each position of a long string: every branch of the binary search is taken."""
+    text = "".join(random.Random(1).choices(PIECES, k=300))
+    for position in range(len(text)):
+        changed = text[:position] + "\0" + text[position + 1 :]
+        assert shared_prefix_length(text, changed) == position
+        assert shared_prefix_length(changed[: position + 1], text) == position
+
+
+def test_split_transcripts_equals_the_commonprefix_split():
+    rng = random.Random(2)
+    pairs = EDGE_CASES + list(_strings_sharing_a_start(rng, PIECES, 3000))
+    assert sum(_split_transcripts_by_commonprefix(a, b) is not None for a, b in pairs) > 1000  # both outcomes tested
+    for chosen, rejected in pairs:
+        assert split_transcripts(chosen, rejected) == _split_transcripts_by_commonprefix(chosen, rejected)
 
 
 def test_hh_rlhf_helpful_base(shared_data):

@@ -1,5 +1,8 @@
 """Tokenization rules (those of TRL 1.16, checked against TRL itself in test_data_trl_parity.py)."""
 
+import os
+import random
+
 from dpo_scale.data.formats import Example
 from dpo_scale.data.tokenize import common_prefix_length, tokenize_examples
 
@@ -23,6 +26,26 @@ def test_common_prefix_length():
     assert common_prefix_length([1, 2], [1, 2, 3]) == 2
     assert common_prefix_length([], [1]) == 0
     assert common_prefix_length([9], [1]) == 0
+
+
+def test_common_prefix_length_equals_commonprefix():
+    """Exact equality with os.path.commonprefix on random id lists (and tuples) sharing a start of random length."""
+    rng = random.Random(0)
+    pairs = [([], []), ([], [1]), ([1], []), ([1, 2], [1, 2]), ([0], [1]), ((5, 6), [5, 6, 7]), ([5, 6, 7], (5, 6))]
+    for _ in range(3000):
+        start = rng.choices(range(4), k=rng.randint(0, 60))  # 4 ids, so the rests often agree for a while
+        pairs.append(tuple(start + rng.choices(range(4), k=rng.randint(0, 15)) for _ in range(2)))
+    for ids, other_ids in pairs:
+        assert common_prefix_length(ids, other_ids) == len(os.path.commonprefix([list(ids), list(other_ids)]))
+
+
+def test_common_prefix_length_finds_a_difference_at_every_position():
+    """One changed id at each position of 513 ids (50257: GPT-2's vocabulary): every branch of the search is taken."""
+    ids = random.Random(1).choices(range(50257), k=513)
+    for position in range(len(ids)):
+        changed = ids[:position] + [-1] + ids[position + 1 :]
+        assert common_prefix_length(ids, changed) == position
+        assert common_prefix_length(changed[: position + 1], ids) == position
 
 
 def test_plain_text_appends_eos_once(byte_tokenizer):

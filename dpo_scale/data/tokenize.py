@@ -15,13 +15,11 @@ Matching TRL token for token lets us check our trainer against TRL's on the same
 
 from __future__ import annotations
 
-import os
-
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from dpo_scale.data.errors import DataError
-from dpo_scale.data.formats import Example
+from dpo_scale.data.formats import Example, shared_prefix_length
 from dpo_scale.data.pairs import Pair
 
 if TYPE_CHECKING:
@@ -40,7 +38,8 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: PreTrainedTokenize
 
 
 def common_prefix_length(ids: Sequence[int], other_ids: Sequence[int]) -> int:
-    return len(os.path.commonprefix([list(ids), list(other_ids)]))  # element-wise on any sequences
+    # As lists, so that any two sequences (a tuple and a list, say) compare element by element.
+    return shared_prefix_length(list(ids), list(other_ids))
 
 
 def _split(
