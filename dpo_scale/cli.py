@@ -106,6 +106,18 @@ def _sweep(args: argparse.Namespace) -> None:
         print("wrote " + ", ".join(map(str, summarize(points[0].run_dir.parent, points))))
 
 
+def _prepare_data(args: argparse.Namespace) -> None:
+    from dpo_scale.config import TrainConfig
+    from dpo_scale.data import load_prepared, load_tokenizer, store_directory
+    from dpo_scale.tracking import print0
+
+    config = build(TrainConfig, _config_tree(args, {}))
+    directory = store_directory(config.data, config.run_dir)
+    data = load_prepared(config.data, load_tokenizer(config.data.tokenizer or config.model.path), directory)
+    data.verify()
+    print0(f"token store {directory}: {data.summary()}")
+
+
 def _precompute_ref(args: argparse.Namespace) -> None:
     from dpo_scale.config import TrainConfig
     from dpo_scale.precompute import precompute
@@ -205,6 +217,17 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--print-point", type=int, metavar="K", help="print point K's train arguments, one per line")
     what.add_argument("--summarize", action="store_true", help="write run_dir/summary.csv, summary.md, sweep.png")
     sweep.set_defaults(run=_sweep)
+
+    prepare_data = commands.add_parser(
+        "prepare-data",
+        help="tokenize the training data once into its token store (data.cache_dir), which train, precompute-ref, "
+        "eval and sweep then read",
+        description="Example: dpo-scale prepare-data --config run.yaml data.num_workers=16 (one process using every "
+        "core), or under the deepspeed launcher / srun, where the ranks split the rows",
+    )
+    _add_config_arguments(prepare_data, "of the training config (model or data.tokenizer, data, run_dir)",
+                          "data.cache_dir=cache/hh-tokens")  # fmt: skip
+    prepare_data.set_defaults(run=_prepare_data)
 
     precompute_ref = commands.add_parser(
         "precompute-ref",

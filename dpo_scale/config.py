@@ -57,6 +57,16 @@ class DataConfig:
     strict: bool = False
     """Raise on a pair without signal (empty completion after truncation, identical chosen and rejected)
     instead of dropping and counting it."""
+    cache_dir: str | None = None
+    """The token store: the prepared pairs, tokenized once and memory-mapped by every rank, restart and sweep point
+    (see dpo_scale/data/store.py). None: `run_dir/token-store` for train and precompute-ref, the sweep's
+    `run_dir/token-store` for its points; `eval`, `logps` and `ref-drift` on their own data prepare in memory."""
+    rebuild: bool = False
+    """Replace a token store made for other data or settings (or damaged) instead of refusing it."""
+    shard_rows: int = 8192
+    """Input rows per token-store shard: the unit of parallel work and of resumption when building it."""
+    num_workers: int | None = None
+    """Processes tokenizing while the store is built; None: this machine's cores divided by the ranks on it."""
 
     def __post_init__(self) -> None:
         _check_choice(self, "data", "format", DataFormat)
@@ -69,6 +79,12 @@ class DataConfig:
             )
         if self.max_length is not None and self.max_length < 2:
             raise ConfigError(f"data.max_length={self.max_length}: must be at least 2 (one prompt, one completion token)")
+        if self.shard_rows < 1 or (self.num_workers is not None and self.num_workers < 1):
+            raise ConfigError("data.shard_rows and data.num_workers must be at least 1 (num_workers may be null)")
+
+    def shaping_settings(self) -> dict[str, Any]:
+        """The settings that decide which tokens the pairs get (not where they are stored, nor how fast)."""
+        return {name: getattr(self, name) for name in ("split", "format", "columns", "max_length", "truncation_mode")}
 
 
 @dataclass

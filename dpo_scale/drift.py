@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from dpo_scale.config import ConfigError, DataConfig, LogpsConfig, ModelConfig
-from dpo_scale.data import Pair, load_tokenizer, padding_id, prepare
+from dpo_scale.data import Pair, load_prepared, load_tokenizer, padding_id
 from dpo_scale.io import atomic_open
 from dpo_scale.layout import collate
 from dpo_scale.loss import PairLogps
@@ -149,7 +149,7 @@ def run_drift(
     model_config = ModelConfig(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
     logps_config = logps_config or LogpsConfig()
     tokenizer = load_tokenizer(data_config.tokenizer or model_path)
-    data = prepare(data_config, tokenizer)
+    data = load_prepared(data_config, tokenizer, data_config.cache_dir)
     print(data.summary(), flush=True)
     pairs = data.pairs[:num_pairs]
     if not pairs:

@@ -27,7 +27,7 @@ import torch
 
 from dpo_scale.checkpoint import is_checkpoint
 from dpo_scale.config import ConfigError, EvalRunConfig, GenerationConfig, LossConfig, ModelConfig
-from dpo_scale.data import Pair, load_tokenizer, padding_id, prepare, split_held_out
+from dpo_scale.data import Pair, PairView, load_prepared, load_tokenizer, padding_id, split_held_out, store_directory
 from dpo_scale.io import atomic_open
 from dpo_scale.layout import collate
 from dpo_scale.loss import build_preference_loss, preference_metrics
@@ -88,9 +88,10 @@ def _load_policy(path: str) -> tuple[torch.nn.Module, object]:
 
 def _held_out_pairs(config: EvalRunConfig, run, tokenizer) -> list[Pair]:
     if config.data is not None:
-        pairs = prepare(config.data, tokenizer).pairs
+        pairs = load_prepared(config.data, tokenizer, config.data.cache_dir).pairs
     elif run is not None and run.eval.every and run.eval.fraction:
-        _, pairs = split_held_out(prepare(run.data, tokenizer).pairs, run.eval.fraction, run.seed)
+        stored = load_prepared(run.data, tokenizer, store_directory(run.data, run.run_dir)).pairs  # the run's store
+        pairs = PairView(stored, split_held_out(len(stored), run.eval.fraction, run.seed)[1])
     else:
         raise ConfigError(
             "no held-out pairs: set data.path to a preference file (the run held none out: eval.every was 0"

@@ -16,13 +16,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from dpo_scale import distributed
 from dpo_scale.config import ConfigError, LogpsConfig, TrainConfig
-from dpo_scale.data import Pair, load_tokenizer, padding_id, prepare
+from dpo_scale.data import Pair, load_prepared, load_tokenizer, padding_id, store_directory
 from dpo_scale.ds_config import resolve_deepspeed_config
 from dpo_scale.io import atomic_open
 from dpo_scale.layout import collate
@@ -50,7 +51,7 @@ def _precompute(config: TrainConfig, world: distributed.World) -> Path:
     directory = Path(config.reference.cache_dir)
     ds_config = _sharded_deepspeed_config(config, world) if config.reference.precompute_sharded else None
     tokenizer = load_tokenizer(config.data.tokenizer or config.model.path)
-    data = prepare(config.data, tokenizer)
+    data = load_prepared(config.data, tokenizer, store_directory(config.data, config.run_dir))
     print0(data.summary())
     made_for = fingerprint(config.model, config.data, tokenizer)
     if world.is_main:
@@ -120,7 +121,7 @@ def _reference(config: TrainConfig, scoring: LogpsConfig, ds_config: dict | None
     return distributed.inference_engine(module, ds_config)
 
 
-def _shard(pairs: list[Pair], index: int, shard_size: int) -> list[Pair]:
+def _shard(pairs: Sequence[Pair], index: int, shard_size: int) -> list[Pair]:
     return pairs[index * shard_size : (index + 1) * shard_size]
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 
 from dpo_scale import checkpoint, distributed
 from dpo_scale.config import ConfigError, GenerationConfig, TrainConfig, to_dict
-from dpo_scale.data import Pair, load_tokenizer, padding_id, prepare, split_held_out
+from dpo_scale.data import Pair, PairView, load_prepared, load_tokenizer, padding_id, split_held_out, store_directory
 from dpo_scale.ds_config import resolve_deepspeed_config, single_process_advice
 from dpo_scale.io import atomic_open
 from dpo_scale.layout import collate
@@ -53,8 +54,9 @@ class Run:
     world: distributed.World
     engine: object
     reference: ReferenceSource | None
-    train_pairs: list[Pair]
-    eval_pairs: list[Pair]
+    train_pairs: Sequence[Pair]
+    """Read from the token store only when a micro-batch needs them."""
+    eval_pairs: Sequence[Pair]
     sampler: StepSampler
     total_steps: int
     pad_token_id: int
@@ -87,9 +89,12 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
     _seed(config.seed)
     run_dir = Path(config.run_dir)
     tokenizer = load_tokenizer(config.data.tokenizer or config.model.path)
-    data = prepare(config.data, tokenizer)
+    data = load_prepared(config.data, tokenizer, store_directory(config.data, run_dir))
     print0(data.summary())
-    train_pairs, eval_pairs = split_held_out(data.pairs, config.eval.fraction if config.eval.every else 0.0, config.seed)
+    train_positions, eval_positions = split_held_out(
+        len(data.pairs), config.eval.fraction if config.eval.every else 0.0, config.seed
+    )
+    train_pairs, eval_pairs = PairView(data.pairs, train_positions), PairView(data.pairs, eval_positions)
     if config.eval.every and len(eval_pairs) < config.micro_batch_size * world.size:
         raise ConfigError(
             f"eval.fraction={config.eval.fraction} holds out {len(eval_pairs)} pairs, fewer than one evaluation "

@@ -1,11 +1,12 @@
-"""Preference data: read, normalise, tokenize (as TRL 1.16 does), truncate, drop-and-count.
+"""Preference data: read, normalise, tokenize (as TRL 1.16 does), truncate, drop-and-count, store once on disk.
 
 Importing this package loads neither transformers nor datasets; they are imported when first needed.
 """
 
 from dpo_scale.data.errors import DataError
 from dpo_scale.data.formats import Example, normalise, read_examples, split_transcripts
-from dpo_scale.data.pairs import Dropped, Pair, PreparedData
+from dpo_scale.data.build import load_prepared, store_directory
+from dpo_scale.data.pairs import Dropped, Pair, PairView, PreparedData
 from dpo_scale.data.prepare import prepare, split_held_out
 from dpo_scale.data.sources import Row, read_rows
 from dpo_scale.data.tokenizer import load_tokenizer, padding_id
@@ -15,8 +16,10 @@ __all__ = [
     "Dropped",
     "Example",
     "Pair",
+    "PairView",
     "PreparedData",
     "Row",
+    "load_prepared",
     "load_tokenizer",
     "normalise",
     "padding_id",
@@ -25,4 +28,5 @@ __all__ = [
     "read_rows",
     "split_held_out",
     "split_transcripts",
+    "store_directory",
 ]

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import overload
+
+import numpy as np
 
 DropReason = str
 """`empty_completion` (nothing left to score after truncation) or `identical_completions` (chosen == rejected)."""
+DROP_REASONS: tuple[DropReason, ...] = ("empty_completion", "identical_completions")
 
 
 @dataclass(frozen=True)
@@ -27,8 +32,19 @@ class Dropped:
     reason: DropReason
 
 
+def summary_line(kept: int, drop_counts: dict[DropReason, int]) -> str:
+    """One line for the end of data preparation, e.g. `2354 rows: 2352 pairs kept, 2 dropped (identical_completions: 2)`."""
+    dropped = sum(drop_counts.values())
+    line = f"{kept + dropped} rows: {kept} pairs kept, {dropped} dropped"
+    if dropped:
+        line += " (" + ", ".join(f"{r}: {n}" for r, n in sorted(drop_counts.items()) if n) + ")"
+    return line
+
+
 @dataclass
 class PreparedData:
+    """Prepared in memory: for small inputs and one-off commands (the token store is the same, on disk)."""
+
     pairs: list[Pair]
     dropped: list[Dropped] = field(default_factory=list)
 
@@ -36,9 +52,27 @@ class PreparedData:
         return dict(Counter(d.reason for d in self.dropped))
 
     def summary(self) -> str:
-        """One line for the end of data preparation, e.g. `2354 rows: 2352 pairs kept, 2 dropped (identical_completions: 2)`."""
-        total = len(self.pairs) + len(self.dropped)
-        line = f"{total} rows: {len(self.pairs)} pairs kept, {len(self.dropped)} dropped"
-        if self.dropped:
-            line += " (" + ", ".join(f"{r}: {n}" for r, n in sorted(self.drop_counts().items())) + ")"
-        return line
+        return summary_line(len(self.pairs), self.drop_counts())
+
+
+class PairView(Sequence[Pair]):
+    """The pairs of `pairs` at `positions` (an index array), in that order, read only when asked for: a view of a
+    million stored pairs costs its index array, not the pairs."""
+
+    def __init__(self, pairs: Sequence[Pair], positions: np.ndarray):
+        self._pairs = pairs
+        self._positions = positions
+
+    def __len__(self) -> int:
+        return len(self._positions)
+
+    @overload
+    def __getitem__(self, item: int) -> Pair: ...
+
+    @overload
+    def __getitem__(self, item: slice) -> list[Pair]: ...
+
+    def __getitem__(self, item: int | slice) -> Pair | list[Pair]:
+        if isinstance(item, slice):
+            return [self._pairs[int(position)] for position in self._positions[item]]
+        return self._pairs[int(self._positions[item])]

@@ -4,10 +4,12 @@ that cannot teach a preference."""
 from __future__ import annotations
 
 import itertools
-import math
 import logging
+import math
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from dpo_scale.config import DataConfig
 from dpo_scale.data.errors import DataError
@@ -26,33 +28,44 @@ BATCH_SIZE = 1024
 
 
 def prepare(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
-    """Tokenized pairs of `config.path`, in input order, and the pairs dropped for having no signal.
+    """Tokenized pairs of `config.path`, in input order, and the pairs dropped for having no signal, in memory.
 
     Raises DataError on bad input, on a dropped pair when `config.strict`, and when no pair is left.
     """
+    prepared = PreparedData(*prepare_examples(read_examples(config), config, tokenizer))
+    check_not_empty(config, prepared.summary(), len(prepared.pairs))
+    logger.info("%s: %s", config.path, prepared.summary())
+    return prepared
+
+
+def prepare_examples(
+    examples: Iterable[Example], config: DataConfig, tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[Pair], list[Dropped]]:
+    """Tokenize, truncate and drop-and-count: (kept pairs, dropped pairs), both in input order."""
     pairs: list[Pair] = []
     dropped: list[Dropped] = []
-    for batch in _batches(read_examples(config), BATCH_SIZE):
+    for batch in _batches(examples, BATCH_SIZE):
         for pair in tokenize_examples(batch, tokenizer):
             pair = truncate(pair, config.max_length, config.truncation_mode)
             reason = missing_signal(pair)
             if reason is None:
                 pairs.append(pair)
             elif config.strict:
-                raise _no_signal_error(pair.source, reason, config.max_length)
+                raise no_signal_error(pair.source, reason, config.max_length)
             else:
                 dropped.append(Dropped(pair.index, pair.source, reason))
-    prepared = PreparedData(pairs, dropped)
-    if not pairs:
+    return pairs, dropped
+
+
+def check_not_empty(config: DataConfig, summary: str, kept: int) -> None:
+    if not kept:
         raise DataError(
-            f"{config.path}: no pair is left to train on ({prepared.summary()}). "
+            f"{config.path}: no pair is left to train on ({summary}). "
             "Fix: check that chosen and rejected differ, and raise data.max_length if truncation emptied them"
         )
-    logger.info("%s: %s", config.path, prepared.summary())
-    return prepared
 
 
-def _no_signal_error(source: str, reason: DropReason, max_length: int | None) -> DataError:
+def no_signal_error(source: str, reason: DropReason, max_length: int | None) -> DataError:
     truncated = f" after truncation to data.max_length={max_length}" if max_length is not None else ""
     if reason == "empty_completion":
         problem = f"a completion has no tokens left{truncated}"
@@ -72,12 +85,14 @@ def _batches(examples: Iterable[Example], size: int) -> Iterator[list[Example]]:
         yield batch
 
 
-def split_held_out(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
-    """(train, held out): `fraction` of the pairs held out for evaluation, the same ones for every rank, every resume
-    and `dpo-scale eval` of the run."""
+def split_held_out(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held out) positions among `count` prepared pairs, each in input order: `fraction` of them held out
+    for evaluation, the same ones for every rank, every resume and `dpo-scale eval` of the run. Positions, not
+    pairs: a million-pair split costs two index arrays (8 bytes a pair), and no pair is read to make it."""
     import torch
 
-    count = math.floor(len(pairs) * fraction)
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed + 10_007)).tolist()
-    held_out = set(order[:count])
-    return [p for i, p in enumerate(pairs) if i not in held_out], [p for i, p in enumerate(pairs) if i in held_out]
+    held = math.floor(count * fraction)
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed + 10_007)).numpy()
+    is_held = np.zeros(count, dtype=bool)
+    is_held[order[:held]] = True
+    return np.flatnonzero(~is_held), np.flatnonzero(is_held)

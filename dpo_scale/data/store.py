@@ -1,0 +1,245 @@
+"""The token store: prepared pairs on disk, tokenized once per dataset and settings, memory-mapped by every reader.
+
+    cache_dir/
+        build.json                what the shards in this directory are being built for (refuses mixing)
+        shard-00000.tokens.npy    (T,) uint16 or int32: prompt | chosen | rejected ids of each kept pair, concatenated
+        shard-00000.rows.npy      (rows, 7) int64, one line per input row (ROW_FIELDS): the kept pairs first, in
+                                  input order, then the dropped rows with their reason
+        ...
+        manifest.json             fingerprint, counts, and every file's size and sha256: written last
+
+Shard k holds input rows [k * shard_rows, (k + 1) * shard_rows), so the files depend only on the data and the
+settings, never on how many processes built them or whether the build was interrupted. Each file appears only
+whole (written aside, then renamed), `rows` after `tokens`: a shard whose rows file exists is complete. The manifest
+makes the store visible; a directory without one is a build in progress (see build.py) and is never read.
+
+Flat numpy arrays rather than Arrow: a reader needs two memory-mapped arrays per shard and an offset, nothing to
+import beyond numpy, and no per-row Python objects (the decision's measurements are in BENCHMARKS.md). Opening a
+store checks the fingerprint and every file's size: it reads no pair, so it costs the same at any size. Each shard's
+checksum is verified when a process first reads from it (a few milliseconds a shard).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, overload
+
+import numpy as np
+
+from dpo_scale.config import ConfigError
+from dpo_scale.data.fingerprint import sha256_file
+from dpo_scale.data.pairs import DROP_REASONS, Dropped, DropReason, Pair, summary_line
+from dpo_scale.io import atomic_open
+
+MANIFEST = "manifest.json"
+BUILD_CLAIM = "build.json"
+ROW_FIELDS = ("index", "location", "reason", "start", "prompt", "chosen", "rejected")
+"""index: position of the row in the input; location: the number in its source (`line 12`); reason: 0 for a kept
+pair, else 1 + its position in DROP_REASONS; start: offset of its tokens in the shard; then the three lengths."""
+KEPT = 0
+
+
+def tokens_name(shard: int) -> str:
+    return f"shard-{shard:05d}.tokens.npy"
+
+
+def rows_name(shard: int) -> str:
+    return f"shard-{shard:05d}.rows.npy"
+
+
+def shard_done(directory: Path, shard: int) -> bool:
+    return (directory / rows_name(shard)).exists()
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """Two bytes a token when every id fits (GPT-2's 50,257, Llama-2's 32,000), else four."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.int32)
+
+
+def write_shard(directory: Path, shard: int, pairs: list[Pair], dropped: list[Dropped], dtype: np.dtype) -> None:
+    """The shard's two files, each written aside and renamed; the rows file last, so it marks the shard complete.
+    Equal inputs give byte-identical files, whichever process writes them."""
+    lengths = np.array([[len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)] for p in pairs], np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths.sum(axis=1))[:-1]]).astype(np.int64)
+    tokens = np.fromiter(
+        (t for p in pairs for ids in (p.prompt_ids, p.chosen_ids, p.rejected_ids) for t in ids), dtype=dtype
+    )  # an id beyond dtype raises OverflowError rather than wrapping
+    rows = np.zeros((len(pairs) + len(dropped), len(ROW_FIELDS)), dtype=np.int64)
+    rows[: len(pairs), 0] = [p.index for p in pairs]
+    rows[: len(pairs), 1] = [_location(p.source) for p in pairs]
+    rows[: len(pairs), 3] = starts
+    rows[: len(pairs), 4:] = lengths.reshape(-1, 3)
+    rows[len(pairs) :, 0] = [d.index for d in dropped]
+    rows[len(pairs) :, 1] = [_location(d.source) for d in dropped]
+    rows[len(pairs) :, 2] = [1 + DROP_REASONS.index(d.reason) for d in dropped]
+    for name, array in ((tokens_name(shard), tokens), (rows_name(shard), rows)):
+        with atomic_open(directory / name, "wb") as handle:
+            np.save(handle, array, allow_pickle=False)
+
+
+def source_prefix(source: str) -> str:
+    """`data.jsonl line 12` -> `data.jsonl line`: what every row of an input shares (sources.py), so the store
+    keeps only the number of each."""
+    return source.rpartition(" ")[0]
+
+
+def _location(source: str) -> int:
+    return int(source.rpartition(" ")[2])
+
+
+def write_manifest(directory: Path, fingerprint: dict[str, Any], build: dict[str, Any], num_shards: int) -> dict:
+    """Counts and checksums of every shard, then the manifest that makes the store visible. Reads every shard once
+    (the checksums); written by one process per job, and identical whoever writes it. `build` holds the settings
+    of the build itself (shard_rows, token dtype, the sources' common prefix)."""
+    shards = []
+    for shard in range(num_shards):
+        rows = np.load(directory / rows_name(shard), mmap_mode="r", allow_pickle=False)
+        reasons = np.bincount(np.asarray(rows[:, 2]), minlength=1 + len(DROP_REASONS))
+        shards.append({
+            "rows": len(rows), "pairs": int(reasons[KEPT]),
+            "dropped": {reason: int(n) for reason, n in zip(DROP_REASONS, reasons[1:])},
+            "files": [_describe(directory / name) for name in (tokens_name(shard), rows_name(shard))],
+        })  # fmt: skip
+    manifest = {**build, "fingerprint": fingerprint, "shards": shards}
+    with atomic_open(directory / MANIFEST) as handle:
+        json.dump(manifest, handle, indent=1)
+    return manifest
+
+
+def _describe(path: Path) -> dict:
+    return {"name": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def read_manifest(directory: Path) -> dict | None:
+    path = directory / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def fingerprint_differences(stored: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    """One line per setting that differs, naming both values: `data.max_length: store 256, this run 200`."""
+    lines = []
+    for key in sorted(set(stored) | set(expected)):
+        if key == "data_files":
+            lines += _file_differences(stored.get(key), expected.get(key))
+        elif stored.get(key) != expected.get(key):
+            lines.append(f"{key}: store {_short(stored.get(key))}, this run {_short(expected.get(key))}")
+    return lines
+
+
+def _file_differences(stored: list[dict] | str | None, expected: list[dict] | str | None) -> list[str]:
+    if isinstance(stored, str) or isinstance(expected, str):
+        return [] if stored == expected else [f"data: store {stored}, this run {expected}"]
+    before = {entry["name"]: entry for entry in stored or []}
+    after = {entry["name"]: entry for entry in expected or []}
+    lines = []
+    for name in sorted(set(before) | set(after)):
+        old, new = before.get(name), after.get(name)
+        if old is None or new is None:
+            lines.append(f"data file {name}: {'not in the store' if old is None else 'not in this run'}")
+        elif old["sha256"] != new["sha256"]:
+            lines.append(
+                f"data file {name}: its content differs (store {old['bytes']:,} bytes, sha256 {old['sha256'][:12]}; "
+                f"this run {new['bytes']:,} bytes, sha256 {new['sha256'][:12]})"
+            )
+    return lines
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text[:12] if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else text  # a sha256
+
+
+class TokenStore:
+    """A complete store, opened for reading: `pairs` is a lazy sequence of every kept pair in input order."""
+
+    def __init__(self, directory: str | Path, manifest: dict):
+        self.directory = Path(directory)
+        self.manifest = manifest
+        shards = manifest["shards"]
+        for entry in (file for shard in shards for file in shard["files"]):
+            path = self.directory / entry["name"]
+            if not path.exists() or path.stat().st_size != entry["bytes"]:
+                raise ConfigError(self._damaged(entry["name"], "is missing" if not path.exists() else "has changed size"))
+        self._first_pair = np.cumsum([0] + [shard["pairs"] for shard in shards])  # (shards + 1,)
+        self._open: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.pairs = StoredPairs(self)
+
+    def _damaged(self, name: str, problem: str) -> str:
+        return (
+            f"token store {self.directory}: {name} {problem} since the store was built; rebuild it with "
+            "data.rebuild=true (or delete the directory)"
+        )
+
+    def drop_counts(self) -> dict[DropReason, int]:
+        return {r: sum(shard["dropped"][r] for shard in self.manifest["shards"]) for r in DROP_REASONS}
+
+    def summary(self) -> str:
+        return summary_line(len(self.pairs), self.drop_counts())
+
+    def verify(self) -> None:
+        """Every shard's checksum now, rather than at its first read."""
+        for shard in range(len(self.manifest["shards"])):
+            self._shard(shard)
+
+    def _shard(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, rows) of a shard, memory-mapped; its checksums are verified the first time."""
+        if shard not in self._open:
+            for entry in self.manifest["shards"][shard]["files"]:
+                if sha256_file(self.directory / entry["name"]) != entry["sha256"]:
+                    raise ConfigError(self._damaged(entry["name"], "fails its checksum (damaged or changed)"))
+            # allow_pickle=False: a store from elsewhere can hold only plain arrays, never code
+            self._open[shard] = tuple(  # type: ignore[assignment]
+                np.load(self.directory / name(shard), mmap_mode="r", allow_pickle=False)
+                for name in (tokens_name, rows_name)
+            )
+        return self._open[shard]
+
+    def pair(self, position: int) -> Pair:
+        if not 0 <= position < self._first_pair[-1]:
+            raise IndexError(f"pair {position} of a store of {self._first_pair[-1]}")
+        shard = int(np.searchsorted(self._first_pair, position, side="right")) - 1
+        tokens, rows = self._shard(shard)
+        index, location, _, start, prompt, chosen, rejected = (int(v) for v in rows[position - self._first_pair[shard]])
+        ids = tokens[start : start + prompt + chosen + rejected].tolist()
+        return Pair(
+            index=index,
+            source=f"{self.manifest['source_prefix']} {location}",
+            prompt_ids=ids[:prompt],
+            chosen_ids=ids[prompt : prompt + chosen],
+            rejected_ids=ids[prompt + chosen :],
+        )
+
+    @property
+    def dropped(self) -> list[Dropped]:
+        """Every dropped row, in input order: reads the rows of every shard that dropped any (for reports; training
+        needs only `drop_counts`)."""
+        found = []
+        for shard, entry in enumerate(self.manifest["shards"]):
+            if entry["rows"] > entry["pairs"]:
+                for index, location, reason, *_ in self._shard(shard)[1][entry["pairs"] :].tolist():
+                    source = f"{self.manifest['source_prefix']} {location}"
+                    found.append(Dropped(index, source, DROP_REASONS[reason - 1]))
+        return found
+
+
+class StoredPairs(Sequence[Pair]):
+    """Every kept pair of a store, in input order, each read from disk when asked for."""
+
+    def __init__(self, store: TokenStore):
+        self._store = store
+
+    def __len__(self) -> int:
+        return int(self._store._first_pair[-1])
+
+    @overload
+    def __getitem__(self, item: int) -> Pair: ...
+
+    @overload
+    def __getitem__(self, item: slice) -> list[Pair]: ...
+
+    def __getitem__(self, item: int | slice) -> Pair | list[Pair]:
+        if isinstance(item, slice):
+            return [self._store.pair(position) for position in range(*item.indices(len(self)))]
+        return self._store.pair(item + len(self) if item < 0 else item)
