@@ -27,6 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -122,11 +123,10 @@ def open_or_build(
     if config.rebuild:
         _replace_if_stale(config, tokenizer, directory, launch)
     manifest = read_manifest(directory)
-    if manifest is None:
+    built_now = manifest is None
+    if built_now:
         _build(config, tokenizer, directory, launch)
         manifest = _wait_for_manifest(directory, launch)
-    elif launch.is_main:
-        print(f"token store {directory}: reusing it (built earlier for this data and these settings)", flush=True)
     differences = fingerprint_differences(
         manifest["fingerprint"], store_fingerprint(config, tokenizer, _files(manifest["fingerprint"]))
     )
@@ -136,6 +136,8 @@ def open_or_build(
             f"run's ({'; '.join(differences)}). Fix: set data.rebuild=true to replace it, or point data.cache_dir "
             "elsewhere"
         )
+    if launch.is_main and not built_now:
+        print(f"token store {directory}: reusing it (built earlier for this data and these settings)", flush=True)
     return TokenStore(directory, manifest)
 
 
@@ -222,6 +224,7 @@ def _build(config: DataConfig, tokenizer, directory: Path, launch: Launch) -> No
     finally:
         locks.release_all()
         progress.close()
+    print(f"token store {directory}: rank {launch.rank} built {builder.built} of {num_shards} shards", flush=True)
     if launch.is_main and read_manifest(directory) is None:
         build = {key: claim[key] for key in ("shard_rows", "token_dtype", "source_prefix")}
         write_manifest(directory, claim["fingerprint"], {"version": __version__, **build}, num_shards)
@@ -277,9 +280,10 @@ class _Workers:
     """A pool of `count` worker processes, started only when there is more than one shard to build (starting one
     costs a second or two of imports); otherwise this process builds alone.
 
-    Spawned, not forked: a forked child would inherit the builder's shard locks, and fork after the tokenizer's
-    threads have run is unsafe. Like every spawned pool (PyTorch's DataLoader workers too), it needs a script that
-    calls dpo_scale from Python to guard its entry point with `if __name__ == "__main__":`."""
+    Spawned, not forked: a forked child would inherit the builder's shard locks (and outlive a killed builder
+    holding them), and fork after the tokenizer's threads have run is unsafe. A spawned worker imports the parent's
+    main script: one without an `if __name__ == "__main__":` guard (or a script read from stdin) kills its
+    workers, and then this process builds alone, after saying so."""
 
     def __init__(self, writer: ShardWriter, count: int):
         self.writer = writer
@@ -294,6 +298,18 @@ class _Workers:
         future: Future = Future()
         future.set_result(self.writer(shard, rows))
         return future
+
+    def result(self, shard: int, rows: list[Row], future: Future) -> int:
+        """The rows the shard's build consumed; built here instead if the pool broke."""
+        try:
+            return future.result()
+        except BrokenProcessPool as error:
+            if self._pool is not None:
+                print(f"token store: the worker processes died ({error}); building in this process from now on "
+                      "(set data.num_workers=1 to skip them)", flush=True)  # fmt: skip
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool, self.count = None, 1
+            return self.writer(shard, rows)
 
     def __enter__(self) -> _Workers:
         return self
@@ -378,7 +394,8 @@ class _ShardBuilder:
     def __init__(self, config, directory, writer, pool: _Workers, locks: _ShardLocks, progress: _Progress):
         self.config, self.directory, self.writer, self.pool = config, directory, writer, pool
         self.locks, self.progress = locks, progress
-        self._in_flight: deque[tuple[int, Future]] = deque()
+        self._in_flight: deque[tuple[int, list[Row], Future]] = deque()
+        self.built = 0
 
     def first_pass(self, wanted: Callable[[int], bool]) -> int:
         """Build the wanted shards that are missing and unlocked; returns how many shards the input has."""
@@ -423,12 +440,13 @@ class _ShardBuilder:
 
     def _submit(self, shard: int, rows: list[Row], more_follow: bool) -> None:
         self._drain(2 * self.pool.count - 1)
-        self._in_flight.append((shard, self.pool.submit(shard, rows, more_follow)))
+        self._in_flight.append((shard, rows, self.pool.submit(shard, rows, more_follow)))
 
     def _drain(self, keep: int) -> None:
         while len(self._in_flight) > keep:
-            shard, future = self._in_flight.popleft()
+            shard, rows, future = self._in_flight.popleft()
             try:
-                self.progress.update(future.result())
+                self.progress.update(self.pool.result(shard, rows, future))
+                self.built += 1
             finally:
                 self.locks.release(shard)

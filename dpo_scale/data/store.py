@@ -173,7 +173,8 @@ class TokenStore:
         )
 
     def drop_counts(self) -> dict[DropReason, int]:
-        return {r: sum(shard["dropped"][r] for shard in self.manifest["shards"]) for r in DROP_REASONS}
+        counts = {r: sum(shard["dropped"][r] for shard in self.manifest["shards"]) for r in DROP_REASONS}
+        return {reason: count for reason, count in counts.items() if count}
 
     def summary(self) -> str:
         return summary_line(len(self.pairs), self.drop_counts())
