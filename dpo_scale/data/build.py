@@ -22,6 +22,7 @@ import fcntl
 import itertools
 import json
 import os
+import re
 import shutil
 import time
 from collections import deque
@@ -101,8 +102,13 @@ class Launch:
 
     @classmethod
     def from_environment(cls) -> Launch:
-        size = int(os.environ.get("WORLD_SIZE", "1"))
-        return cls(int(os.environ.get("RANK", "0")), size, int(os.environ.get("LOCAL_WORLD_SIZE", str(size))))
+        """torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE, srun SLURM_NTASKS_PER_NODE; without
+        any of them every rank is taken to share this machine."""
+        size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+        names = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE")
+        local = next((os.environ[name] for name in names if name in os.environ), str(size))
+        return cls(rank, size, int(re.match(r"\d+", local).group()))  # SLURM may write "8(x2)"
 
     @property
     def is_main(self) -> bool:
@@ -111,7 +117,8 @@ class Launch:
     @property
     def token(self) -> str:
         """The same on every rank of one launch, different for the next launch."""
-        parts = [os.environ.get(k, "") for k in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID")]
+        names = ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_STEP_ID")
+        parts = [os.environ.get(name, "") for name in names]
         return "-".join(p for p in parts if p).replace("/", "_") or str(os.getpid())
 
 
