@@ -161,11 +161,10 @@ def _replace_if_stale(config: DataConfig, tokenizer, directory: Path, launch: La
         _wait(lambda: decided.exists(), f"rank {launch.rank}: waiting for rank 0 to check {directory}")
         return
     manifest = read_manifest(directory)
-    claim = _read_claim(directory)
-    recorded = manifest or claim
+    recorded = manifest or _read_claim(directory)
     stale = recorded is not None and bool(
         fingerprint_differences(recorded["fingerprint"], store_fingerprint(config, tokenizer, _files(recorded["fingerprint"])))
-        or recorded.get("shard_rows") != config.shard_rows
+        or (manifest is None and recorded["shard_rows"] != config.shard_rows)  # only an unfinished build's matters
     )
     if manifest is not None and not stale:
         try:
@@ -176,7 +175,10 @@ def _replace_if_stale(config: DataConfig, tokenizer, directory: Path, launch: La
     if stale:
         print(f"data.rebuild: replacing the token store in {directory}", flush=True)
         for path in directory.iterdir():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
     decided.touch()
 
 

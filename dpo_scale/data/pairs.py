@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -55,16 +56,11 @@ class PreparedData:
         return summary_line(len(self.pairs), self.drop_counts())
 
 
-class PairView(Sequence[Pair]):
-    """The pairs of `pairs` at `positions` (an index array), in that order, read only when asked for: a view of a
-    million stored pairs costs its index array, not the pairs."""
+class LazyPairs(Sequence[Pair]):
+    """Pairs read only when asked for; a subclass gives `__len__` and `_read(position)` for 0 <= position < len."""
 
-    def __init__(self, pairs: Sequence[Pair], positions: np.ndarray):
-        self._pairs = pairs
-        self._positions = positions
-
-    def __len__(self) -> int:
-        return len(self._positions)
+    @abstractmethod
+    def _read(self, position: int) -> Pair: ...
 
     @overload
     def __getitem__(self, item: int) -> Pair: ...
@@ -74,5 +70,23 @@ class PairView(Sequence[Pair]):
 
     def __getitem__(self, item: int | slice) -> Pair | list[Pair]:
         if isinstance(item, slice):
-            return [self._pairs[int(position)] for position in self._positions[item]]
-        return self._pairs[int(self._positions[item])]
+            return [self._read(position) for position in range(*item.indices(len(self)))]
+        position = item + len(self) if item < 0 else item
+        if not 0 <= position < len(self):
+            raise IndexError(f"pair {item} of {len(self)}")
+        return self._read(position)
+
+
+class PairView(LazyPairs):
+    """The pairs of `pairs` at `positions` (an index array), in that order: a view of a million stored pairs costs
+    its index array, not the pairs."""
+
+    def __init__(self, pairs: Sequence[Pair], positions: np.ndarray):
+        self._pairs = pairs
+        self._positions = positions
+
+    def __len__(self) -> int:
+        return len(self._positions)
+
+    def _read(self, position: int) -> Pair:
+        return self._pairs[int(self._positions[position])]

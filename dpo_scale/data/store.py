@@ -22,15 +22,14 @@ checksum is verified when a process first reads from it (a few milliseconds a sh
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, overload
+from typing import Any
 
 import numpy as np
 
 from dpo_scale.config import ConfigError
 from dpo_scale.data.fingerprint import sha256_file
-from dpo_scale.data.pairs import DROP_REASONS, Dropped, DropReason, Pair, summary_line
+from dpo_scale.data.pairs import DROP_REASONS, Dropped, DropReason, LazyPairs, Pair, summary_line
 from dpo_scale.io import atomic_open
 
 MANIFEST = "manifest.json"
@@ -198,8 +197,7 @@ class TokenStore:
         return self._open[shard]
 
     def pair(self, position: int) -> Pair:
-        if not 0 <= position < self._first_pair[-1]:
-            raise IndexError(f"pair {position} of a store of {self._first_pair[-1]}")
+        """The kept pair at `position` (0 <= position < len(pairs)) in input order."""
         shard = int(np.searchsorted(self._first_pair, position, side="right")) - 1
         tokens, rows = self._shard(shard)
         index, location, _, start, prompt, chosen, rejected = (int(v) for v in rows[position - self._first_pair[shard]])
@@ -225,7 +223,7 @@ class TokenStore:
         return found
 
 
-class StoredPairs(Sequence[Pair]):
+class StoredPairs(LazyPairs):
     """Every kept pair of a store, in input order, each read from disk when asked for."""
 
     def __init__(self, store: TokenStore):
@@ -234,13 +232,5 @@ class StoredPairs(Sequence[Pair]):
     def __len__(self) -> int:
         return int(self._store._first_pair[-1])
 
-    @overload
-    def __getitem__(self, item: int) -> Pair: ...
-
-    @overload
-    def __getitem__(self, item: slice) -> list[Pair]: ...
-
-    def __getitem__(self, item: int | slice) -> Pair | list[Pair]:
-        if isinstance(item, slice):
-            return [self._store.pair(position) for position in range(*item.indices(len(self)))]
-        return self._store.pair(item + len(self) if item < 0 else item)
+    def _read(self, position: int) -> Pair:
+        return self._store.pair(position)
