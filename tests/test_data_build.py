@@ -134,3 +134,15 @@ def test_a_sweep_shares_one_store_beside_its_points(material, tmp_path):
     assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
     assert _built(sweep.stdout) == 3 and sweep.stdout.count("reusing it") == 1, sweep.stdout
     assert (tmp_path / "sweep" / "token-store" / "manifest.json").exists()
+
+
+def test_prepare_data_reports_a_bad_row_without_a_traceback(material, tmp_path):
+    """A user mistake in the data: exit 2, one message naming file, line and field, and no store made visible."""
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": "a"}\n')
+    config = _config(material, tmp_path, tmp_path / "store", path=str(data))
+    process = _prepare_data(config, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 2, out + err
+    assert f"dpo-scale prepare-data: error: {data} line 2, field 'rejected': missing (or null)" in err
+    assert "Traceback" not in err and not (tmp_path / "store" / "manifest.json").exists()

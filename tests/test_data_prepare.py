@@ -2,7 +2,6 @@
 
 import json
 import logging
-import time
 
 import pytest
 
@@ -13,15 +12,13 @@ HH_IDENTICAL_ROWS = [721, 2168]  # helpful-base rows whose chosen == rejected
 
 
 def test_hh_rlhf_helpful_base_with_gpt2(shared_data, caplog):
-    """The whole test split in seconds; its two rows with chosen == rejected are dropped and counted."""
+    """The whole test split; its two rows with chosen == rejected are dropped and counted (its speed is measured in
+    bench/bench_data_scale.py, not asserted here)."""
     tokenizer = load_tokenizer(str(shared_data / "tokenizers" / "gpt2" / "tokenizer.json"))
     tokenizer.eos_token = "<|endoftext|>"  # a bare tokenizer.json does not say which token ends a text
     path = shared_data / "preferences" / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"
-    start = time.perf_counter()
     with caplog.at_level(logging.INFO, logger="dpo_scale.data"):
         data = prepare(DataConfig(path=str(path)), tokenizer)
-    seconds = time.perf_counter() - start
-    assert seconds < 15, f"helpful-base took {seconds:.1f} s to prepare"
 
     assert len(data.pairs) == 2352
     assert data.drop_counts() == {"identical_completions": 2}

@@ -98,7 +98,8 @@ def test_strict_refuses_a_store_with_dropped_pairs_naming_the_row(byte_tokenizer
 @pytest.fixture
 def built(byte_tokenizer, tmp_path):
     path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "yes", "rejected": "no"}) + "\n" for i in range(50)))
+    rows = ({"prompt": f"q{i}", "chosen": "yes", "rejected": "no"} for i in range(50))
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     config = DataConfig(str(path), max_length=16, shard_rows=20)
     load_prepared(config, byte_tokenizer, tmp_path / "store")
     return config, tmp_path / "store"

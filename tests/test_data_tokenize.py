@@ -4,7 +4,7 @@ import os
 import random
 
 from dpo_scale.data.formats import Example
-from dpo_scale.data.tokenize import common_prefix_length, tokenize_examples
+from dpo_scale.data.tokenize import common_prefix_length, encode_texts, tokenize_examples
 
 EOS = 0  # the byte tokenizer's `</s>`
 TAG_TEMPLATE = (
@@ -102,3 +102,17 @@ def test_phi3_chat_template(phi3_tokenizer):
     # each completion ends with the turn's <|end|> and the eos the template adds after the last turn
     assert pair.chosen_ids[-2:] == pair.rejected_ids[-2:] == [token("<|end|>"), token("<|endoftext|>")]
     assert phi3_tokenizer.decode(pair.chosen_ids[:-2]).strip() == "Blue."
+
+
+def test_encoding_through_the_backend_equals_the_tokenizers_call(shared_data, stories_tokenizer, phi3_tokenizer):
+    """The backend shortcut gives `tokenizer(text=...)`'s ids: BOS-adding (stories260K), byte-level BPE (GPT-2),
+    special tokens written in the text (Phi-3); and a backend with its own truncation takes the call's path."""
+    from dpo_scale.data import load_tokenizer
+
+    gpt2 = load_tokenizer(str(shared_data / "tokenizers" / "gpt2" / "tokenizer.json"))
+    texts = ["Hello world", " leading space", "<|user|>\nhi<|end|>\n<|assistant|>", "é 中 😀", "<|endoftext|>x", ""]
+    for tokenizer in (stories_tokenizer, phi3_tokenizer, gpt2):
+        assert encode_texts(tokenizer, texts) == tokenizer(text=texts)["input_ids"]
+    truncating = load_tokenizer(str(shared_data / "tokenizers" / "gpt2" / "tokenizer.json"))
+    truncating.backend_tokenizer.enable_truncation(max_length=2)
+    assert encode_texts(truncating, ["one two three four"]) == gpt2(text=["one two three four"])["input_ids"]

@@ -191,7 +191,7 @@ def test_export_loads_and_gives_the_trained_log_probs(material, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     tokenizer = load_tokenizer(str(out))
     pairs = prepare(DataConfig(str(material[1])), tokenizer).pairs
-    _, held_out = split_held_out(pairs, 0.25, seed=0)
+    held_out = [pairs[i] for i in split_held_out(len(pairs), 0.25, seed=0)[1]]
     config = LogpsConfig()
     with torch.no_grad():
         logps = PairLogpsModel(model, config)(collate(held_out, config, tokenizer.pad_token_id))

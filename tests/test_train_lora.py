@@ -206,7 +206,8 @@ def test_export_adapter_and_merged_model_agree(material, lora_run, tmp_path):
     assert load_file(merged / "model.safetensors").keys() == load_file(material[0] / "model.safetensors").keys()
 
     tokenizer = load_tokenizer(str(merged))
-    _, held_out = split_held_out(prepare(DataConfig(str(material[1])), tokenizer).pairs, EVAL_FRACTION, seed=0)
+    pairs = prepare(DataConfig(str(material[1])), tokenizer).pairs
+    held_out = [pairs[i] for i in split_held_out(len(pairs), EVAL_FRACTION, seed=0)[1]]
     with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(material[0]), adapter)
     chosen, rejected = _logps(with_adapter, held_out, tokenizer.pad_token_id)
     final_eval = train_metrics(lora_run, split="eval")[-1]

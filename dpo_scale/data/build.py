@@ -134,9 +134,7 @@ def open_or_build(
     if built_now:
         _build(config, tokenizer, directory, launch)
         manifest = _wait_for_manifest(directory, launch)
-    differences = fingerprint_differences(
-        manifest["fingerprint"], store_fingerprint(config, tokenizer, _files(manifest["fingerprint"]))
-    )
+    differences = _differences_from(manifest["fingerprint"], config, tokenizer)
     if differences:
         raise ConfigError(
             f"data.cache_dir={directory}: the token store there was made for other data or settings than this "
@@ -148,9 +146,12 @@ def open_or_build(
     return TokenStore(directory, manifest)
 
 
-def _files(fingerprint: dict[str, Any]) -> list[dict] | None:
-    files = fingerprint.get("data_files")
-    return files if isinstance(files, list) else None
+def _differences_from(stored: dict[str, Any], config: DataConfig, tokenizer) -> list[str]:
+    """What differs between a stored fingerprint and this run's. The data files recorded in it are not hashed
+    again when their size and modification time are unchanged."""
+    files = stored.get("data_files")
+    expected = store_fingerprint(config, tokenizer, files if isinstance(files, list) else None)
+    return fingerprint_differences(stored, expected)
 
 
 def _replace_if_stale(config: DataConfig, tokenizer, directory: Path, launch: Launch) -> None:
@@ -163,7 +164,7 @@ def _replace_if_stale(config: DataConfig, tokenizer, directory: Path, launch: La
     manifest = read_manifest(directory)
     recorded = manifest or _read_claim(directory)
     stale = recorded is not None and bool(
-        fingerprint_differences(recorded["fingerprint"], store_fingerprint(config, tokenizer, _files(recorded["fingerprint"])))
+        _differences_from(recorded["fingerprint"], config, tokenizer)
         or (manifest is None and recorded["shard_rows"] != config.shard_rows)  # only an unfinished build's matters
     )
     if manifest is not None and not stale:
@@ -240,7 +241,8 @@ def _build(config: DataConfig, tokenizer, directory: Path, launch: Launch) -> No
 
 
 def _wait_for_manifest(directory: Path, launch: Launch) -> dict:
-    _wait(lambda: read_manifest(directory) is not None, f"rank {launch.rank}: waiting for rank 0's manifest in {directory}")
+    waiting = f"rank {launch.rank}: waiting for rank 0's manifest in {directory}"
+    _wait(lambda: read_manifest(directory) is not None, waiting)
     return read_manifest(directory)
 
 

@@ -21,6 +21,7 @@ checksum is verified when a process first reads from it (a few milliseconds a sh
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -62,9 +63,9 @@ def write_shard(directory: Path, shard: int, pairs: list[Pair], dropped: list[Dr
     Equal inputs give byte-identical files, whichever process writes them."""
     lengths = np.array([[len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)] for p in pairs], np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths.sum(axis=1))[:-1]]).astype(np.int64)
-    tokens = np.fromiter(
-        (t for p in pairs for ids in (p.prompt_ids, p.chosen_ids, p.rejected_ids) for t in ids), dtype=dtype
-    )  # an id beyond dtype raises OverflowError rather than wrapping
+    sequences = (ids for p in pairs for ids in (p.prompt_ids, p.chosen_ids, p.rejected_ids))
+    flat = list(itertools.chain.from_iterable(sequences))
+    tokens = np.array(flat, dtype=dtype)  # an id beyond dtype raises OverflowError rather than wrapping
     rows = np.zeros((len(pairs) + len(dropped), len(ROW_FIELDS)), dtype=np.int64)
     rows[: len(pairs), 0] = [p.index for p in pairs]
     rows[: len(pairs), 1] = [_location(p.source) for p in pairs]
@@ -160,7 +161,8 @@ class TokenStore:
         for entry in (file for shard in shards for file in shard["files"]):
             path = self.directory / entry["name"]
             if not path.exists() or path.stat().st_size != entry["bytes"]:
-                raise ConfigError(self._damaged(entry["name"], "is missing" if not path.exists() else "has changed size"))
+                problem = "is missing" if not path.exists() else "has changed size"
+                raise ConfigError(self._damaged(entry["name"], problem))
         self._first_pair = np.cumsum([0] + [shard["pairs"] for shard in shards])  # (shards + 1,)
         self._open: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.pairs = StoredPairs(self)

