@@ -217,13 +217,13 @@ def _build(config: DataConfig, tokenizer, directory: Path, launch: Launch) -> No
     }  # fmt: skip
     _claim(directory, claim)
     writer = ShardWriter(config, fmt, tokenizer, directory, np.dtype(claim["token_dtype"]))
-    workers = config.num_workers or max(1, len(os.sched_getaffinity(0)) // launch.local_size)
+    total_rows = _row_estimate(config)
+    workers = config.num_workers or _default_workers(total_rows, config.shard_rows, launch)
     if workers == 1 and launch.local_size > 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the node's other ranks are tokenizing too
     if launch.is_main:
         print(f"token store {directory}: tokenizing {config.path} with {workers} worker(s) per rank on "
               f"{launch.size} rank(s)", flush=True)  # fmt: skip
-    total_rows = _row_estimate(config)
     progress = _Progress(total_rows // launch.size if total_rows else None, launch.is_main)
     locks = _ShardLocks(directory)
     try:
@@ -238,6 +238,16 @@ def _build(config: DataConfig, tokenizer, directory: Path, launch: Launch) -> No
     if launch.is_main and read_manifest(directory) is None:
         build = {key: claim[key] for key in ("shard_rows", "token_dtype", "source_prefix")}
         write_manifest(directory, claim["fingerprint"], {"version": __version__, **build}, num_shards)
+
+
+def _default_workers(total_rows: int | None, shard_rows: int, launch: Launch) -> int:
+    """This rank's share of the machine's cores; one (the tokenizer's own threads) when the rank has fewer than two
+    shards per worker to build: starting a worker costs about 5 CPU-seconds of imports, a third of a 10k-pair build
+    on 2 cores (BENCHMARKS.md)."""
+    workers = max(1, len(os.sched_getaffinity(0)) // launch.local_size)
+    if total_rows is not None and total_rows // launch.size < 2 * workers * shard_rows:
+        return 1
+    return workers
 
 
 def _wait_for_manifest(directory: Path, launch: Launch) -> dict:
