@@ -38,9 +38,8 @@ import numpy as np
 
 from dpo_scale import __version__
 from dpo_scale.config import ConfigError, DataConfig
-from dpo_scale.data.errors import DataError
 from dpo_scale.data.fingerprint import data_files, describe_files, tokenizer_digest
-from dpo_scale.data.formats import Format, detect_format, normalise
+from dpo_scale.data.formats import Format, input_format, normalise
 from dpo_scale.data.pairs import PreparedData
 from dpo_scale.data.prepare import check_not_empty, no_signal_error, prepare, prepare_examples
 from dpo_scale.data.sources import Row, read_rows
@@ -206,11 +205,8 @@ def _claim(directory: Path, claim: dict[str, Any]) -> None:
 
 
 def _build(config: DataConfig, tokenizer, directory: Path, launch: Launch) -> None:
-    rows = read_rows(config.path, config.split)
-    first = next(rows, None)
-    if first is None:
-        raise DataError(f"{config.path}: the dataset has no rows. Fix: point data.path at a file with preference pairs")
-    fmt = detect_format(first, config.columns) if config.format == "auto" else config.format
+    first = next(read_rows(config.path, config.split), None)
+    fmt = input_format(first, config)
     claim = {
         "fingerprint": store_fingerprint(config, tokenizer), "shard_rows": config.shard_rows,
         "token_dtype": token_dtype(len(tokenizer)).name, "source_prefix": source_prefix(first.source),

@@ -51,12 +51,17 @@ def read_examples(config: DataConfig) -> Iterator[Example]:
     """Every row of `config.path` as an Example, in input order; the format is fixed by the first row."""
     rows = read_rows(config.path, config.split)
     first = next(rows, None)
-    if first is None:
-        raise DataError(f"{config.path}: the dataset has no rows. Fix: point data.path at a file with preference pairs")
-    fmt = detect_format(first, config.columns) if config.format == "auto" else config.format
+    fmt = input_format(first, config)
     yield normalise(first, fmt, config.columns)
     for row in rows:
         yield normalise(row, fmt, config.columns)
+
+
+def input_format(first: Row | None, config: DataConfig) -> Format:
+    """The format every row is read in: `data.format`, or detected from the input's first row (None: no rows)."""
+    if first is None:
+        raise DataError(f"{config.path}: the dataset has no rows. Fix: point data.path at a file with preference pairs")
+    return detect_format(first, config.columns) if config.format == "auto" else config.format
 
 
 def detect_format(row: Row, columns: Mapping[str, str]) -> Format:
