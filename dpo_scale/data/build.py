@@ -233,7 +233,7 @@ def _build(config: DataConfig, tokenizer, directory: Path, launch: Launch) -> No
     print(f"token store {directory}: rank {launch.rank} built {builder.built} of {num_shards} shards", flush=True)
     if launch.is_main and read_manifest(directory) is None:
         build = {key: claim[key] for key in ("shard_rows", "token_dtype", "source_prefix")}
-        write_manifest(directory, claim["fingerprint"], {"version": __version__, **build}, num_shards)
+        write_manifest(directory, claim["fingerprint"], build, num_shards)
 
 
 def _default_workers(total_rows: int | None, shard_rows: int, launch: Launch) -> int:
