@@ -104,7 +104,13 @@ class WandbTracker:
         self._run.log({f"{split}/{name}": value for name, value in metrics.items()}, step=step)
 
     def close(self) -> None:
+        import wandb
+
         self._run.finish()
+        # finish() can return before wandb-core has flushed the run's .wandb file (seen on a loaded CI machine: the
+        # file held only its header); teardown waits for the service, which the atexit hook does not reliably do
+        # in launcher-spawned ranks.
+        wandb.teardown()
 
 
 def redact_secrets(tree: dict) -> dict:
