@@ -1,30 +1,51 @@
-"""Checkpoints that become visible only when complete.
+"""Checkpoints that resume on any number of ranks and any ZeRO stage, and become visible only when complete.
 
     run_dir/checkpoints/step-00000040/
-        ds/                 DeepSpeed engine state (sharded model, optimizer, scheduler), tag "state"
-        model.safetensors   the consolidated weights (what `dpo-scale export` ships; no pickle involved)
-        train_state.pt      step, resolved config, each rank's RNG state (tensors only: weights_only loading)
-    run_dir/checkpoints/latest      name of the newest complete checkpoint
+        model.safetensors          the consolidated weights in the training dtype (what `dpo-scale export` ships)
+        state/rank-00000.safetensors
+                                   the training state of a share of the trainable parameters, by name: the fp32
+                                   master weight `<name>` and AdamW's `<name>.exp_avg`, `<name>.exp_avg_sq`
+        rng/rank-00000.safetensors that rank's torch RNG state
+        trainer_state.json         step, AdamW's step count, scheduler and engine counters, the global batch and how
+                                   it was split, which file holds each parameter, the resolved config
+    run_dir/checkpoints/latest     name of the newest complete checkpoint
+
+Nothing in it is pickled, and nothing in it depends on how ZeRO partitioned the state: DeepSpeed's tensor-fragment
+API (see distributed.py) gathers each parameter's state whole at save and scatters it into whatever layout the
+resuming run has. Each rank writes the parameters it owns (balanced by size), one parameter at a time: the memory
+a save adds is about one parameter's fp32 state, not the model's. The data order is a pure function of the seed and
+the step (sampler.py), so the same global batch split another way continues exactly where the run stopped.
 
 Every rank writes into `.step-00000040.partial/`; after a barrier rank 0 renames it, then moves `latest`, then
 deletes all but the newest `keep_last`. A run killed at any moment leaves either the previous checkpoint or the new
 one, never half of one. The directory must be on a file system all ranks share.
+
+Checkpoints written before this format (DeepSpeed's own `ds/` directory of pickled files) still resume, on the
+same number of ranks and ZeRO stage only.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import shutil
+import struct
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from dpo_scale import distributed
-from dpo_scale.config import CheckpointConfig, TrainConfig, to_dict
+from dpo_scale import __version__, distributed
+from dpo_scale.config import CheckpointConfig, ConfigError, TrainConfig, to_dict
 from dpo_scale.distributed import World
 from dpo_scale.io import atomic_open
+from dpo_scale.tracking import print0
 
-ENGINE_TAG = "state"
+TRAINER_STATE = "trainer_state.json"
+NATIVE_STATE = "train_state.pt"  # written by the DeepSpeed-native format: a dict of step and config, no objects
+NATIVE_ENGINE_TAG = "state"
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
 def _name(step: int) -> str:
@@ -40,9 +61,18 @@ def latest(run_dir: str | Path) -> Path | None:
 
 
 def is_checkpoint(path: str | Path) -> bool:
-    """A complete checkpoint directory (step-N, not a .partial one)."""
+    """A complete checkpoint directory (step-N, not a .partial one), of either format."""
     path = Path(path)
-    return path.name.startswith("step-") and (path / "model.safetensors").is_file() and (path / "train_state.pt").is_file()
+    state = (path / TRAINER_STATE).is_file() or (path / NATIVE_STATE).is_file()
+    return path.name.startswith("step-") and (path / "model.safetensors").is_file() and state
+
+
+def saved_config(path: str | Path) -> dict:
+    """The resolved training config a checkpoint was written with (JSON, or the native format's tensor-only dict)."""
+    path = Path(path)
+    if (path / TRAINER_STATE).is_file():
+        return json.loads((path / TRAINER_STATE).read_text())["config"]
+    return torch.load(path / NATIVE_STATE, weights_only=True)["config"]
 
 
 def save(engine, step: int, config: TrainConfig, world: World) -> Path:
@@ -53,14 +83,33 @@ def save(engine, step: int, config: TrainConfig, world: World) -> Path:
     partial = root / f".{_name(step)}.partial"
     if world.is_main:
         shutil.rmtree(partial, ignore_errors=True)  # debris of a run killed while writing
-        partial.mkdir(parents=True)
+        (partial / "state").mkdir(parents=True)
+        (partial / "rng").mkdir()
     torch.distributed.barrier()
-    distributed.save_engine(engine, str(partial / "ds"), ENGINE_TAG)
-    torch.save({"rng": torch.get_rng_state()}, partial / f"rng-rank{world.rank}.pt")
+
+    parameters = distributed.trainable_parameters(engine)
+    owners = _owners([(name, math.prod(distributed.full_shape(p))) for name, p in parameters], world.size)
+    optimizer_steps = distributed.optimizer_steps(engine)
+    distributed.materialize_optimizer_state(engine)  # only if every update so far was skipped
+    _write_parameter_state(engine, parameters, owners, partial / "state" / _rank_file(world.rank), world.rank)
+    _save_rng(partial / "rng" / _rank_file(world.rank), world.device)
     weights = distributed.consolidated_state_dict(engine)
     if world.is_main:
         save_file(_hf_names(weights), partial / "model.safetensors")
-        torch.save({"step": step, "config": to_dict(config)}, partial / "train_state.pt")
+        trainer_state = {
+            "step": step,
+            "optimizer_steps": optimizer_steps,
+            "engine": distributed.engine_counters(engine),
+            "batch": {"micro_batch_size": config.micro_batch_size,
+                      "gradient_accumulation_steps": config.gradient_accumulation_steps, "ranks": world.size},
+            "zero_stage": engine.zero_optimization_stage(),
+            "parameters": {name: {"shape": list(distributed.full_shape(p)), "file": _rank_file(owners[name])}
+                           for name, p in parameters},
+            "dpo_scale_version": __version__,
+            "config": to_dict(config),
+        }  # fmt: skip
+        with atomic_open(partial / TRAINER_STATE) as handle:
+            json.dump(trainer_state, handle, indent=1)
     torch.distributed.barrier()
     if world.is_main:
         shutil.rmtree(final, ignore_errors=True)
@@ -72,12 +121,174 @@ def save(engine, step: int, config: TrainConfig, world: World) -> Path:
     return final
 
 
-def restore(engine, path: Path, world: World) -> int:
-    """Load engine state and this rank's RNG from checkpoint `path`; returns the step it was taken at."""
-    distributed.load_engine(engine, str(path / "ds"), ENGINE_TAG)
-    rng = torch.load(path / f"rng-rank{world.rank}.pt", weights_only=True)
-    torch.set_rng_state(rng["rng"])
-    return int(torch.load(path / "train_state.pt", weights_only=True)["step"])
+def restore(engine, path: Path, config: TrainConfig, world: World) -> int:
+    """Load checkpoint `path` into `engine` and this rank's RNG, on any world size and ZeRO stage; returns the step
+    it was taken at. A global batch other than the checkpoint's is refused unless the config allows it."""
+    if not (path / TRAINER_STATE).is_file():
+        return _restore_native(engine, path, config, world)
+    saved = json.loads((path / TRAINER_STATE).read_text())
+    _check_global_batch(saved, path, config, world)
+    parameters = distributed.trainable_parameters(engine)
+    _check_same_parameters(saved["parameters"], parameters, path)
+    distributed.materialize_optimizer_state(engine)
+    handles = {}
+    for name, parameter in parameters:  # every rank sets every parameter: collective under ZeRO-1/2
+        file = saved["parameters"][name]["file"]
+        if file not in handles:
+            handles[file] = safe_open(path / "state" / file, framework="pt")
+        span = distributed.partition_range(parameter)
+        values = {key: _read(handles[file], _state_key(name, key), span) for key in distributed.STATE_KEYS}
+        distributed.scatter_parameter_state(engine, parameter, values)
+    distributed.set_optimizer_steps(engine, saved["optimizer_steps"])
+    distributed.set_engine_counters(engine, saved["engine"])
+    rng = path / "rng" / _rank_file(world.rank)
+    if rng.is_file():  # ranks added since the save keep their seeded generator: training draws no random numbers
+        _load_rng(rng, world.device)
+    return int(saved["step"])
+
+
+def _state_key(name: str, key: str) -> str:
+    return name if key == "master" else f"{name}.{key}"
+
+
+def _rank_file(rank: int) -> str:
+    return f"rank-{rank:05d}.safetensors"
+
+
+def _owners(sizes: list[tuple[str, int]], ranks: int) -> dict[str, int]:
+    """Which rank writes each parameter: largest first to the rank with the fewest elements so far (the same on
+    every rank), so the ranks write about equal shares and the slowest write bounds the save."""
+    load = [0] * ranks
+    owners = {}
+    for name, size in sorted(sizes, key=lambda item: -item[1]):
+        rank = min(range(ranks), key=lambda r: (load[r], r))
+        owners[name] = rank
+        load[rank] += size
+    return owners
+
+
+def _write_parameter_state(engine, parameters, owners: dict[str, int], path: Path, rank: int) -> None:
+    """Gather each parameter's state in turn (every rank takes part: a collective under ZeRO) and write it into
+    this rank's file if this rank owns it; the gathered tensors are dropped before the next parameter."""
+    layout = [
+        (_state_key(name, key), torch.float32, distributed.full_shape(p))
+        for name, p in parameters if owners[name] == rank for key in distributed.STATE_KEYS
+    ]  # fmt: skip
+    writer = SafetensorsWriter(path, layout)
+    for name, parameter in parameters:
+        state = distributed.gather_parameter_state(engine, parameter)
+        if owners[name] == rank:
+            for key in distributed.STATE_KEYS:
+                writer.write(_state_key(name, key), state[key].float())
+        del state
+    writer.close()
+
+
+def _read(handle, key: str, span: tuple[int, int] | None) -> torch.Tensor:
+    """The whole tensor, or the flat element range `span` of it padded with zeros to the span's length, read from
+    the memory-mapped file without loading the rest: whole rows along dim 0, then trimmed."""
+    if span is None:
+        return handle.get_tensor(key)
+    start, end = span
+    sliced = handle.get_slice(key)
+    shape = sliced.get_shape()
+    numel = math.prod(shape)
+    row = numel // shape[0] if shape and shape[0] else 1
+    first, last = start // row, min(-(-min(end, numel) // row), shape[0] if shape else 1)
+    part = sliced[first:last].reshape(-1)[start - first * row : min(end, numel) - first * row] if first < last else None
+    out = torch.zeros(end - start, dtype=torch.float32)
+    if part is not None:
+        out[: part.numel()] = part
+    return out
+
+
+def _check_global_batch(saved: dict, path: Path, config: TrainConfig, world: World) -> None:
+    before = saved["batch"]
+    old = before["micro_batch_size"] * before["gradient_accumulation_steps"] * before["ranks"]
+    new = config.micro_batch_size * config.gradient_accumulation_steps * world.size
+    if old == new:
+        return
+    step = saved["step"]
+    if config.checkpoint.allow_new_global_batch:
+        print0(
+            f"warning: {path.name} was trained with a global batch of {old} pairs; continuing with {new} "
+            f"(checkpoint.allow_new_global_batch=true): from step {step + 1} on each update averages {new} pairs and "
+            "the data order is not the one the original run would have seen"
+        )
+        return
+    per_step = config.micro_batch_size * world.size
+    if old % per_step == 0:
+        hint = f"gradient_accumulation_steps={old // per_step} keeps it"
+    else:
+        hint = (f"no gradient_accumulation_steps gives {old} with micro_batch_size={config.micro_batch_size} on "
+                f"{world.size} rank(s): micro_batch_size x gradient_accumulation_steps x ranks must be {old}")
+    raise ConfigError(
+        f"{path} was trained with a global batch of {old} pairs (micro_batch_size {before['micro_batch_size']} x "
+        f"gradient_accumulation_steps {before['gradient_accumulation_steps']} x {before['ranks']} ranks); this run's "
+        f"is {new} ({config.micro_batch_size} x {config.gradient_accumulation_steps} x {world.size} ranks). {hint}; "
+        f"or set checkpoint.allow_new_global_batch=true to continue with {new} (the data order changes from step "
+        f"{step + 1} on)"
+    )
+
+
+def _check_same_parameters(saved: dict[str, dict], parameters, path: Path) -> None:
+    ours = {name: list(distributed.full_shape(p)) for name, p in parameters}
+    missing = sorted(set(ours) - set(saved))
+    extra = sorted(set(saved) - set(ours))
+    reshaped = sorted(n for n in set(ours) & set(saved) if ours[n] != saved[n]["shape"])
+    if not (missing or extra or reshaped):
+        return
+    found = []
+    if missing:
+        found.append(f"no state for {len(missing)} parameter(s) this run trains ({', '.join(missing[:3])})")
+    if extra:
+        found.append(f"state for {len(extra)} parameter(s) this run does not train ({', '.join(extra[:3])})")
+    if reshaped:
+        name = reshaped[0]
+        found.append(f"{len(reshaped)} of another shape ({name}: checkpoint {saved[name]['shape']}, model {ours[name]})")
+    raise ConfigError(
+        f"{path} was written for another model or LoRA setting: {'; '.join(found)}. Resume it with the config it was "
+        f"written with (its `config` in {TRAINER_STATE}), or train into a new run_dir"
+    )
+
+
+def _restore_native(engine, path: Path, config: TrainConfig, world: World) -> int:
+    """A checkpoint in DeepSpeed's own format, as runs wrote before the portable one: DeepSpeed can load it only on
+    the same number of ranks and ZeRO stage, so anything else is refused here rather than deep inside DeepSpeed."""
+    from dpo_scale.ds_config import load_deepspeed_json
+
+    saved = torch.load(path / NATIVE_STATE, weights_only=True)
+    saved_ds = saved["config"]["deepspeed"]["config"]
+    stage = (load_deepspeed_json(saved_ds)[1].get("zero_optimization") or {}).get("stage", 0)
+    # one optimizer-state file per rank under ZeRO-1/2/3; without ZeRO the state is whole and any world size loads it
+    ranks = len(list((path / "ds" / NATIVE_ENGINE_TAG).glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+    if stage != engine.zero_optimization_stage() or (ranks and ranks != world.size):
+        written = f"ZeRO stage {stage}" + (f" on {ranks} ranks" if ranks else "")
+        raise ConfigError(
+            f"{path} is a DeepSpeed-native checkpoint (the format before portable checkpoints), written with "
+            f"{written}; this run has ZeRO stage {engine.zero_optimization_stage()} on {world.size} rank(s). "
+            f"DeepSpeed loads that format only as it was written: resume once with deepspeed.config={saved_ds} on "
+            f"{ranks or 'any number of'} ranks (its next checkpoint is portable), or start a new run_dir"
+        )
+    print0(f"{path.name} is a DeepSpeed-native checkpoint (pickled files: resume only checkpoints you wrote); "
+           "the next checkpoint is written in the portable format")
+    distributed.load_engine(engine, str(path / "ds"), NATIVE_ENGINE_TAG)
+    torch.set_rng_state(torch.load(path / f"rng-rank{world.rank}.pt", weights_only=True)["rng"])
+    return int(saved["step"])
+
+
+def _save_rng(path: Path, device: torch.device) -> None:
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    save_file(states, path)
+
+
+def _load_rng(path: Path, device: torch.device) -> None:
+    states = load_file(path)
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
 
 
 def _hf_names(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -110,3 +321,39 @@ def _prune(root: Path, config: CheckpointConfig) -> None:
     complete = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
     for old in complete[: -config.keep_last]:
         shutil.rmtree(old)
+
+
+
+class SafetensorsWriter:
+    """A safetensors file written one tensor at a time, so no more than one tensor is held for it at once.
+
+    safetensors' own `save_file` takes the whole dict; the format streams easily: an 8-byte little-endian header
+    size, a JSON header of names, dtypes, shapes and byte offsets (known up front from the shapes), then each
+    tensor's bytes in that order. Written inside the checkpoint's .partial directory, which is renamed when complete.
+    """
+
+    def __init__(self, path: Path, layout: list[tuple[str, torch.dtype, tuple[int, ...]]]):
+        header: dict[str, dict] = {}
+        offset = 0
+        for name, dtype, shape in layout:
+            size = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        self._expected = list(header.items())
+        self._written = 0
+        self._handle = open(path, "wb")  # noqa: SIM115 - closed by close(), after the last tensor
+        self._handle.write(struct.pack("<Q", len(encoded)) + encoded)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected, spec = self._expected[self._written]
+        if name != expected or list(tensor.shape) != spec["shape"] or SAFETENSORS_DTYPES.get(tensor.dtype) != spec["dtype"]:
+            raise ValueError(f"{name} {tuple(tensor.shape)} {tensor.dtype}: the file's header expects {expected} {spec}")
+        self._handle.write(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().data)  # no copy on CPU
+        self._written += 1
+
+    def close(self) -> None:
+        self._handle.close()
+        if self._written != len(self._expected):
+            raise ValueError(f"{self._handle.name}: {len(self._expected) - self._written} tensors were never written")

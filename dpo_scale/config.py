@@ -279,7 +279,11 @@ class CheckpointConfig:
     keep_last: int = 2
     """Complete checkpoints kept; older ones are deleted once a newer one is complete."""
     resume: Literal["auto", "never"] = "auto"
-    """auto: continue from the latest complete checkpoint in run_dir if there is one."""
+    """auto: continue from the latest complete checkpoint in run_dir if there is one, on any number of ranks and any
+    ZeRO stage."""
+    allow_new_global_batch: bool = False
+    """Resume with another global batch (micro_batch_size x gradient_accumulation_steps x ranks) than the
+    checkpoint's: refused unless true, since the data order then differs from the step it resumes at."""
 
     def __post_init__(self) -> None:
         _check_choice(self, "checkpoint", "resume", Literal["auto", "never"])

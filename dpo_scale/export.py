@@ -1,7 +1,7 @@
 """`dpo-scale export RUN_DIR --out DIR`: the run's latest weights as a directory `from_pretrained` loads.
 
-Reads only the consolidated `model.safetensors` and the tensor-only `train_state.pt` of the latest complete
-checkpoint (no pickled objects). LoRA runs export the adapter (peft format), or with `merge_lora` the base model
+Reads only the consolidated `model.safetensors` and the saved config (JSON) of the latest complete checkpoint (no
+pickled objects). LoRA runs export the adapter (peft format), or with `merge_lora` the base model
 with the adapters merged in. The directory appears whole: written aside, then renamed.
 """
 
@@ -35,13 +35,13 @@ def export(run_dir: str | Path, out: str | Path, merge_lora: bool = False) -> Pa
 def load_trained_policy(run_dir: str | Path, merge_lora: bool = True) -> tuple[torch.nn.Module, TrainConfig]:
     """The latest complete checkpoint of `run_dir` (or `run_dir` itself when it is one checkpoint directory,
     run_dir/checkpoints/step-N) as a transformers model (peft model for an unmerged LoRA run), and the run's config.
-    Only safetensors and a tensor-only train state are read."""
+    Only safetensors and the checkpoint's JSON are read."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     latest = Path(run_dir) if checkpoint.is_checkpoint(run_dir) else checkpoint.latest(run_dir)
     if latest is None:
         raise ConfigError(f"{run_dir}: no complete checkpoint (checkpoints/latest is missing); train first")
-    config = build(TrainConfig, torch.load(latest / "train_state.pt", weights_only=True)["config"])
+    config = build(TrainConfig, checkpoint.saved_config(latest))
     weights = load_file(latest / "model.safetensors")
     if config.lora.enabled:
         base = AutoModelForCausalLM.from_pretrained(

@@ -141,6 +141,7 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
     policy_module = PairLogpsModel(policy, config.logps)
     distributed.register_lm_head(policy_module, policy)
     engine = distributed.training_engine(policy_module, ds_config)
+    distributed.check_portable_state(engine)
     engine.train()  # from_pretrained returns eval mode, where transformers skips activation checkpointing
 
     reference: ReferenceSource | None = None
@@ -173,7 +174,8 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
     if config.reference.source == "nf4" and config.reference.nf4.drift_pairs and latest is None:
         _warn_on_nf4_drift(state)
     if latest is not None:
-        state.start_step = checkpoint.restore(engine, latest, world)
+        state.start_step = checkpoint.restore(engine, latest, config, world)
+        state.skipped_steps = engine.skipped_steps
         if world.is_main:
             state.metrics_log.truncate_after(state.start_step)
         print0(f"resumed from {latest} at step {state.start_step}")

@@ -38,20 +38,24 @@ def base_config(material: tuple[Path, Path], run_dir: Path, **sections) -> dict:
 
 def train(
     tree: dict, ranks: int = 1, overrides: tuple[str, ...] = (), timeout: int = 300, launcher: str = "deepspeed",
-    **popen,
+    script: Path | None = None, env_extra: dict[str, str] | None = None, **popen,
 ):
     """Write the config beside the run and train with `ranks` processes under `launcher` (deepspeed or torchrun);
-    returns the CompletedProcess (stdout and stderr captured)."""
+    returns the CompletedProcess (stdout and stderr captured). `script`: a Python file run in place of the
+    `dpo-scale` entry point (with the same arguments); `env_extra`: variables added to its environment."""
     run_dir = Path(tree["run_dir"])
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     config = run_dir.parent / f"{run_dir.name}.yaml"
     config.write_text(yaml.safe_dump(tree))
-    command = [DPO_SCALE, "train", "--config", str(config), *overrides]
+    program = [str(script)] if script else [DPO_SCALE]
+    command = [*program, "train", "--config", str(config), *overrides]
+    if ranks == 1 and script:
+        command = [sys.executable, *command]
     if ranks > 1:
         program = shutil.which(launcher) or str(Path(sys.executable).with_name(launcher))
         processes = "--num_gpus" if launcher == "deepspeed" else "--nproc_per_node"
         command = [program, processes, str(ranks), "--master_port", str(free_port()), *command]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, **popen)
 
 
