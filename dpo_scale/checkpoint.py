@@ -93,9 +93,8 @@ def save(engine, step: int, config: TrainConfig, world: World) -> Path:
     distributed.materialize_optimizer_state(engine)  # only if every update so far was skipped
     _write_parameter_state(engine, parameters, owners, partial / "state" / _rank_file(world.rank), world.rank)
     _save_rng(partial / "rng" / _rank_file(world.rank), world.device)
-    weights = distributed.consolidated_state_dict(engine)
+    _write_weights(engine, partial / "model.safetensors", world.is_main)
     if world.is_main:
-        save_file(_hf_names(weights), partial / "model.safetensors")
         trainer_state = {
             "step": step,
             "optimizer_steps": optimizer_steps,
@@ -218,7 +217,8 @@ def _check_global_batch(saved: dict, path: Path, config: TrainConfig, world: Wor
         return
     per_step = config.micro_batch_size * world.size
     if old % per_step == 0:
-        hint = f"gradient_accumulation_steps={old // per_step} keeps it"
+        hint = (f"gradient_accumulation_steps={old // per_step} keeps it (global_batch_size={old} derives it on any "
+                "number of ranks)")
     else:
         hint = (f"no gradient_accumulation_steps gives {old} with micro_batch_size={config.micro_batch_size} on "
                 f"{world.size} rank(s): micro_batch_size x gradient_accumulation_steps x ranks must be {old}")
@@ -291,16 +291,24 @@ def _load_rng(path: Path, device: torch.device) -> None:
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
-def _hf_names(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Wrapper keys (`model.` + the transformers name) -> transformers names; tied weights stored once."""
-    named: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for key, tensor in weights.items():
-        if tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        named[key.removeprefix("model.")] = tensor.contiguous()
-    return named
+def _write_weights(engine, path: Path, writes: bool) -> None:
+    """The model's weights in the training dtype under transformers' names (the wrapper's `model.` prefix removed),
+    gathered one at a time (every rank takes part) and streamed into one file by the rank that `writes`."""
+    layout = distributed.weights_layout(engine)
+    writer = None
+    if writes:
+        writer = SafetensorsWriter(path, [(_hf_name(name), t.dtype, distributed.full_shape(t)) for name, t in layout])
+    for name, tensor in layout:
+        whole = distributed.gather_weight(tensor)
+        if writer is not None:
+            writer.write(_hf_name(name), whole)
+        del whole
+    if writer is not None:
+        writer.close()
+
+
+def _hf_name(key: str) -> str:
+    return key.removeprefix("model.")
 
 
 def _check_finite(engine, step: int) -> None:

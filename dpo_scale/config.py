@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -345,6 +345,10 @@ class TrainConfig:
     micro_batch_size: int = 4
     """Pairs per rank per forward."""
     gradient_accumulation_steps: int = 1
+    global_batch_size: int | None = None
+    """Pairs per optimizer step over all ranks. Set, it fixes the update and each launch derives
+    gradient_accumulation_steps = global_batch_size / (micro_batch_size x ranks): a job requeued onto fewer or
+    more nodes then resumes with the same updates (leave gradient_accumulation_steps at 1)."""
     epochs: int = 1
     max_steps: int | None = None
     """Stop after this many optimizer steps (None: run all epochs)."""
@@ -355,12 +359,35 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.micro_batch_size < 1 or self.gradient_accumulation_steps < 1 or self.epochs < 1:
             raise ConfigError("micro_batch_size, gradient_accumulation_steps and epochs must be at least 1")
+        if self.global_batch_size is not None and self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(f"global_batch_size={self.global_batch_size} is not a multiple of micro_batch_size="
+                              f"{self.micro_batch_size}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps={self.max_steps}: must be at least 1 (or null)")
         if self.reference.source == "lora" and not self.lora.enabled:
             raise ConfigError("reference.source=lora needs lora.enabled=true (the reference is the adapter-free base)")
         if self.loss.reference_free and self.reference.source != "copy":
             raise ConfigError("loss.loss_type=simpo is reference-free: leave reference.source at its default")
+
+    def for_world(self, ranks: int) -> TrainConfig:
+        """This config as it runs on `ranks` ranks: gradient_accumulation_steps derived from global_batch_size."""
+        if self.global_batch_size is None:
+            return self
+        per_step = self.micro_batch_size * ranks
+        if self.global_batch_size % per_step:
+            fits = [r for r in range(1, self.global_batch_size // self.micro_batch_size + 1)
+                    if self.global_batch_size % (self.micro_batch_size * r) == 0]
+            raise ConfigError(
+                f"global_batch_size={self.global_batch_size} does not split over {ranks} rank(s) of micro_batch_size="
+                f"{self.micro_batch_size}: run on {', '.join(map(str, fits[:8]))} ranks, or change micro_batch_size"
+            )
+        derived = self.global_batch_size // per_step
+        if self.gradient_accumulation_steps not in (1, derived):
+            raise ConfigError(
+                f"global_batch_size={self.global_batch_size} gives gradient_accumulation_steps={derived} on {ranks} "
+                f"rank(s), but gradient_accumulation_steps={self.gradient_accumulation_steps} is set: unset one"
+            )
+        return replace(self, gradient_accumulation_steps=derived)
 
 
 @dataclass

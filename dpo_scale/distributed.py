@@ -171,12 +171,25 @@ def gather_to_all(value: object) -> list[object]:
     return gathered
 
 
-def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
-    """The full model's weights on rank 0 (None elsewhere), gathered shard by shard; every rank must call it."""
-    if engine.zero_optimization_stage() == 3:
-        return engine._zero3_consolidated_16bit_state_dict()
-    state = engine.module.state_dict()
-    return state if dist.get_rank() == 0 else None
+def weights_layout(engine) -> list[tuple[str, torch.Tensor]]:
+    """(state-dict name, tensor) of every weight and persistent buffer, tied weights once, in the same order on every
+    rank; under ZeRO-3 the parameters are this rank's placeholders (read their shape with `full_shape`)."""
+    seen: set[int] = set()
+    layout = []
+    for name, tensor in engine.module.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            layout.append((name, tensor))
+    return layout
+
+
+def gather_weight(tensor: torch.Tensor) -> torch.Tensor:
+    """One whole weight in its training dtype, on every rank (collective under ZeRO-3: every rank must call it for
+    the same tensors in the same order); a copy, so the extra memory is this one weight."""
+    if not hasattr(tensor, "ds_id"):
+        return tensor.detach()
+    with deepspeed.zero.GatheredParameters([tensor]):
+        return tensor.detach().clone()
 
 
 def load_engine(engine, directory: str, tag: str) -> None:

@@ -86,6 +86,7 @@ def run(config: TrainConfig) -> list[dict]:
 
 
 def build(config: TrainConfig, world: distributed.World) -> Run:
+    config = config.for_world(world.size)
     _seed(config.seed)
     run_dir = Path(config.run_dir)
     tokenizer = load_tokenizer(config.data.tokenizer or config.model.path)

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from dpo_scale import checkpoint
 from dpo_scale.cli import main
@@ -70,9 +69,8 @@ def _save_natively() -> None:
         torch.distributed.barrier()
         engine.save_checkpoint(str(partial / "ds"), tag=checkpoint.NATIVE_ENGINE_TAG, save_latest=False)
         torch.save({"rng": torch.get_rng_state()}, partial / f"rng-rank{world.rank}.pt")
-        weights = checkpoint.distributed.consolidated_state_dict(engine)
+        checkpoint._write_weights(engine, partial / "model.safetensors", world.is_main)
         if world.is_main:
-            save_file(checkpoint._hf_names(weights), partial / "model.safetensors")
             torch.save({"step": step, "config": to_dict(config)}, partial / checkpoint.NATIVE_STATE)
         torch.distributed.barrier()
         if world.is_main:

@@ -4,7 +4,6 @@ resuming reads no pickle. Real `deepspeed` launcher on 2 CPU ranks, fp32."""
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -54,9 +53,9 @@ def _state(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
     assert a.keys() == b.keys(), what
-    for name in a:
-        scale = a[name].abs().max().clamp_min(1e-12)
-        assert ((a[name] - b[name]).abs().max() / scale).item() <= 1e-6, f"{what}: {name}"
+    for name, value in a.items():
+        scale = value.abs().max().clamp_min(1e-12)
+        assert ((value - b[name]).abs().max() / scale).item() <= 1e-6, f"{what}: {name}"
 
 
 def _assert_same_run(resumed: Path, straight: Path, step: int) -> None:
@@ -102,3 +101,129 @@ def test_two_ranks_resume_on_one_with_twice_the_accumulation(material, tmp_path)
     _ok(allowed)
     assert "continuing with 4 (checkpoint.allow_new_global_batch=true)" in allowed.stdout
     assert [r["step"] for r in train_metrics(other)] == list(range(1, 7))
+
+
+@pytest.fixture(scope="module")
+def straight_nine(material, tmp_path_factory):
+    """One process, ZeRO-3, 9 steps, checkpoints at 3, 6 and 9: the uninterrupted run two tests compare with."""
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    _ok(train(_config(material, run_dir, steps=9, gradient_accumulation_steps=2)))
+    return run_dir
+
+
+def test_one_rank_to_two_without_zero_then_back_to_zero3_with_offload(material, straight_nine, tmp_path):
+    """1 process with ZeRO-3 to step 3; 2 ranks without ZeRO (zero0) to step 6; 1 process with ZeRO-3 and the
+    optimizer offloaded (DeepSpeed's CPU Adam) to step 9: each leg ends where the uninterrupted run does."""
+    zero0 = tmp_path / "zero0"
+    _resume_from(straight_nine, zero0, 3)
+    _ok(train(_config(material, zero0, steps=9, deepspeed={"config": "zero0"}), ranks=2))
+    _assert_same_run(zero0, straight_nine, 9)
+    offload = tmp_path / "offload"
+    _resume_from(zero0, offload, 6)
+    tree = _config(material, offload, steps=9, gradient_accumulation_steps=2, deepspeed={"config": "zero3_offload"})
+    _ok(train(tree, timeout=600))
+    _assert_same_run(offload, straight_nine, 9)
+
+
+def test_lora_two_ranks_resume_on_one(material, tmp_path):
+    """The checkpoint holds the adapters' state only (the base is frozen and reloaded from model.path)."""
+    def config(run_dir, **sections):
+        return _config(material, run_dir, lora=LORA, reference={"source": "lora"}, optim={"lr": 0.01,
+                       "warmup_steps": 2}, **sections)  # fmt: skip
+
+    straight = tmp_path / "straight"
+    _ok(train(config(straight), ranks=2))
+    state = _state(straight / "checkpoints" / "step-00000003")
+    assert state and all("lora_" in name for name in state)
+    resumed = tmp_path / "resumed"
+    _resume_from(straight, resumed, 3)
+    _ok(train(config(resumed, gradient_accumulation_steps=2)))
+    _assert_same_run(resumed, straight, 6)
+
+
+def test_killed_while_writing_resumes_from_the_previous_checkpoint(material, straight_nine, tmp_path):
+    """SIGKILL in the middle of writing checkpoint 6 (its state file half written): the same command resumes from
+    checkpoint 3, reading no pickle, and ends bitwise where the uninterrupted run ends; keep_last holds."""
+    killed = tmp_path / "killed"
+    tree = _config(material, killed, steps=9, gradient_accumulation_steps=2)
+    first = train(tree, script=HOOKS, env_extra={"DPO_SCALE_TEST_KILL_DURING_SAVE": "6"})
+    assert first.returncode != 0
+    assert (killed / "checkpoints" / "latest").read_text() == "step-00000003"
+    assert (killed / "checkpoints" / ".step-00000006.partial").is_dir()
+    tree["checkpoint"]["keep_last"] = 2
+    _ok(train(tree, script=HOOKS, env_extra={"DPO_SCALE_TEST_NO_PICKLE": "1"}))
+    assert [r["loss"] for r in train_metrics(killed)] == [r["loss"] for r in train_metrics(straight_nine)]
+    final = "checkpoints/step-00000009"
+    saved = [json.loads((run / final / "trainer_state.json").read_text()) for run in (killed, straight_nine)]
+    assert [{k: v for k, v in s.items() if k != "config"} for s in saved] == [
+        {k: v for k, v in saved[1].items() if k != "config"}] * 2
+    for what in ("model.safetensors", "state/rank-00000.safetensors"):
+        resumed, uninterrupted = load_file(killed / final / what), load_file(straight_nine / final / what)
+        assert resumed.keys() == uninterrupted.keys()
+        assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed), what
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["latest", "step-00000006", "step-00000009"]
+
+
+def test_native_checkpoint_resumes_as_written_and_is_refused_elsewhere(material, tmp_path):
+    """A run directory of the DeepSpeed-native kind (what runs wrote before): resumed on its 2 ranks it ends where an
+    uninterrupted run ends, and its next checkpoint is portable; on 1 rank it is refused with a message."""
+    straight = tmp_path / "straight"
+    _ok(train(_config(material, straight), ranks=2, script=HOOKS, env_extra={"DPO_SCALE_TEST_NATIVE_SAVE": "1"}))
+    assert (straight / "checkpoints" / "step-00000003" / "ds").is_dir()
+    refused_dir = tmp_path / "refused"
+    _resume_from(straight, refused_dir, 3)
+    refused = train(_config(material, refused_dir, gradient_accumulation_steps=2))
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "is a DeepSpeed-native checkpoint" in refused.stderr
+    assert "written with ZeRO stage 3 on 2 ranks; this run has ZeRO stage 3 on 1 rank(s)" in refused.stderr
+
+    resumed = tmp_path / "resumed"
+    _resume_from(straight, resumed, 3)
+    result = train(_config(material, resumed), ranks=2)
+    _ok(result)
+    assert "is a DeepSpeed-native checkpoint (pickled files" in result.stdout
+    assert [r["loss"] for r in train_metrics(resumed)] == [r["loss"] for r in train_metrics(straight)]
+    final = "checkpoints/step-00000006"
+    assert (resumed / final / "trainer_state.json").is_file() and not (resumed / final / "ds").exists()
+    _close(load_file(resumed / final / "model.safetensors"), load_file(straight / final / "model.safetensors"),
+           "weights")  # fmt: skip
+
+
+def test_state_file_streams_tensors_in_header_order(tmp_path):
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(7), "c": torch.randn(2, 3, 4).bfloat16()}
+    writer = SafetensorsWriter(tmp_path / "x.safetensors", [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()])
+    with pytest.raises(ValueError, match="the file's header expects a"):
+        writer.write("b", tensors["b"])
+    for name, tensor in tensors.items():
+        writer.write(name, tensor)
+    writer.close()
+    loaded = load_file(tmp_path / "x.safetensors")
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    short = SafetensorsWriter(tmp_path / "y.safetensors", [("a", torch.float32, (3, 5)), ("b", torch.float32, (7,))])
+    short.write("a", tensors["a"])
+    with pytest.raises(ValueError, match="1 tensors were never written"):
+        short.close()
+
+
+def test_a_zero3_partition_is_read_without_the_rest_of_the_tensor(tmp_path):
+    """ZeRO-3 rank r holds elements [r*size, (r+1)*size) of the flattened parameter, the last one padded with zeros."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    full = torch.arange(35, dtype=torch.float32).reshape(5, 7)
+    save_file({"w": full}, tmp_path / "w.safetensors")
+    with safe_open(tmp_path / "w.safetensors", framework="pt") as handle:
+        for size in (1, 6, 12, 18, 35, 40):
+            for start in range(0, 35, size):
+                part = _read(handle, "w", (start, start + size))
+                expected = torch.zeros(size)
+                expected[: min(size, 35 - start)] = full.flatten()[start : start + size]
+                assert torch.equal(part, expected), (size, start)
+        assert torch.equal(_read(handle, "w", None), full)
+
+
+def test_each_rank_writes_about_an_equal_share():
+    sizes = [("embed", 1000), *[(f"layer{i}", 100) for i in range(20)], ("norm", 10)]
+    owners = _owners(sizes, 3)
+    load = [sum(size for name, size in sizes if owners[name] == rank) for rank in range(3)]
+    assert sorted(load) == [1000, 1000, 1010]  # the embedding alone on one rank, the layers split over the others
