@@ -24,8 +24,10 @@ on_every_node() {
     fi
     echo "slurm: job $SLURM_JOB_ID on $SLURM_JOB_NODELIST ($NUM_NODES nodes), master $MASTER_ADDR:$MASTER_PORT," \
         "restart ${SLURM_RESTART_COUNT:-0}"
+    # --ntasks explicitly: the job's environment keeps the task count it was submitted with (SLURM_NTASKS), which
+    # is wrong once a requeued job is resized onto fewer nodes
     # shellcheck disable=SC2016  # expanded on each node, not here
-    srun --nodes="$NUM_NODES" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
+    srun --nodes="$NUM_NODES" --ntasks="$NUM_NODES" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
         set -euo pipefail
         export HOSTFILE=${TMPDIR:-/tmp}/dpo-scale-hosts-$SLURM_JOB_ID-$SLURM_NODEID
         trap "rm -f \"\$HOSTFILE\"" EXIT

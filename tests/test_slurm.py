@@ -140,7 +140,7 @@ def test_usr1_saves_requeues_and_resumes_on_one_node_to_the_same_weights(cluster
     while any(list(STATE_DIR.glob(pattern)) for pattern in on_nodes) and time.time() < deadline:
         time.sleep(0.5)
     time.sleep(2)
-    _run(["scontrol", "update", f"JobId={job_id}", "NumNodes=1"], cluster)
+    _run(["scontrol", "update", f"JobId={job_id}", "NumTasks=1", "NumNodes=1"], cluster)  # as `sbatch -N 1` asks
     _run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], cluster)
 
     _wait(straight_id, cluster)
