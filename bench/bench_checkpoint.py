@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # the launched ranks: the work directory
+    parser.add_argument("--local_rank", help=argparse.SUPPRESS)  # added by the deepspeed launcher
     args = parser.parse_args()
     if args.worker:
         _worker(Path(args.worker), args.repeats)
@@ -111,6 +112,7 @@ def _rss() -> int:
 
 def _worker(work: Path, repeats: int) -> None:
     import torch
+    from safetensors.torch import save_file
 
     from dpo_scale import checkpoint, distributed, train
     from dpo_scale.config import TrainConfig, build
@@ -141,7 +143,9 @@ def _worker(work: Path, repeats: int) -> None:
 
     def native_save() -> None:
         engine.save_checkpoint(str(native / "ds"), tag=checkpoint.NATIVE_ENGINE_TAG, save_latest=False)
-        checkpoint._write_weights(engine, native / "model.safetensors", world.is_main)
+        weights = engine._zero3_consolidated_16bit_state_dict()  # rank 0 gathers the whole model, as before
+        if world.is_main:
+            save_file({k.removeprefix("model."): v.contiguous() for k, v in weights.items()}, native / "model.safetensors")
 
     portable_path = Path(config.run_dir) / "checkpoints" / "step-00000001"
     rows = {"save": [], "load": [], "native_save": [], "native_load": [], "save_rss": [], "native_save_rss": []}

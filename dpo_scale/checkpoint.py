@@ -1,10 +1,12 @@
 """Checkpoints that resume on any number of ranks and any ZeRO stage, and become visible only when complete.
 
     run_dir/checkpoints/step-00000040/
-        model.safetensors          the consolidated weights in the training dtype (what `dpo-scale export` ships)
+        model.safetensors          the weights in the training dtype under transformers' names (what `dpo-scale
+                                   export` ships); from several ranks, one shard per rank (model-00001-of-00002...)
+                                   and model.safetensors.index.json, transformers' sharded layout
         state/rank-00000.safetensors
-                                   the training state of a share of the trainable parameters, by name: the fp32
-                                   master weight `<name>` and AdamW's `<name>.exp_avg`, `<name>.exp_avg_sq`
+                                   the training state of that rank's share of the trainable parameters, by name:
+                                   the fp32 master `<name>` and AdamW's `<name>.exp_avg`, `<name>.exp_avg_sq`
         rng/rank-00000.safetensors that rank's torch RNG state
         trainer_state.json         step, AdamW's step count, scheduler and engine counters, the global batch and how
                                    it was split, which file holds each parameter, the resolved config
@@ -26,10 +28,13 @@ same number of ranks and ZeRO stage only.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
 import struct
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -43,6 +48,8 @@ from dpo_scale.io import atomic_open
 from dpo_scale.tracking import print0
 
 TRAINER_STATE = "trainer_state.json"
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
 NATIVE_STATE = "train_state.pt"  # written by the DeepSpeed-native format: a dict of step and config, no objects
 NATIVE_ENGINE_TAG = "state"
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -64,7 +71,8 @@ def is_checkpoint(path: str | Path) -> bool:
     """A complete checkpoint directory (step-N, not a .partial one), of either format."""
     path = Path(path)
     state = (path / TRAINER_STATE).is_file() or (path / NATIVE_STATE).is_file()
-    return path.name.startswith("step-") and (path / "model.safetensors").is_file() and state
+    weights = (path / WEIGHTS).is_file() or (path / WEIGHTS_INDEX).is_file()
+    return path.name.startswith("step-") and weights and state
 
 
 def saved_config(path: str | Path) -> dict:
@@ -88,13 +96,17 @@ def save(engine, step: int, config: TrainConfig, world: World) -> Path:
     torch.distributed.barrier()
 
     parameters = distributed.trainable_parameters(engine)
-    owners = _owners([(name, math.prod(distributed.full_shape(p))) for name, p in parameters], world.size)
+    sizes = [(name, math.prod(distributed.full_shape(t))) for name, t in distributed.weights_layout(engine)]
+    owners = _owners(sizes, world.size)
     optimizer_steps = distributed.optimizer_steps(engine)
     distributed.materialize_optimizer_state(engine)  # only if every update so far was skipped
-    _write_parameter_state(engine, parameters, owners, partial / "state" / _rank_file(world.rank), world.rank)
+    _write_state_and_weights(engine, partial, owners, world)
     _save_rng(partial / "rng" / _rank_file(world.rank), world.device)
-    _write_weights(engine, partial / "model.safetensors", world.is_main)
     if world.is_main:
+        if world.size > 1:
+            weight_map = {_hf_name(n): _weights_file(owners[n], world.size) for n, _ in distributed.weights_layout(engine)}
+            with atomic_open(partial / WEIGHTS_INDEX) as handle:
+                json.dump({"metadata": {}, "weight_map": weight_map}, handle, indent=1)
         trainer_state = {
             "step": step,
             "optimizer_steps": optimizer_steps,
@@ -166,21 +178,61 @@ def _owners(sizes: list[tuple[str, int]], ranks: int) -> dict[str, int]:
     return owners
 
 
-def _write_parameter_state(engine, parameters, owners: dict[str, int], path: Path, rank: int) -> None:
-    """Gather each parameter's state in turn (every rank takes part: a collective under ZeRO) and write it into
-    this rank's file if this rank owns it; the gathered tensors are dropped before the next parameter."""
-    layout = [
-        (_state_key(name, key), torch.float32, distributed.full_shape(p))
-        for name, p in parameters if owners[name] == rank for key in distributed.STATE_KEYS
-    ]  # fmt: skip
-    writer = SafetensorsWriter(path, layout)
-    for name, parameter in parameters:
-        state = distributed.gather_parameter_state(engine, parameter)
-        if owners[name] == rank:
-            for key in distributed.STATE_KEYS:
-                writer.write(_state_key(name, key), state[key].float())
-        del state
-    writer.close()
+def _write_state_and_weights(engine, partial: Path, owners: dict[str, int], world: World) -> None:
+    """One pass over the model; every rank takes part in every gather (collective), and the rank that owns a tensor
+    writes it as it arrives. A trainable parameter's master and moments go to the owner's state file, and its
+    training-dtype weight (the master cast, as DeepSpeed's update leaves it) to the owner's weights file; frozen
+    weights and buffers are gathered whole for their weights file. So each rank writes its share, and a save adds
+    two ZeRO-3 partitions of the largest parameter on its owner (the one being written, the one arriving), or the
+    largest frozen weight in its training dtype."""
+    weights = distributed.weights_layout(engine)
+    trainable = {id(p) for _, p in distributed.trainable_parameters(engine)}
+    mine = [(name, tensor) for name, tensor in weights if owners[name] == world.rank]
+    state_file = SafetensorsWriter(partial / "state" / _rank_file(world.rank), [
+        (_state_key(name, key), torch.float32, distributed.full_shape(tensor))
+        for name, tensor in mine if id(tensor) in trainable for key in distributed.STATE_KEYS
+    ])  # fmt: skip
+    weights_file = SafetensorsWriter(partial / _weights_file(world.rank, world.size), [
+        (_hf_name(name), tensor.dtype, distributed.full_shape(tensor)) for name, tensor in mine
+    ])  # fmt: skip
+    ahead = OneWriteAhead()
+    for name, tensor in weights:
+        owner = owners[name]
+        if id(tensor) not in trainable:
+            for whole in distributed.stream_weight(tensor, owner):
+                ahead.wait()  # written while gathered: ZeRO-3 frees the gathered copy when the loop moves on
+                weights_file.write(_hf_name(name), whole)
+            continue
+        for key in distributed.STATE_KEYS:
+            for chunk in distributed.stream_parameter_state(engine, tensor, key, owner):
+                writes = [functools.partial(state_file.write, _state_key(name, key), chunk.float())]
+                if key == "master":
+                    writes.append(functools.partial(weights_file.write, _hf_name(name), chunk.to(tensor.dtype)))
+                ahead.submit(functools.partial(_run_all, writes))
+    ahead.wait()
+    state_file.close()
+    weights_file.close()
+
+
+def _run_all(calls: list[Callable[[], None]]) -> None:
+    for call in calls:
+        call()
+
+
+def _weights_file(rank: int, ranks: int) -> str:
+    """transformers' names for a model's weights in one file or in shards (with an index saying which holds what)."""
+    return WEIGHTS if ranks == 1 else f"model-{rank + 1:05d}-of-{ranks:05d}.safetensors"
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The weights of checkpoint `path` under transformers' names, from its one file or its shards."""
+    path = Path(path)
+    if not (path / WEIGHTS_INDEX).is_file():
+        return load_file(path / WEIGHTS)
+    weights = {}
+    for file in sorted(set(json.loads((path / WEIGHTS_INDEX).read_text())["weight_map"].values())):
+        weights.update(load_file(path / file))
+    return weights
 
 
 def _read(handle, key: str, span: tuple[int, int] | None) -> torch.Tensor:
@@ -291,22 +343,6 @@ def _load_rng(path: Path, device: torch.device) -> None:
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
-def _write_weights(engine, path: Path, writes: bool) -> None:
-    """The model's weights in the training dtype under transformers' names (the wrapper's `model.` prefix removed),
-    gathered one at a time (every rank takes part) and streamed into one file by the rank that `writes`."""
-    layout = distributed.weights_layout(engine)
-    writer = None
-    if writes:
-        writer = SafetensorsWriter(path, [(_hf_name(name), t.dtype, distributed.full_shape(t)) for name, t in layout])
-    for name, tensor in layout:
-        whole = distributed.gather_weight(tensor)
-        if writer is not None:
-            writer.write(_hf_name(name), whole)
-        del whole
-    if writer is not None:
-        writer.close()
-
-
 def _hf_name(key: str) -> str:
     return key.removeprefix("model.")
 
@@ -333,7 +369,7 @@ def _prune(root: Path, config: CheckpointConfig) -> None:
 
 
 class SafetensorsWriter:
-    """A safetensors file written one tensor at a time, so no more than one tensor is held for it at once.
+    """A safetensors file written one tensor, or one chunk of a tensor, at a time: nothing is held for it.
 
     safetensors' own `save_file` takes the whole dict; the format streams easily: an 8-byte little-endian header
     size, a JSON header of names, dtypes, shapes and byte offsets (known up front from the shapes), then each
@@ -350,18 +386,54 @@ class SafetensorsWriter:
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
         self._expected = list(header.items())
-        self._written = 0
+        self._written = 0  # tensors complete
+        self._filled = 0  # bytes of the next one written so far
         self._handle = open(path, "wb")  # noqa: SIM115 - closed by close(), after the last tensor
         self._handle.write(struct.pack("<Q", len(encoded)) + encoded)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append `tensor`, the whole of `name` or its next flat chunk (chunks arrive in order, in the header's
+        dtype, and add up to the header's shape)."""
         expected, spec = self._expected[self._written]
-        if name != expected or list(tensor.shape) != spec["shape"] or SAFETENSORS_DTYPES.get(tensor.dtype) != spec["dtype"]:
-            raise ValueError(f"{name} {tuple(tensor.shape)} {tensor.dtype}: the file's header expects {expected} {spec}")
+        begin, end = spec["data_offsets"]
+        size = tensor.numel() * tensor.dtype.itemsize
+        if name != expected or SAFETENSORS_DTYPES.get(tensor.dtype) != spec["dtype"] or self._filled + size > end - begin:
+            raise ValueError(f"{name} {tuple(tensor.shape)} {tensor.dtype}: the file's header expects {expected} {spec} "
+                             f"with {self._filled} of its bytes written")
         self._handle.write(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().data)  # no copy on CPU
-        self._written += 1
+        self._filled += size
+        if self._filled == end - begin:
+            self._written, self._filled = self._written + 1, 0
 
     def close(self) -> None:
         self._handle.close()
         if self._written != len(self._expected):
             raise ValueError(f"{self._handle.name}: {len(self._expected) - self._written} tensors were never written")
+
+
+class OneWriteAhead:
+    """Runs each write in a background thread while the caller gathers the next tensor, so the disk and the
+    network work at once; one write at a time, so at most two tensors are held: the one being written and the one
+    being gathered."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, write: Callable[[], None]) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._run, args=(write,), daemon=True)
+        self._thread.start()
+
+    def _run(self, write: Callable[[], None]) -> None:
+        try:
+            write()
+        except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread by the next submit or wait
+            self._error = error
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            raise self._error

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -18,6 +19,8 @@ import torch.distributed as dist
 from deepspeed.utils import (
     safe_get_full_fp32_param,
     safe_get_full_optimizer_state,
+    safe_get_local_fp32_param,
+    safe_get_local_optimizer_state,
     safe_set_full_fp32_param,
     safe_set_full_optimizer_state,
     safe_set_local_fp32_param,
@@ -183,13 +186,18 @@ def weights_layout(engine) -> list[tuple[str, torch.Tensor]]:
     return layout
 
 
-def gather_weight(tensor: torch.Tensor) -> torch.Tensor:
-    """One whole weight in its training dtype, on every rank (collective under ZeRO-3: every rank must call it for
-    the same tensors in the same order); a copy, so the extra memory is this one weight."""
+@torch.no_grad()
+def stream_weight(tensor: torch.Tensor, owner: int) -> Iterator[torch.Tensor]:
+    """One whole weight in its training dtype, yielded once on rank `owner` (nothing elsewhere); the caller is done
+    with it before asking for more (ZeRO-3 frees the gathered copy then). Collective under ZeRO-3: every rank runs
+    it to the end for the same tensors in the same order."""
     if not hasattr(tensor, "ds_id"):
-        return tensor.detach()
+        if dist.get_rank() == owner:
+            yield tensor.detach()
+        return
     with deepspeed.zero.GatheredParameters([tensor]):
-        return tensor.detach().clone()
+        if dist.get_rank() == owner:
+            yield tensor.detach()
 
 
 def load_engine(engine, directory: str, tag: str) -> None:
@@ -264,16 +272,45 @@ def materialize_optimizer_state(engine) -> None:
         link()
 
 
-def gather_parameter_state(engine, parameter: nn.Parameter) -> dict[str, torch.Tensor]:
-    """The whole fp32 master and moments of one parameter, on every rank. Collective under ZeRO (every rank must
-    call it for every parameter, in the same order); the extra memory is this one parameter's."""
-    shape = full_shape(parameter)
-    if not _has_fragments(parameter):
-        state = _torch_optimizer(engine).state[parameter]
-        return {"master": parameter.detach(), **{key: state[key] for key in OPTIMIZER_STATES}}
-    values = {"master": safe_get_full_fp32_param(parameter)}
-    values.update((key, safe_get_full_optimizer_state(parameter, key)) for key in OPTIMIZER_STATES)
-    return {key: value.reshape(shape) for key, value in values.items()}
+@torch.no_grad()
+def stream_parameter_state(engine, parameter: nn.Parameter, key: str, owner: int) -> Iterator[torch.Tensor]:
+    """One piece of a parameter's training state (`key` in STATE_KEYS: the fp32 master or a moment) on rank `owner`,
+    as its flattened values in consecutive chunks; nothing elsewhere. Collective: every rank runs it to the end for
+    the same parameters and keys in the same order, and the caller is done with a chunk before asking for the one
+    after next (two receive buffers take turns).
+
+    Under ZeRO-3 each rank sends its partition to the owner only, which hands each on as it arrives: the owner holds
+    two partitions (2/W of the parameter), not the parameter (DeepSpeed's full getters all-gather the whole tensor to
+    every rank, W - 1 times the bytes on the wire). ZeRO-3 partitions over all ranks here (the world group)."""
+    rank = dist.get_rank()
+    if hasattr(parameter, "ds_id"):
+        local = safe_get_local_fp32_param(parameter) if key == "master" else safe_get_local_optimizer_state(
+            parameter, key)  # fmt: skip
+        if rank != owner:
+            dist.send(local.contiguous(), dst=owner)
+            return
+        buffers: list[torch.Tensor] = []
+        remaining = parameter.ds_numel  # the last partition is padded
+        for source in range(dist.get_world_size()):
+            part = local
+            if source != rank:
+                if len(buffers) < 2:
+                    buffers.append(torch.empty_like(local))
+                part = buffers[0]
+                buffers.reverse()  # the other buffer next time: the caller may still be writing this one
+                dist.recv(part, src=source)
+            yield part[: min(part.numel(), remaining)]
+            remaining -= part.numel()
+        return
+    if _has_fragments(parameter):  # ZeRO-1/2, bf16 without ZeRO: DeepSpeed assembles it with an all-reduce
+        value = safe_get_full_fp32_param(parameter) if key == "master" else safe_get_full_optimizer_state(
+            parameter, key)  # fmt: skip
+        if rank == owner:
+            yield value.reshape(-1)
+        return
+    if rank == owner:
+        value = parameter.detach() if key == "master" else _torch_optimizer(engine).state[parameter][key]
+        yield value.reshape(-1)
 
 
 def partition_range(parameter: nn.Parameter) -> tuple[int, int] | None:
@@ -286,6 +323,7 @@ def partition_range(parameter: nn.Parameter) -> tuple[int, int] | None:
     return start, start + size
 
 
+@torch.no_grad()
 def scatter_parameter_state(engine, parameter: nn.Parameter, values: dict[str, torch.Tensor]) -> None:
     """Set one parameter's master, moments and training-dtype weight from `values`: the whole tensors, or under
     ZeRO-3 this rank's `partition_range` of them flattened (padded with zeros to the partition's size)."""

@@ -1,7 +1,7 @@
 """`dpo-scale export RUN_DIR --out DIR`: the run's latest weights as a directory `from_pretrained` loads.
 
-Reads only the consolidated `model.safetensors` and the saved config (JSON) of the latest complete checkpoint (no
-pickled objects). LoRA runs export the adapter (peft format), or with `merge_lora` the base model
+Reads only the weights (safetensors) and the saved config (JSON) of the latest complete checkpoint (no pickled
+objects). LoRA runs export the adapter (peft format), or with `merge_lora` the base model
 with the adapters merged in. The directory appears whole: written aside, then renamed.
 """
 
@@ -11,7 +11,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from dpo_scale import checkpoint
 from dpo_scale.config import ConfigError, TrainConfig, build
@@ -42,7 +41,7 @@ def load_trained_policy(run_dir: str | Path, merge_lora: bool = True) -> tuple[t
     if latest is None:
         raise ConfigError(f"{run_dir}: no complete checkpoint (checkpoints/latest is missing); train first")
     config = build(TrainConfig, checkpoint.saved_config(latest))
-    weights = load_file(latest / "model.safetensors")
+    weights = checkpoint.load_weights(latest)
     if config.lora.enabled:
         base = AutoModelForCausalLM.from_pretrained(
             config.model.path, use_safetensors=True, trust_remote_code=config.model.trust_remote_code

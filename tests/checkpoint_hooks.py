@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from dpo_scale import checkpoint
 from dpo_scale.cli import main
@@ -69,8 +70,9 @@ def _save_natively() -> None:
         torch.distributed.barrier()
         engine.save_checkpoint(str(partial / "ds"), tag=checkpoint.NATIVE_ENGINE_TAG, save_latest=False)
         torch.save({"rng": torch.get_rng_state()}, partial / f"rng-rank{world.rank}.pt")
-        checkpoint._write_weights(engine, partial / "model.safetensors", world.is_main)
+        weights = engine._zero3_consolidated_16bit_state_dict()  # the hooks run ZeRO-3 only
         if world.is_main:
+            save_file({k.removeprefix("model."): v.contiguous() for k, v in weights.items()}, partial / "model.safetensors")
             torch.save({"step": step, "config": to_dict(config)}, partial / checkpoint.NATIVE_STATE)
         torch.distributed.barrier()
         if world.is_main:

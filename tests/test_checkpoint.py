@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dpo_scale.checkpoint import SafetensorsWriter, _owners, _read
+from dpo_scale.checkpoint import SafetensorsWriter, _owners, _read, load_weights
 from dpo_scale.demo import write_demo_material
 from launch import base_config, train, train_metrics
 
@@ -64,8 +64,7 @@ def _assert_same_run(resumed: Path, straight: Path, step: int) -> None:
     assert [r["step"] for r in train_metrics(resumed)] == list(range(1, step + 1))
     assert losses == pytest.approx(expected, rel=1e-6, abs=0)
     final = f"checkpoints/step-{step:08d}"
-    _close(load_file(resumed / final / "model.safetensors"), load_file(straight / final / "model.safetensors"),
-           "weights")  # fmt: skip
+    _close(load_weights(resumed / final), load_weights(straight / final), "weights")
     _close(_state(resumed / final), _state(straight / final), "optimizer state")
     saved = [json.loads((run / final / "trainer_state.json").read_text()) for run in (resumed, straight)]
     assert saved[0]["optimizer_steps"] == saved[1]["optimizer_steps"] == step
@@ -157,7 +156,7 @@ def test_killed_while_writing_resumes_from_the_previous_checkpoint(material, str
     saved = [json.loads((run / final / "trainer_state.json").read_text()) for run in (killed, straight_nine)]
     assert [{k: v for k, v in s.items() if k != "config"} for s in saved] == [
         {k: v for k, v in saved[1].items() if k != "config"}] * 2
-    for what in ("model.safetensors", "state/rank-00000.safetensors"):
+    for what in ("model.safetensors", "state/rank-00000.safetensors"):  # one process: one weights file
         resumed, uninterrupted = load_file(killed / final / what), load_file(straight_nine / final / what)
         assert resumed.keys() == uninterrupted.keys()
         assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed), what
@@ -185,8 +184,7 @@ def test_native_checkpoint_resumes_as_written_and_is_refused_elsewhere(material,
     assert [r["loss"] for r in train_metrics(resumed)] == [r["loss"] for r in train_metrics(straight)]
     final = "checkpoints/step-00000006"
     assert (resumed / final / "trainer_state.json").is_file() and not (resumed / final / "ds").exists()
-    _close(load_file(resumed / final / "model.safetensors"), load_file(straight / final / "model.safetensors"),
-           "weights")  # fmt: skip
+    _close(load_weights(resumed / final), load_weights(straight / final), "weights")
 
 
 def test_state_file_streams_tensors_in_header_order(tmp_path):

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
+from dpo_scale.checkpoint import load_weights
 from dpo_scale.demo import write_demo_material
 from launch import DPO_SCALE, base_config, train_metrics
 
@@ -104,7 +104,7 @@ def test_pipeline_precomputes_then_trains_on_two_nodes_from_the_cache(cluster, m
     rows = train_metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert (tmp_path / "run" / "checkpoints" / "step-00000006" / "model.safetensors").exists()
+    assert (tmp_path / "run" / "checkpoints" / "step-00000006" / "model.safetensors.index.json").exists()
     hostfiles = Path(os.environ.get("TMPDIR", "/tmp")).glob(f"dpo-scale-hosts-{train_id}-*")
     assert not list(hostfiles), "each node removes the hostfile it wrote"
 
@@ -151,8 +151,8 @@ def test_usr1_saves_requeues_and_resumes_on_one_node_to_the_same_weights(cluster
     resumed_rows, straight_rows = train_metrics(tmp_path / "interrupted"), train_metrics(tmp_path / "straight")
     assert [r["step"] for r in resumed_rows] == list(range(1, 31))
     assert [r["loss"] for r in resumed_rows] == pytest.approx([r["loss"] for r in straight_rows], rel=1e-6, abs=0)
-    final = "checkpoints/step-00000030/model.safetensors"
-    resumed, uninterrupted = load_file(tmp_path / "interrupted" / final), load_file(tmp_path / "straight" / final)
+    final = "checkpoints/step-00000030"
+    resumed, uninterrupted = load_weights(tmp_path / "interrupted" / final), load_weights(tmp_path / "straight" / final)
     for name in uninterrupted:
         scale = uninterrupted[name].abs().max()
         assert (resumed[name] - uninterrupted[name]).abs().max() <= 1e-6 * scale, name

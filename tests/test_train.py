@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from dpo_scale.checkpoint import load_weights
 from dpo_scale.config import DataConfig, LogpsConfig, TrainConfig, build
 from dpo_scale.data import load_tokenizer, prepare, split_held_out
 from dpo_scale.demo import write_demo_material
@@ -33,7 +33,7 @@ def _ok(result):
 
 
 def _final_weights(run_dir):
-    return load_file(sorted((run_dir / "checkpoints").glob("step-*"))[-1] / "model.safetensors")
+    return load_weights(sorted((run_dir / "checkpoints").glob("step-*"))[-1])
 
 
 def test_loss_starts_at_ln2_and_falls(material, tmp_path):

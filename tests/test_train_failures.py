@@ -18,7 +18,7 @@ import psutil
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from dpo_scale.checkpoint import load_weights
 
 from dpo_scale.config import DataConfig
 from dpo_scale.data import load_tokenizer, prepare
@@ -127,7 +127,7 @@ def _ok(result):
 
 
 def _weights(run_dir, step):
-    return load_file(run_dir / "checkpoints" / f"step-{step:08d}" / "model.safetensors")
+    return load_weights(run_dir / "checkpoints" / f"step-{step:08d}")
 
 
 def _all_finite(weights):

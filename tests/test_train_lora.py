@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from dpo_scale.checkpoint import load_weights
 from dpo_scale.config import DataConfig, LogpsConfig
 from dpo_scale.data import Pair, load_tokenizer, prepare, split_held_out
 from dpo_scale.demo import write_demo_material
@@ -77,7 +78,7 @@ def test_only_the_adapters_change(material, lora_run):
     is now clearly non-zero: max |B| of every tensor above 0.01 (observed >= 0.077 after 24 Adam steps at lr
     <= 0.01)."""
     start = load_file(material[0] / "model.safetensors")
-    final = load_file(_final_checkpoint(lora_run) / "model.safetensors")
+    final = load_weights(_final_checkpoint(lora_run))
 
     base = {_base_name(k): v for k, v in final.items() if ".lora_" not in k}
     assert base.keys() == start.keys()
@@ -122,6 +123,7 @@ REFERENCE_SCRIPT = """
 import json, sys
 import torch
 from dpo_scale import distributed
+from dpo_scale.checkpoint import load_weights
 from dpo_scale.config import TrainConfig, build as build_config
 from dpo_scale.layout import collate
 from dpo_scale.reference import AdaptersDisabled
@@ -198,7 +200,7 @@ def test_export_adapter_and_merged_model_agree(material, lora_run, tmp_path):
     assert (adapter_config["r"], adapter_config["lora_alpha"]) == (LORA["r"], LORA["alpha"])
     assert sorted(adapter_config["target_modules"]) == sorted(LORA["target_modules"])
     shipped = load_file(adapter / "adapter_model.safetensors")
-    checkpoint = load_file(_final_checkpoint(lora_run) / "model.safetensors")
+    checkpoint = load_weights(_final_checkpoint(lora_run))
     trained = {k.replace(".default.", "."): v for k, v in checkpoint.items() if ".lora_" in k}  # peft's file names
     assert shipped.keys() == trained.keys()
     for key in trained:
