@@ -155,7 +155,7 @@ def _worker(work: Path, repeats: int) -> None:
             if kind == "portable":
                 seconds, extra = timed(lambda: checkpoint.save(engine, 1, config, world))
                 rows["save"].append(seconds), rows["save_rss"].append(extra)
-                rows["load"].append(timed(lambda: checkpoint.restore(engine, portable_path, config, world))[0])
+                rows["load"].append(timed(lambda: checkpoint.restore(engine, portable_path, world))[0])
             else:
                 if world.is_main:
                     shutil.rmtree(native, ignore_errors=True)

@@ -132,13 +132,34 @@ def save(engine, step: int, config: TrainConfig, world: World) -> Path:
     return final
 
 
-def restore(engine, path: Path, config: TrainConfig, world: World) -> int:
-    """Load checkpoint `path` into `engine` and this rank's RNG, on any world size and ZeRO stage; returns the step
-    it was taken at. A global batch other than the checkpoint's is refused unless the config allows it."""
+def check_resumable(path: Path, config: TrainConfig, world: World, zero_stage: int) -> None:
+    """Refuse, before any model is loaded, a resume that cannot work: another global batch than the checkpoint's
+    (unless the config allows it), or a DeepSpeed-native checkpoint on other ranks or another ZeRO stage."""
+    if (path / TRAINER_STATE).is_file():
+        _check_global_batch(json.loads((path / TRAINER_STATE).read_text()), path, config, world)
+        return
+    from dpo_scale.ds_config import load_deepspeed_json
+
+    saved_ds = torch.load(path / NATIVE_STATE, weights_only=True)["config"]["deepspeed"]["config"]
+    stage = (load_deepspeed_json(saved_ds)[1].get("zero_optimization") or {}).get("stage", 0)
+    # one optimizer-state file per rank under ZeRO-1/2/3; without ZeRO the state is whole and any world size loads it
+    ranks = len(list((path / "ds" / NATIVE_ENGINE_TAG).glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+    if stage != zero_stage or (ranks and ranks != world.size):
+        written = f"ZeRO stage {stage}" + (f" on {ranks} ranks" if ranks else "")
+        raise ConfigError(
+            f"{path} is a DeepSpeed-native checkpoint (the format before portable checkpoints), written with "
+            f"{written}; this run has ZeRO stage {zero_stage} on {world.size} rank(s). DeepSpeed loads that format "
+            f"only as it was written: resume once with deepspeed.config={saved_ds} on {ranks or 'any number of'} "
+            "ranks (its next checkpoint is portable), or start a new run_dir"
+        )
+
+
+def restore(engine, path: Path, world: World) -> int:
+    """Load checkpoint `path` (checked by `check_resumable`) into `engine` and this rank's RNG, on any world size and
+    ZeRO stage; returns the step it was taken at."""
     if not (path / TRAINER_STATE).is_file():
-        return _restore_native(engine, path, config, world)
+        return _restore_native(engine, path, world)
     saved = json.loads((path / TRAINER_STATE).read_text())
-    _check_global_batch(saved, path, config, world)
     parameters = distributed.trainable_parameters(engine)
     _check_same_parameters(saved["parameters"], parameters, path)
     distributed.materialize_optimizer_state(engine)
@@ -304,29 +325,14 @@ def _check_same_parameters(saved: dict[str, dict], parameters, path: Path) -> No
     )
 
 
-def _restore_native(engine, path: Path, config: TrainConfig, world: World) -> int:
-    """A checkpoint in DeepSpeed's own format, as runs wrote before the portable one: DeepSpeed can load it only on
-    the same number of ranks and ZeRO stage, so anything else is refused here rather than deep inside DeepSpeed."""
-    from dpo_scale.ds_config import load_deepspeed_json
-
-    saved = torch.load(path / NATIVE_STATE, weights_only=True)
-    saved_ds = saved["config"]["deepspeed"]["config"]
-    stage = (load_deepspeed_json(saved_ds)[1].get("zero_optimization") or {}).get("stage", 0)
-    # one optimizer-state file per rank under ZeRO-1/2/3; without ZeRO the state is whole and any world size loads it
-    ranks = len(list((path / "ds" / NATIVE_ENGINE_TAG).glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")))
-    if stage != engine.zero_optimization_stage() or (ranks and ranks != world.size):
-        written = f"ZeRO stage {stage}" + (f" on {ranks} ranks" if ranks else "")
-        raise ConfigError(
-            f"{path} is a DeepSpeed-native checkpoint (the format before portable checkpoints), written with "
-            f"{written}; this run has ZeRO stage {engine.zero_optimization_stage()} on {world.size} rank(s). "
-            f"DeepSpeed loads that format only as it was written: resume once with deepspeed.config={saved_ds} on "
-            f"{ranks or 'any number of'} ranks (its next checkpoint is portable), or start a new run_dir"
-        )
+def _restore_native(engine, path: Path, world: World) -> int:
+    """A checkpoint in DeepSpeed's own format, as runs wrote before the portable one, on the ranks and ZeRO stage
+    that wrote it."""
     print0(f"{path.name} is a DeepSpeed-native checkpoint (pickled files: resume only checkpoints you wrote); "
            "the next checkpoint is written in the portable format")
     distributed.load_engine(engine, str(path / "ds"), NATIVE_ENGINE_TAG)
     torch.set_rng_state(torch.load(path / f"rng-rank{world.rank}.pt", weights_only=True)["rng"])
-    return int(saved["step"])
+    return int(torch.load(path / NATIVE_STATE, weights_only=True)["step"])
 
 
 def _save_rng(path: Path, device: torch.device) -> None:

@@ -122,6 +122,9 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
         config.deepspeed, config.optim, config.micro_batch_size, config.gradient_accumulation_steps, world.size,
         total_steps,
     )  # fmt: skip
+    latest = checkpoint.latest(run_dir) if config.checkpoint.resume == "auto" else None
+    if latest is not None:  # before any model is loaded: a refused resume costs seconds, not a model load
+        checkpoint.check_resumable(latest, config, world, (ds_config.get("zero_optimization") or {}).get("stage", 0))
     advice = single_process_advice(ds_config, world.size)
     if advice:
         print0(advice)
@@ -171,11 +174,10 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
         loss_fn=build_preference_loss(config.loss), metrics_log=MetricsLog(run_dir / "metrics.jsonl"),
         tracker=build_tracker(config.logging, run_dir, to_dict(config)),
     )  # fmt: skip
-    latest = checkpoint.latest(run_dir) if config.checkpoint.resume == "auto" else None
     if config.reference.source == "nf4" and config.reference.nf4.drift_pairs and latest is None:
         _warn_on_nf4_drift(state)
     if latest is not None:
-        state.start_step = checkpoint.restore(engine, latest, config, world)
+        state.start_step = checkpoint.restore(engine, latest, world)
         state.skipped_steps = engine.skipped_steps
         if world.is_main:
             state.metrics_log.truncate_after(state.start_step)
