@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from dpo_scale.checkpoint import SafetensorsWriter, _owners, _read, load_weights
 from dpo_scale.demo import write_demo_material
+from dpo_scale.ds_config import DS_CONFIGS
 from launch import base_config, train, train_metrics
 
 HOOKS = Path(__file__).with_name("checkpoint_hooks.py")
@@ -112,15 +113,21 @@ def straight_nine(material, tmp_path_factory):
 
 def test_one_rank_to_two_without_zero_then_back_to_zero3_with_offload(material, straight_nine, tmp_path):
     """1 process with ZeRO-3 to step 3; 2 ranks without ZeRO (zero0) to step 6; 1 process with ZeRO-3 and the
-    optimizer offloaded (DeepSpeed's CPU Adam) to step 9: each leg ends where the uninterrupted run does."""
+    optimizer state offloaded to the CPU to step 9: each leg ends where the uninterrupted run does. The offload leg
+    uses torch's AdamW (`torch_adam`) rather than the shipped zero3_offload's DeepSpeedCPUAdam, whose C++ build
+    takes a minute of CI; the same test with the shipped config passes too (run by hand, see the issue's note)."""
     zero0 = tmp_path / "zero0"
     _resume_from(straight_nine, zero0, 3)
     _ok(train(_config(material, zero0, steps=9, deepspeed={"config": "zero0"}), ranks=2))
     _assert_same_run(zero0, straight_nine, 9)
     offload = tmp_path / "offload"
     _resume_from(zero0, offload, 6)
-    tree = _config(material, offload, steps=9, gradient_accumulation_steps=2, deepspeed={"config": "zero3_offload"})
-    _ok(train(tree, timeout=600))
+    ds_json = json.loads((DS_CONFIGS / "zero3_offload.json").read_text())
+    ds_json["optimizer"]["params"]["torch_adam"] = True
+    (tmp_path / "offload.json").write_text(json.dumps(ds_json))
+    tree = _config(material, offload, steps=9, gradient_accumulation_steps=2,
+                   deepspeed={"config": str(tmp_path / "offload.json")})  # fmt: skip
+    _ok(train(tree))
     _assert_same_run(offload, straight_nine, 9)
 
 

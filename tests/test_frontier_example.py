@@ -15,7 +15,8 @@ def test_frontier_example_runs_and_smaller_beta_moves_further(tmp_path):
     out = tmp_path / "frontier"
     result = subprocess.run(
         [sys.executable, str(REPO / "examples/sentiment_frontier/run.py"), "--model", str(model), "--out", str(out),
-         "--betas", "0.05", "0.5", "--checkpoints", "2", "--eval-prompts", "16"],
+         "--betas", "0.05", "0.5", "--checkpoints", "2", "--eval-prompts", "8", "--epochs", "2", "--max-new-tokens",
+         "24"],
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
