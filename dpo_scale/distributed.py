@@ -234,7 +234,13 @@ def _has_fragments(parameter: nn.Parameter) -> bool:
 
 
 def check_portable_state(engine) -> None:
-    """Refuse, before the first step, a set-up whose per-parameter optimizer state DeepSpeed cannot read out."""
+    """Refuse, before the first step, a set-up whose per-parameter optimizer state this checkpoint cannot read out."""
+    if any(hasattr(p, "ds_id") and dist.get_world_size(p.ds_process_group) != dist.get_world_size()
+           for _, p in trainable_parameters(engine)):  # fmt: skip
+        raise ConfigError(
+            "ZeRO-3 partitions over a subgroup of the ranks here (hierarchical or MiCS partitioning), which the "
+            "portable checkpoint does not gather from: use plain ZeRO-3 (zero_hpz_partition_size 1, no mics_shard_size)"
+        )
     optimized = {id(p) for group in _torch_optimizer(engine).param_groups for p in group["params"]}
     if any(not _has_fragments(p) and id(p) not in optimized for _, p in trainable_parameters(engine)):
         raise ConfigError(
