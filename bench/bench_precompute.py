@@ -45,7 +45,7 @@ def main() -> None:
 
     def bare() -> None:
         for batch in inputs:
-            mask = scorer._attention_mask(batch.attention_mask)
+            mask = scorer._attention_mask(batch)
             model(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=False)
 
     def precompute(directory: Path) -> None:

@@ -105,7 +105,20 @@ class LogpsConfig:
     fit logps.CHUNK_BYTES (64 MiB of fp32 logits: 333 tokens at GPT-2's vocabulary, 524 at 32k, 130 at 128,256), so
     the head's memory stays flat as the vocabulary grows."""
 
+    attention: Literal["auto", "dense", "flex", "varlen"] = "auto"
+    """How the layout reaches the attention kernel. dense: a (rows, 1, T, T) mask for sdpa / eager (the padded
+    layout: its 2D mask); flex: a FlexAttention BlockMask built from the units (no T x T tensor; CUDA for training,
+    torch on CPU runs its forward only); varlen: no mask, position ids restarting per unit, as transformers'
+    padding-free path and flash-attention take it (not with prefix sharing: rejected would see chosen). auto: dense
+    on CPU; on CUDA flex where the model supports it, varlen for flash-attention models without prefix sharing."""
+
     def __post_init__(self) -> None:
+        _check_choice(self, "logps", "attention", Literal["auto", "dense", "flex", "varlen"])
+        if self.attention == "varlen" and self.prefix_sharing:
+            raise ConfigError(
+                "logps.attention=varlen isolates whole units, but prefix sharing needs rejected tokens to skip the "
+                "chosen ones inside a unit: use logps.attention=flex (or dense), or logps.prefix_sharing=false"
+            )
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ConfigError(f"logps.chunk_size={self.chunk_size}: must be a positive number of tokens")
         if self.pack_length is not None and not self.packing:

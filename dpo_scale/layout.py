@@ -31,7 +31,8 @@ PROMPT, CHOSEN, REJECTED = 0, 1, 2
 class PairBatch:
     input_ids: torch.Tensor  # (R, T)
     position_ids: torch.Tensor  # (R, T)
-    attention_mask: torch.Tensor  # (R, T) 0/1 for the padded layout, else (R, 1, T, T) bool, True = may attend
+    unit_ids: torch.Tensor  # (R, T) the unit each position belongs to, -1 for padding
+    branches: torch.Tensor  # (R, T) PROMPT, CHOSEN or REJECTED
     score_rows: torch.Tensor  # (N,) row of the hidden state that predicts each scored token
     score_cols: torch.Tensor  # (N,) its column
     score_labels: torch.Tensor  # (N,) the token it predicts
@@ -152,14 +153,11 @@ def collate(pairs: list[Pair], config: LogpsConfig, pad_token_id: int) -> PairBa
             offset = end
 
     real = unit_ids >= 0
-    if config.prefix_sharing or config.packing:
-        attention_mask = _block_mask(unit_ids, branches)
-    else:
-        attention_mask = real.long()
     return PairBatch(
         input_ids=input_ids,
         position_ids=position_ids,
-        attention_mask=attention_mask,
+        unit_ids=unit_ids,
+        branches=branches,
         score_rows=torch.tensor(score_rows, dtype=torch.long),
         score_cols=torch.tensor(score_cols, dtype=torch.long),
         score_labels=torch.tensor(score_labels, dtype=torch.long),
@@ -172,17 +170,70 @@ def collate(pairs: list[Pair], config: LogpsConfig, pad_token_id: int) -> PairBa
     )
 
 
-def _block_mask(unit_ids: torch.Tensor, branches: torch.Tensor) -> torch.Tensor:
-    """(R, 1, T, T) bool: causal, within one unit, and rejected never sees chosen.
+def may_attend(unit_ids: torch.Tensor, branches: torch.Tensor):
+    """The layout's attention rule as a FlexAttention mask_mod (batch, head, query, key index tensors -> bool):
+    causal, within one unit, rejected never sees chosen; a padding position sees only itself, so that no softmax
+    row is empty (an all-masked row gives NaN in SDPA, and NaN times a zero gradient is still NaN). The dense mask
+    and the block mask are both this function."""
 
-    Costs R x T x T bytes; a padding position attends only to itself so that no softmax row is empty (an all-masked
-    row gives NaN in SDPA, and NaN times a zero gradient is still NaN).
-    """
-    length = unit_ids.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    same_unit = unit_ids[:, :, None] == unit_ids[:, None, :]
-    rejected_sees_chosen = (branches[:, :, None] == REJECTED) & (branches[:, None, :] == CHOSEN)
-    mask = causal & same_unit & ~rejected_sees_chosen & (unit_ids[:, :, None] >= 0)
-    padding = unit_ids < 0
-    mask |= torch.diag_embed(padding)
-    return mask[:, None]
+    def mask_mod(b, h, q, kv):
+        unit, key_unit = unit_ids[b, q], unit_ids[b, kv]
+        rejected_sees_chosen = (branches[b, q] == REJECTED) & (branches[b, kv] == CHOSEN)
+        inside = (kv <= q) & (unit == key_unit) & ~rejected_sees_chosen & (unit >= 0)
+        return inside | ((q == kv) & (unit < 0))
+
+    return mask_mod
+
+
+def dense_mask(batch: PairBatch) -> torch.Tensor:
+    """(R, 1, T, T) bool, True = may attend: `may_attend` evaluated everywhere. Costs R x T x T bytes (and the
+    model's additive copy R x T x T x dtype bytes): what the kernel paths avoid."""
+    rows, length = batch.unit_ids.shape
+    q = torch.arange(length, device=batch.unit_ids.device)
+    b = torch.arange(rows, device=batch.unit_ids.device)
+    return may_attend(batch.unit_ids, batch.branches)(b[:, None, None], None, q[None, :, None], q[None, None, :])[:, None]
+
+
+FLEX_BLOCK = 128  # FlexAttention's default block size on both axes
+
+
+def block_mask(batch: PairBatch):
+    """The FlexAttention BlockMask of `may_attend`: for each 128 x 128 block whether it is empty, full or partial
+    (partial blocks evaluate the mask_mod inside the kernel). torch's create_block_mask evaluates the mask_mod over
+    the whole (R, T, T) grid unless compiled; here it is evaluated one 128-query block at a time, so building the
+    mask holds R x 128 x T booleans, and the BlockMask itself R x (T/128)^2 block indices."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    rows, length = batch.unit_ids.shape
+    device = batch.unit_ids.device
+    blocks = -(-length // FLEX_BLOCK)
+    mask_mod = may_attend(batch.unit_ids, batch.branches)
+    b = torch.arange(rows, device=device)[:, None, None]
+    kv = torch.arange(blocks * FLEX_BLOCK, device=device).clamp_max(length - 1)[None, None, :]
+    valid_kv = torch.arange(blocks * FLEX_BLOCK, device=device) < length  # past T: neither allowed nor counted
+    partial = torch.zeros(rows, blocks, blocks, dtype=torch.bool, device=device)
+    full = torch.zeros_like(partial)
+    for block in range(blocks):
+        q = torch.arange(block * FLEX_BLOCK, min((block + 1) * FLEX_BLOCK, length), device=device)[None, :, None]
+        allowed = mask_mod(b, None, q, kv) & valid_kv  # (R, <=128, blocks * 128)
+        per_block = allowed.view(rows, q.shape[1], blocks, FLEX_BLOCK)
+        some, every = per_block.any(dim=(1, 3)), per_block.all(dim=(1, 3))
+        full[:, block] = every
+        partial[:, block] = some & ~every
+    return BlockMask.from_kv_blocks(
+        *_block_indices(partial), *_block_indices(full), BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod,
+        seq_lengths=(length, length),
+    )  # fmt: skip
+
+
+def _block_indices(present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, Q blocks, KV blocks) bool -> BlockMask's (R, 1, Q blocks) counts and (R, 1, Q blocks, KV blocks) indices,
+    each row's present blocks first."""
+    counts = present.sum(-1, dtype=torch.int32)
+    order = torch.argsort((~present).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return counts[:, None], order[:, None]
+
+
+def padding_mask(batch: PairBatch) -> torch.Tensor:
+    """(R, T) 1 where a token is, 0 at padding: the padded layout's 2D mask, which every attention kernel takes."""
+    return (batch.unit_ids >= 0).long()

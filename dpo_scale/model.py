@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from dpo_scale.config import ConfigError, LogpsConfig, LoraConfig, ModelConfig
-from dpo_scale.layout import PairBatch
+from dpo_scale.layout import PairBatch, block_mask, dense_mask, padding_mask
 from dpo_scale.logps import LMHead, full_logits_token_logps, streaming_token_logps
 from dpo_scale.loss import PairLogps
 
@@ -80,6 +80,44 @@ def lm_head_of(model: nn.Module) -> LMHead:
 
 # Attention implementations that honour an arbitrary additive 4D mask with explicit position ids.
 _MASKABLE_ATTENTION = ("sdpa", "eager")
+# ... and those that take packed units as position ids restarting per unit, with no mask: flash-attention's varlen
+# kernels; sdpa and eager build the equivalent mask inside transformers (masking_utils.find_packed_sequence_indices).
+_VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "sdpa", "eager")
+
+
+def resolve_attention(config: LogpsConfig, model: nn.Module, cuda: bool) -> str:
+    """logps.attention for this model and device: "padded" (the padded layout's 2D mask), "dense", "flex" or
+    "varlen". Refuses a choice the model's attention implementation cannot run, when the run is built."""
+    implementation = model.config._attn_implementation
+    if not (config.prefix_sharing or config.packing) and config.attention in ("auto", "dense"):
+        return "padded"
+    supports_flex = getattr(model, "_supports_flex_attn", False)
+    choice = config.attention
+    if choice == "auto":
+        if not cuda:
+            choice = "dense"
+        elif not config.prefix_sharing and implementation.startswith("flash_attention"):
+            choice = "varlen"
+        else:
+            choice = "flex" if supports_flex else "dense"
+    if choice == "dense" and implementation not in _MASKABLE_ATTENTION:
+        raise ConfigError(
+            f"logps.prefix_sharing / logps.packing with logps.attention=dense need a 4D attention mask, which "
+            f"attn_implementation={implementation!r} does not take; load the model with sdpa or eager attention, use "
+            "logps.attention=flex (or varlen without prefix sharing), or set logps.prefix_sharing=false "
+            "logps.packing=false"
+        )
+    if choice == "flex" and not supports_flex:
+        raise ConfigError(
+            f"logps.attention=flex: {type(model).__name__} does not support transformers' flex_attention; use "
+            "logps.attention=dense (or varlen without prefix sharing)"
+        )
+    if choice == "varlen" and implementation not in _VARLEN_ATTENTION:
+        raise ConfigError(
+            f"logps.attention=varlen: attn_implementation={implementation!r} does not take packed position ids; "
+            "load the model with flash_attention_2 or sdpa, or use logps.attention=dense"
+        )
+    return choice
 
 
 class PairLogpsModel(nn.Module):
@@ -90,24 +128,25 @@ class PairLogpsModel(nn.Module):
         # refuse what cannot be computed exactly when the run is built, not at the first step
         if config.streaming:
             lm_head_of(_unwrap_peft(model))
-        attention = model.config._attn_implementation
-        if (config.prefix_sharing or config.packing) and attention not in _MASKABLE_ATTENTION:
-            raise ConfigError(
-                f"logps.prefix_sharing / logps.packing need a 4D attention mask, which attn_implementation="
-                f"{attention!r} does not take; load the model with sdpa or eager attention, or set "
-                "logps.prefix_sharing=false logps.packing=false"
-            )
+        causal_lm = _unwrap_peft(model)
+        self.attention = resolve_attention(config, causal_lm, torch.cuda.is_available())
+        if self.attention == "flex":
+            causal_lm.set_attn_implementation("flex_attention")
 
-    def _attention_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        """The layout's boolean 4D mask as an additive one in the model's dtype.
-
-        Eager attention adds the mask to the scores, so a boolean mask there would silently add 1 to the allowed
-        positions; an additive mask is read the same way by eager and SDPA. Costs R x T x T x dtype bytes.
-        """
-        if mask.dim() == 2:
-            return mask
+    def _attention_mask(self, batch: PairBatch):
+        """What the layout gives the attention kernel: the padded layout's 2D mask; a FlexAttention BlockMask; None
+        for varlen (position ids carry the units); or the dense mask, additive in the model's dtype (eager adds
+        the mask to the scores, so a boolean one would add 1 to the allowed positions; SDPA reads an additive mask
+        the same way). The dense one costs R x T x T x dtype bytes."""
+        if self.attention == "padded":
+            return padding_mask(batch)
+        if self.attention == "flex":
+            return block_mask(batch)
+        if self.attention == "varlen":
+            return None
+        allowed = dense_mask(batch)
         dtype = self.model.dtype
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
     def forward(self, batch: PairBatch) -> PairLogps:
         if self.config.streaming:
@@ -115,7 +154,7 @@ class PairLogpsModel(nn.Module):
             backbone = getattr(causal_lm, causal_lm.base_model_prefix)
             hidden = backbone(
                 input_ids=batch.input_ids,
-                attention_mask=self._attention_mask(batch.attention_mask),
+                attention_mask=self._attention_mask(batch),
                 position_ids=batch.position_ids,
                 use_cache=False,
             ).last_hidden_state  # (R, T, H)
@@ -126,7 +165,7 @@ class PairLogpsModel(nn.Module):
         else:
             logits = self.model(
                 input_ids=batch.input_ids,
-                attention_mask=self._attention_mask(batch.attention_mask),
+                attention_mask=self._attention_mask(batch),
                 position_ids=batch.position_ids,
                 use_cache=False,
             ).logits  # (R, T, V): the tensor streaming avoids

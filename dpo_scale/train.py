@@ -143,6 +143,11 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
     held, total = distributed.held_parameters(policy)
     print(f"rank {world.rank}: holds {held:,} of the policy's {total:,} parameters", flush=True)
     policy_module = PairLogpsModel(policy, config.logps)
+    if policy_module.attention == "flex" and world.device.type != "cuda":
+        raise ConfigError(
+            "logps.attention=flex trains only on CUDA: torch runs FlexAttention's backward on GPUs only. On this CPU "
+            "use logps.attention=auto or dense (precompute-ref and eval may use flex: they need no gradients)"
+        )
     distributed.register_lm_head(policy_module, policy)
     engine = distributed.training_engine(policy_module, ds_config)
     distributed.check_portable_state(engine)

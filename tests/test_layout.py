@@ -4,7 +4,7 @@ import torch
 
 from dpo_scale.config import LogpsConfig
 from dpo_scale.data.pairs import Pair
-from dpo_scale.layout import collate
+from dpo_scale.layout import collate, dense_mask, padding_mask
 
 PAIR = Pair(0, "hand-made", prompt_ids=[10, 11, 12], chosen_ids=[20, 21], rejected_ids=[30, 31, 32])
 
@@ -13,7 +13,7 @@ def test_padded_layout_is_trl_layout():
     """Chosen rows first, then rejected, right-padded, with TRL's 2D mask."""
     batch = collate([PAIR], LogpsConfig(prefix_sharing=False, packing=False, streaming=False), pad_token_id=0)
     assert batch.input_ids.tolist() == [[10, 11, 12, 20, 21, 0], [10, 11, 12, 30, 31, 32]]
-    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
+    assert padding_mask(batch).tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
     # chosen token 20 is predicted from position 2 (the prompt's last), etc.
     assert list(zip(batch.score_rows.tolist(), batch.score_cols.tolist(), batch.score_labels.tolist())) == [
         (0, 2, 20), (0, 3, 21), (1, 2, 30), (1, 3, 31), (1, 4, 32),
@@ -26,7 +26,7 @@ def test_prefix_shared_mask_and_positions():
     batch = collate([PAIR], LogpsConfig(prefix_sharing=True), pad_token_id=0)
     assert batch.input_ids.tolist() == [[10, 11, 12, 20, 21, 30, 31, 32]]
     assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 4, 5]]
-    mask = batch.attention_mask[0, 0].int().tolist()
+    mask = dense_mask(batch)[0, 0].int().tolist()
     assert mask == [
         [1, 0, 0, 0, 0, 0, 0, 0],
         [1, 1, 0, 0, 0, 0, 0, 0],
@@ -50,7 +50,7 @@ def test_packing_isolates_units_and_restarts_positions():
     assert batch.input_ids.shape == (1, 11)
     assert batch.input_ids[0].tolist() == [10, 11, 12, 20, 21, 30, 31, 32, 40, 50, 60]
     assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 4, 3, 4, 5, 0, 1, 1]
-    mask = batch.attention_mask[0, 0]
+    mask = dense_mask(batch)[0, 0]
     assert not mask[8:, :8].any() and not mask[:8, 8:].any()
     assert batch.score_slots.tolist() == [0, 0, 2, 2, 2, 1, 3]
     assert batch.tokens == batch.real_tokens == batch.unique_tokens == 11
@@ -60,6 +60,6 @@ def test_padding_positions_attend_only_to_themselves():
     """An all-masked softmax row is NaN in SDPA; padding keeps its diagonal so every row has one key."""
     short = Pair(1, "hand-made", prompt_ids=[40], chosen_ids=[50], rejected_ids=[60])
     batch = collate([PAIR, short], LogpsConfig(prefix_sharing=True), pad_token_id=0)
-    mask = batch.attention_mask[1, 0]
+    mask = dense_mask(batch)[1, 0]
     assert mask[3:, :].int().tolist() == torch.eye(8, dtype=torch.int)[3:].tolist()
     assert mask.any(dim=-1).all()
