@@ -7,6 +7,7 @@ reference implementation: these tests prove the masks; speed and memory belong t
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import random_pairs, stories260k, story_pairs, tiny_model
 from torch.nn.attention.flex_attention import create_mask, flex_attention
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -14,7 +15,6 @@ from dpo_scale.config import ConfigError, LogpsConfig
 from dpo_scale.data.pairs import Pair
 from dpo_scale.layout import block_mask, collate, dense_mask, may_attend
 from dpo_scale.model import PairLogpsModel
-from tiny import random_pairs, stories260k, story_pairs, tiny_model
 
 PAIR = Pair(0, "hand-made", prompt_ids=[10, 11, 12], chosen_ids=[20, 21], rejected_ids=[30, 31, 32])
 ONE_TOKEN = Pair(1, "hand-made", prompt_ids=[13], chosen_ids=[22], rejected_ids=[33])
