@@ -40,6 +40,7 @@ SIZES = {  # LlamaConfig arguments
 DENSE_BF16_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "H800": 989, "A100": 312, "L40S": 362, "A10G": 70}
 """Dense (not sparse) bf16 tensor-core peaks from the vendors' data sheets; the first name found in the GPU's wins."""
 LR = 1e-6
+SIDES = ("dpo_scale", "dpo_scale_dense", "dpo_scale_flex", "dpo_scale_varlen", "trl")
 
 
 def main() -> None:
@@ -50,16 +51,26 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="pairs per step")
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--completion-tokens", type=int, default=256)
-    parser.add_argument("--sides", nargs="+", choices=("dpo_scale", "trl"), default=["dpo_scale", "trl"])
+    parser.add_argument("--sides", nargs="+", choices=SIDES, default=["dpo_scale", "trl"],
+                        help="dpo_scale runs logps.attention=auto; dpo_scale_dense / _flex / _varlen force one form "
+                             "(varlen without prefix sharing)")  # fmt: skip
     parser.add_argument("--work", help="scratch directory (default: a fresh one under /tmp)")
-    parser.add_argument("--side", choices=("dpo_scale", "trl"), help=argparse.SUPPRESS)  # a launched child
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # a launched child
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    parser.add_argument("--check-gradients", action="store_true",
+                        help="only compare the attention forms' gradients on one batch (flex needs CUDA)")
     args = parser.parse_args()
+    if args.check_gradients:
+        work = Path(args.work or f"/tmp/dpo-scale-gpu-bench-{os.getpid()}")
+        work.mkdir(parents=True, exist_ok=True)
+        _prepare(work, args)
+        print(json.dumps(_gradient_check(work, args)))
+        return
     if args.side:
         from dpo_scale.tracking import stop_tqdm_monitor
 
         stop_tqdm_monitor()  # every side's process exits as `dpo-scale` does (a finished side must not abort)
-        result = (_run_dpo_scale if args.side == "dpo_scale" else _run_trl)(Path(args.work), args)
+        result = (_run_trl if args.side == "trl" else _run_dpo_scale)(Path(args.work), args)
         if torch.cuda.is_available():
             result["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
             result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
@@ -98,7 +109,8 @@ def _prepare(work: Path, args) -> tuple[int, int, int]:
     size = SIZES[args.size]
     words = [f"w{i}" for i in range(size["vocab_size"] - len(SPECIAL))]
     write_tokenizer(work / "model", words)
-    config = LlamaConfig(**size, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    positions = max(2048, args.prompt_tokens + 2 * args.completion_tokens + 8)
+    config = LlamaConfig(**size, max_position_embeddings=positions, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                          tie_word_embeddings=False, dtype="bfloat16")  # fmt: skip
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # initialising 1B weights on a CPU is slow
@@ -138,6 +150,47 @@ def _prepare(work: Path, args) -> tuple[int, int, int]:
     return parameters, prompt + chosen + rejected, 2 * prompt + chosen + rejected
 
 
+def _gradient_check(work: Path, args) -> dict:
+    """One batch of the run's pairs through each attention form (flex on CUDA only: torch has no CPU backward for
+    it), the model in bf16 as trained: per-pair log-prob sums and every parameter's gradient of their sum, against the
+    dense mask's. Reported: the largest difference of a sum, and the largest gradient difference relative to that
+    parameter's largest dense gradient (bf16 rounding alone gives ~1e-2)."""
+    from transformers import AutoModelForCausalLM
+
+    from dpo_scale.config import DataConfig, LogpsConfig
+    from dpo_scale.data import load_tokenizer, prepare
+    from dpo_scale.layout import collate
+    from dpo_scale.model import PairLogpsModel
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    max_length = int((work / "max_length").read_text())
+    pairs = prepare(DataConfig(str(work / "rows.jsonl"), max_length=max_length), load_tokenizer(str(work / "model")))
+    batch_pairs = list(pairs.pairs[: args.batch])
+    forms = {"dense": LogpsConfig(attention="dense"), "varlen": LogpsConfig(prefix_sharing=False, attention="varlen"),
+             "dense_unshared": LogpsConfig(prefix_sharing=False, attention="dense")}  # fmt: skip
+    if device.type == "cuda":
+        forms["flex"] = LogpsConfig(attention="flex")
+    measured = {}
+    for name, config in forms.items():
+        model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.bfloat16).to(device)
+        scorer = PairLogpsModel(model, config)
+        out = scorer(collate(batch_pairs, config, pad_token_id=0).to(device))
+        sums = torch.cat([out.chosen_logps, out.rejected_logps])
+        sums.sum().backward()
+        measured[name] = (sums.detach().float().cpu(), {n: p.grad.float().cpu() for n, p in model.named_parameters()})
+        del model, scorer
+    report = {}
+    for name, baseline in (("flex", "dense"), ("varlen", "dense_unshared")):
+        if name not in measured:
+            report[name] = "not run: needs CUDA"
+            continue
+        (sums, grads), (base_sums, base_grads) = measured[name], measured[baseline]
+        worst = max(((grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-12)).item() for n, g in base_grads.items())
+        report[name] = {"against": baseline, "max_sum_difference": (sums - base_sums).abs().max().item(),
+                        "max_relative_gradient_difference": worst}  # fmt: skip
+    return {"device": str(device), "pairs": len(batch_pairs), "forms": report}
+
+
 def _run_dpo_scale(work: Path, args) -> dict:
     from dpo_scale.config import TrainConfig, build, load_yaml
     from dpo_scale.train import run
@@ -148,18 +201,20 @@ def _run_dpo_scale(work: Path, args) -> dict:
     env = {key: value for key, value in os.environ.items() if key not in launcher_variables}
     subprocess.run([sys.executable, "-m", "dpo_scale.cli", "precompute-ref", "--config", str(work / "run.yaml")],
                    check=True, env=env)  # a process of its own, outside the launcher's world  # fmt: skip
-    history = run(build(TrainConfig, load_yaml(work / "run.yaml")))
+    tree = load_yaml(work / "run.yaml")
+    attention = args.side.removeprefix("dpo_scale").removeprefix("_") or "auto"
+    tree["logps"] = {"attention": attention, "prefix_sharing": attention != "varlen"}
+    history = run(build(TrainConfig, tree))
     timed = history[args.warmup :]
     return {"seconds": sum(row["seconds_per_step"] for row in timed), "steps": len(timed),
             "losses": [row["loss"] for row in history[:3]]}  # fmt: skip
 
 
 def _run_trl(work: Path, args) -> dict:
+    from bench_vs_trl import step_clock
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
-
-    from bench_vs_trl import step_clock
 
     zero3 = {
         "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
@@ -214,8 +269,9 @@ def _report(results: dict, parameters: int, unique_tokens: int, sequence_tokens:
         print(f"| {side} | {args.batch * result['steps'] / seconds:.2f} | {rates[side]:,.0f} "
               f"| {sequence_tokens / seconds:,.0f} | {mfu} | {result.get('peak_allocated_gib', 0):.1f} "
               f"| {result.get('peak_reserved_gib', 0):.1f} | {losses} |")  # fmt: skip
-    if len(rates) == 2:
-        print(f"\ndpo_scale / TRL: {rates['dpo_scale'] / rates['trl']:.2f}x tokens/s")
+    for side in rates:
+        if side != "trl" and "trl" in rates:
+            print(f"\n{side} / TRL: {rates[side] / rates['trl']:.2f}x tokens/s")
     print(json.dumps({"device": device, "peak_tflops": peak, "parameters": parameters, "results": results}))
 
 

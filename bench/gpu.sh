@@ -4,7 +4,14 @@
 #   bash bench/gpu_wheels.sh        # once, on a machine with the package registry: wheels into .whl/
 #   bash bench/gpu.sh               # on the GPU machine (with .whl/ carried there): about 4 minutes, at most 8
 #
+# The attention forms of logps.attention (issue 16): first their gradients against the dense mask's on one batch,
+#   python bench/bench_gpu.py --check-gradients --batch 4
+# then speed and memory at long context: dense mask vs FlexAttention vs varlen, TRL beside:
+#   SIDES="dpo_scale_dense dpo_scale_flex dpo_scale_varlen trl" BATCH=2 PROMPT_TOKENS=1024 COMPLETION_TOKENS=1024 bash bench/gpu.sh
+#   SIDES="dpo_scale_dense dpo_scale_flex dpo_scale_varlen trl" BATCH=1 PROMPT_TOKENS=4096 COMPLETION_TOKENS=4096 bash bench/gpu.sh
+#
 # Environment: STEPS (20 timed steps), WARMUP (3), BATCH (8 pairs per step), SIDES ("dpo_scale trl"),
+# PROMPT_TOKENS (256), COMPLETION_TOKENS (256),
 # GPU_PEAK_TFLOPS (the dense bf16 peak, when the GPU's name is not in bench/bench_gpu.py's table), LIMIT_S (450),
 # OUT (where the table and JSON are written; default runs/gpu-bench). Everything else is in bench/bench_gpu.py.
 set -euo pipefail
@@ -29,4 +36,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 
 read -ra sides <<< "${SIDES:-dpo_scale trl}"
 timeout "${LIMIT_S:-450}" "$PYTHON" bench/bench_gpu.py --work "$(mktemp -d)" --steps "${STEPS:-20}" \
-  --warmup "${WARMUP:-3}" --batch "${BATCH:-8}" --sides "${sides[@]}" | tee "$OUT/gpu-bench.md"
+  --warmup "${WARMUP:-3}" --batch "${BATCH:-8}" --prompt-tokens "${PROMPT_TOKENS:-256}" \
+  --completion-tokens "${COMPLETION_TOKENS:-256}" --sides "${sides[@]}" | tee "$OUT/gpu-bench.md"
