@@ -144,3 +144,20 @@ def test_choices_that_cannot_work_are_refused():
         model.config._attn_implementation = "flash_attention_2"
         PairLogpsModel(model, LogpsConfig(attention="dense"))
     assert PairLogpsModel(tiny_model("llama"), LogpsConfig()).attention == "dense"  # auto on CPU
+
+
+def test_training_through_varlen_follows_the_dense_mask(tmp_path):
+    """`dpo-scale train` (ZeRO-3, one process) on packed, non-shared rows: no mask and restarting position ids give
+    the dense mask's per-step losses (fp32; only the kernels' summation order differs)."""
+    from dpo_scale.demo import write_demo_material
+    from launch import base_config, train, train_metrics
+
+    material = write_demo_material(tmp_path / "demo", rows=64)
+    losses = {}
+    for attention in ("dense", "varlen"):
+        tree = base_config(material, tmp_path / attention, logps={"prefix_sharing": False, "attention": attention})
+        result = train(tree)
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses[attention] = [row["loss"] for row in train_metrics(tmp_path / attention)]
+    assert len(losses["dense"]) == 6 and len(set(losses["dense"])) > 2
+    assert losses["varlen"] == pytest.approx(losses["dense"], rel=0, abs=1e-5)
