@@ -146,6 +146,7 @@ def test_choices_that_cannot_work_are_refused():
     assert PairLogpsModel(tiny_model("llama"), LogpsConfig()).attention == "dense"  # auto on CPU
 
 
+@pytest.mark.slow
 def test_training_through_varlen_follows_the_dense_mask(tmp_path):
     """`dpo-scale train` (ZeRO-3, one process) on packed, non-shared rows: no mask and restarting position ids give
     the dense mask's per-step losses (fp32; only the kernels' summation order differs)."""

@@ -2,6 +2,7 @@
 train under the deepspeed launcher and the report counts the tokens the pairs really hold. The GPU figures themselves
 come only from a GPU machine (BENCHMARKS.md)."""
 
+import pytest
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_gpu.py"
 
 
+@pytest.mark.slow
 def test_gpu_bench_runs_both_sides_on_cpu(tmp_path):
     steps, warmup, batch = 2, 1, 4
     result = subprocess.run(

@@ -72,6 +72,7 @@ def _assert_same_run(resumed: Path, straight: Path, step: int) -> None:
     assert saved[0]["engine"]["scheduler"] == saved[1]["engine"]["scheduler"]
 
 
+@pytest.mark.slow
 def test_two_ranks_resume_on_one_with_twice_the_accumulation(material, tmp_path):
     """The issue's case: 2 ranks (ZeRO-3) to step 3, then 1 process with accumulation 2 to step 6. Also: the
     checkpoint holds no pickle, each rank wrote a share of the state, and another global batch is refused with the
@@ -111,6 +112,7 @@ def straight_nine(material, tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_one_rank_to_two_without_zero_then_back_to_zero3_with_offload(material, straight_nine, tmp_path):
     """1 process with ZeRO-3 to step 3; 2 ranks without ZeRO (zero0) to step 6; 1 process with ZeRO-3 and the
     optimizer state offloaded to the CPU to step 9: each leg ends where the uninterrupted run does. The offload leg
@@ -131,6 +133,7 @@ def test_one_rank_to_two_without_zero_then_back_to_zero3_with_offload(material, 
     _assert_same_run(offload, straight_nine, 9)
 
 
+@pytest.mark.slow
 def test_lora_two_ranks_resume_on_one_with_zero2(material, tmp_path):
     """The checkpoint holds the adapters' state only (the base is frozen and reloaded from model.path); resumed on
     one rank under ZeRO-2, whose flat fp32 partitions DeepSpeed maps to parameters with its fragment API."""
@@ -148,6 +151,7 @@ def test_lora_two_ranks_resume_on_one_with_zero2(material, tmp_path):
     _assert_same_run(resumed, straight, 6)
 
 
+@pytest.mark.slow
 def test_killed_while_writing_resumes_from_the_previous_checkpoint(material, straight_nine, tmp_path):
     """SIGKILL in the middle of writing checkpoint 6 (its state file half written): the same command resumes from
     checkpoint 3, reading no pickle, and ends bitwise where the uninterrupted run ends; keep_last holds."""
@@ -171,6 +175,7 @@ def test_killed_while_writing_resumes_from_the_previous_checkpoint(material, str
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["latest", "step-00000006", "step-00000009"]
 
 
+@pytest.mark.slow
 def test_native_checkpoint_resumes_as_written_and_is_refused_elsewhere(material, tmp_path):
     """A run directory of the DeepSpeed-native kind (what runs wrote before): resumed on its 2 ranks it ends where an
     uninterrupted run ends, and its next checkpoint is portable; on 1 rank it is refused with a message."""

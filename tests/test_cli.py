@@ -59,6 +59,7 @@ def test_logps_same_numbers_on_plain_and_fast_paths(demo, tmp_path):
         assert a["rejected_logps"] == pytest.approx(b["rejected_logps"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_bad_data_is_a_message_and_writes_nothing(demo, tmp_path):
     model_dir, _ = demo
     data = tmp_path / "bad.jsonl"

@@ -63,6 +63,7 @@ def reference_store(material, tmp_path_factory):
     return _files(directory / "store")
 
 
+@pytest.mark.slow
 def test_killed_during_the_build_the_same_command_finishes_it_with_identical_files(material, reference_store, tmp_path):
     """SIGKILL once two shards exist; the same command then builds only what is missing, and every file of the
     store (shards, build claim, manifest) is byte for byte the uninterrupted build's."""
@@ -80,6 +81,7 @@ def test_killed_during_the_build_the_same_command_finishes_it_with_identical_fil
     assert _files(tmp_path / "store") == reference_store
 
 
+@pytest.mark.slow
 def test_two_jobs_started_together_split_the_work_and_agree(material, reference_store, tmp_path):
     """Two `prepare-data` processes at once on an empty directory (the points of a SLURM sweep array): each shard
     is tokenized by exactly one of them (per-shard locks), both end with the complete store, the reference's files."""
@@ -94,6 +96,7 @@ def test_two_jobs_started_together_split_the_work_and_agree(material, reference_
     assert _files(tmp_path / "store") == reference_store
 
 
+@pytest.mark.slow
 def test_a_two_rank_launch_builds_once_and_a_second_launch_and_a_sweep_reuse_it(material, tmp_path):
     """The deepspeed launcher's 2 ranks split the shards (their counts add up to the shard count: no row tokenized
     twice) and both train from the store; a second launch and both points of a sweep find it and tokenize nothing."""
@@ -120,6 +123,7 @@ def test_a_two_rank_launch_builds_once_and_a_second_launch_and_a_sweep_reuse_it(
     assert [len(train_metrics(tmp_path / "sweep" / f"beta={beta}")) for beta in (0.1, 0.2)] == [1, 1]
 
 
+@pytest.mark.slow
 def test_a_sweep_shares_one_store_beside_its_points(material, tmp_path):
     """Without data.cache_dir, the sweep's points read run_dir/token-store of the sweep: the first point builds it,
     the second reuses it."""
@@ -135,6 +139,7 @@ def test_a_sweep_shares_one_store_beside_its_points(material, tmp_path):
     assert (tmp_path / "sweep" / "token-store" / "manifest.json").exists()
 
 
+@pytest.mark.slow
 def test_prepare_data_reports_a_bad_row_without_a_traceback(material, tmp_path):
     """A user mistake in the data: exit 2, one message naming file, line and field, and no store made visible."""
     data = tmp_path / "bad.jsonl"

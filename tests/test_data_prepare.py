@@ -11,6 +11,7 @@ from dpo_scale.data import DataError, load_tokenizer, prepare
 HH_IDENTICAL_ROWS = [721, 2168]  # helpful-base rows whose chosen == rejected
 
 
+@pytest.mark.slow
 def test_hh_rlhf_helpful_base_with_gpt2(shared_data, caplog):
     """The whole test split; its two rows with chosen == rejected are dropped and counted (its speed is measured in
     bench/bench_data_scale.py, not asserted here)."""
@@ -32,6 +33,7 @@ def test_hh_rlhf_helpful_base_with_gpt2(shared_data, caplog):
     assert first.chosen_ids[-1] == first.rejected_ids[-1] == tokenizer.eos_token_id
 
 
+@pytest.mark.slow
 def test_hh_rlhf_with_stories260k_and_its_512_positions(shared_data, stories_tokenizer):
     """Long dialogues cut to 128 tokens: keep_start empties completions of long prompts, keep_end keeps them all."""
     path = shared_data / "preferences" / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"
@@ -44,6 +46,7 @@ def test_hh_rlhf_with_stories260k_and_its_512_positions(shared_data, stories_tok
         assert len(data.pairs) + len(data.dropped) == 2354
 
 
+@pytest.mark.slow
 def test_llama_factory_sharegpt_with_phi3(shared_data, phi3_tokenizer):
     path = shared_data / "preferences" / "llama-factory" / "dpo_en_demo.json"
     data = prepare(DataConfig(path=str(path)), phi3_tokenizer)

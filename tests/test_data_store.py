@@ -31,6 +31,7 @@ def _same_as_prepare(config: DataConfig, tokenizer, directory) -> None:
     assert reopened.pairs[-1] == memory.pairs[-1] and reopened.pairs[0] == memory.pairs[0]
 
 
+@pytest.mark.slow
 def test_hh_transcripts_round_trip_with_drops_over_shards_and_workers(shared_data, stories_tokenizer, tmp_path):
     """HH-RLHF's implicit prompts, cut to 128 tokens (hundreds of empty completions dropped, and identical ones),
     in 12 shards built by a pool of 2 worker processes."""
@@ -39,6 +40,7 @@ def test_hh_transcripts_round_trip_with_drops_over_shards_and_workers(shared_dat
     assert len(list((tmp_path / "store").glob("shard-*.rows.npy"))) == math.ceil(2354 / 200)
 
 
+@pytest.mark.slow
 def test_sharegpt_and_conversational_with_phi3_chat_template(shared_data, phi3_tokenizer, tmp_path):
     sharegpt = shared_data / "preferences" / "llama-factory" / "dpo_en_demo.json"
     _same_as_prepare(DataConfig(str(sharegpt), shard_rows=128), phi3_tokenizer, tmp_path / "sharegpt")
@@ -179,6 +181,7 @@ def two_sizes(tmp_path_factory, byte_tokenizer):
     return stores
 
 
+@pytest.mark.slow
 def test_a_reader_allocates_a_micro_batch_not_the_dataset(two_sizes, byte_tokenizer):
     """Opening the store and reading 8 micro-batches of 4 pairs, counted in bytes (tracemalloc sees numpy's and
     Python's allocations): ten times the pairs add only the manifest's entries of 36 more shards (under 128 KiB,
@@ -197,6 +200,7 @@ def test_a_reader_allocates_a_micro_batch_not_the_dataset(two_sizes, byte_tokeni
     assert peaks[2_000] < in_memory / 4, (peaks, in_memory)
 
 
+@pytest.mark.slow
 def test_training_sees_the_same_pairs_in_the_same_order_as_before_the_store(shared_data, stories_tokenizer, tmp_path):
     """The held-out split and the step order of the store path equal the old in-memory path (prepare, a held-out
     set drawn by torch.randperm(seed + 10007), then filtered in input order), written here as the oracle."""

@@ -46,12 +46,14 @@ def assert_same_ids(ours, theirs):
         assert pair.rejected_ids == row["rejected_ids"], pair.source
 
 
+@pytest.mark.slow
 def test_plain_text_hh_rlhf_with_stories260k(shared_data, stories_tokenizer, tmp_path):
     path = shared_data / "preferences" / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"
     examples = spread(read_examples(DataConfig(path=str(path))))
     assert_same_ids(tokenize_examples(examples, stories_tokenizer), trl_prepare(examples, stories_tokenizer, tmp_path))
 
 
+@pytest.mark.slow
 def test_conversational_dpo_en_demo_with_phi3(shared_data, phi3_tokenizer, tmp_path):
     path = shared_data / "preferences" / "llama-factory" / "dpo_en_demo.json"
     examples = spread(read_examples(DataConfig(path=str(path))))

@@ -72,6 +72,7 @@ def test_same_model_has_no_drift_in_any_batch_size():
         assert report.pairs == 7 and report.tokens > 7
 
 
+@pytest.mark.slow
 def test_stories260k_nf4_drift_on_hh_rlhf(tmp_path, capsys):
     """stories260K vs its NF4 copy (double quantization, fp32 compute) on the first 16 HH-RLHF helpful-base test
     pairs at max_length=256 (2,477 scored tokens). Observed: 0.092 nats per token (sum-level), mean signed

@@ -267,6 +267,7 @@ torch.distributed.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_deepspeed_engine_runs_resolved_zero3_on_cpu():
     """A real ZeRO-3 engine (one gloo rank on the CPU) built from the resolved zero3.json: the optimizer is torch's
     AdamW (no extension to compile) and the lr follows WarmupCosineLR as the engine drives it. The engine steps the

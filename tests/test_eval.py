@@ -38,6 +38,7 @@ def count_baa(prompts, completions):
 '''
 
 
+@pytest.mark.slow
 def test_eval_of_a_run_reproduces_its_last_training_eval(trained_run, tmp_path):
     """Same held-out pairs (the run's split), same weights (the consolidated checkpoint), same loss: the numbers
     training logged at its last eval come back."""
@@ -54,6 +55,7 @@ def test_eval_of_a_run_reproduces_its_last_training_eval(trained_run, tmp_path):
     assert "No generations" in out.with_suffix(".samples.md").read_text()
 
 
+@pytest.mark.slow
 def test_eval_against_a_reference_cache_matches_the_reference_model(trained_run, tmp_path):
     """The cache made by precompute-ref for the run's config gives the held-out metrics the reference model gives
     (fp32 rounding across batch compositions only); a cache for other data is refused by its fingerprint."""
@@ -143,6 +145,7 @@ def test_reward_function_refusals(tmp_path):
     assert load_reward_fn(f"{rewards}:count_baa")(["p"], ["baa baa"]) == [2]
 
 
+@pytest.mark.slow
 def test_cli_eval_prints_and_refuses_a_model_without_reference(material, trained_run, tmp_path, capsys):
     out = tmp_path / "cli.json"
     assert main(["eval", "--policy", str(trained_run), "--out", str(out), "generation.num_prompts=2",

@@ -1,5 +1,6 @@
 """examples/sentiment_frontier end to end on the real stories260K, shortened: two betas, two checkpoints each."""
 
+import pytest
 import json
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from tiny import shared_path
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_frontier_example_runs_and_smaller_beta_moves_further(tmp_path):
     model = shared_path("models/stories260K")  # skips with a reason when ../shared is absent
     out = tmp_path / "frontier"

@@ -55,6 +55,7 @@ def test_refusals_name_the_setting(tmp_path, env, message):
     assert result.returncode == 2 and message in result.stderr
 
 
+@pytest.mark.slow
 def test_train_sh_runs_two_ranks_on_this_machine(tmp_path):
     material = write_demo_material(tmp_path / "demo", rows=32)
     config = tmp_path / "run.yaml"

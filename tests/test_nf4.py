@@ -161,6 +161,7 @@ def test_device_map_is_refused_while_zero3_integration_is_live(zero3_integration
     assert is_deepspeed_zero3_enabled()
 
 
+@pytest.mark.slow
 def test_two_ranks_replicate_nf4_beside_zero3_policy(tmp_path):
     """2 ranks under the real deepspeed launcher (gloo, CPU). The policy loads into ZeRO-3 shards (each rank holds
     half of each weight); the NF4 reference loads whole on each rank with the integration live. Both ranks print

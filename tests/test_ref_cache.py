@@ -62,6 +62,7 @@ def cache(material, tmp_path_factory):
     return tmp_path / "cache"
 
 
+@pytest.mark.slow
 def test_round_trip_is_bitwise(material, cache):
     """Every pair's cached values are exactly what the log-prob stage computes for it with the same batches (the
     precompute's batches: BATCH pairs at a time within each shard, one pair per row)."""
@@ -82,6 +83,7 @@ def test_round_trip_is_bitwise(material, cache):
     assert sum((cache / s["name"]).stat().st_size for s in manifest["shards"]) / 96 < 200  # bytes per pair, headers in
 
 
+@pytest.mark.slow
 def test_training_from_the_cache_follows_the_online_reference(material, cache, tmp_path):
     """Same run, reference from the cache vs a frozen ZeRO-3 copy: the values differ only by batch composition
     (fp32 rounding, ~1e-6 nats), so per-step losses agree within 1e-5."""
@@ -96,6 +98,7 @@ def test_training_from_the_cache_follows_the_online_reference(material, cache, t
     assert len(set(losses)) > 2
 
 
+@pytest.mark.slow
 def test_two_ranks_train_from_a_one_rank_cache_and_make_the_same_cache(material, cache, tmp_path):
     """A cache does not depend on the world size that made it (shards are assigned by number), and any world size
     reads it: 2 ranks train from the 1-process cache, and a 2-rank precompute writes byte-identical files."""
@@ -110,6 +113,7 @@ def test_two_ranks_train_from_a_one_rank_cache_and_make_the_same_cache(material,
     assert len(rows) == 6 and rows[0]["loss"] == pytest.approx(0.6931472, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_gives_identical_files(material, cache, tmp_path):
     """Killed after a few shards and started again, the job computes only the missing shards; the finished cache is
     byte for byte the uninterrupted one (same shard boundaries, same batches, deterministic fp32 on CPU)."""
@@ -141,6 +145,7 @@ def test_resume_after_sigkill_gives_identical_files(material, cache, tmp_path):
     assert files == _files(straight)
 
 
+@pytest.mark.slow
 def test_refusals_name_what_differs(material, cache, tmp_path):
     model_dir, data_path = material
     tokenizer = load_tokenizer(str(model_dir))
@@ -171,6 +176,7 @@ def test_refusals_name_what_differs(material, cache, tmp_path):
     assert result.returncode == 2 and "holds shards made for another data_settings" in result.stderr
 
 
+@pytest.mark.slow
 def test_zero3_sharded_precompute_writes_the_same_cache(material, tmp_path):
     """A reference split across 2 ranks by ZeRO-3 (each holds half, forwards gather the layers) gives byte-identical
     files to one whole reference in one process: the gathered weights are the same fp32 values. 3 shards over 2
@@ -192,6 +198,7 @@ def test_zero3_sharded_precompute_writes_the_same_cache(material, tmp_path):
     assert files == _files(tmp_path / "whole")
 
 
+@pytest.mark.slow
 def test_sharded_precompute_refusals(material, tmp_path):
     tree = _tree(material, tmp_path, tmp_path / "refused", deepspeed={"config": "zero2"})
     tree["reference"]["precompute_sharded"] = True
@@ -203,6 +210,7 @@ def test_sharded_precompute_refusals(material, tmp_path):
     assert not (tmp_path / "refused").exists()  # refused before anything was written
 
 
+@pytest.mark.slow
 def test_reader_holds_neither_keys_nor_values_in_memory(tmp_path):
     """Out of core: an open reader of a 100k-pair cache holds a small fraction of the index's bytes, and a lookup
     allocates as little (tracemalloc counts numpy and torch CPU allocations); the keys are binary-searched in the

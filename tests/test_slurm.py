@@ -85,6 +85,7 @@ def _log(pattern: str, tmp_path) -> str:
     return "\n".join(p.read_text() for p in sorted(tmp_path.glob(pattern)))
 
 
+@pytest.mark.slow
 def test_pipeline_precomputes_then_trains_on_two_nodes_from_the_cache(cluster, material, tmp_path):
     config = _config(material, tmp_path, "run")
     output = f"--output={tmp_path}/%x-%j.out"
@@ -109,6 +110,7 @@ def test_pipeline_precomputes_then_trains_on_two_nodes_from_the_cache(cluster, m
     assert not list(hostfiles), "each node removes the hostfile it wrote"
 
 
+@pytest.mark.slow
 def test_usr1_saves_requeues_and_resumes_on_one_node_to_the_same_weights(cluster, material, tmp_path):
     """Two jobs side by side (each takes one core per node): one runs through on 2 nodes, the other gets USR1 (what
     --signal=B:USR1@600 sends before the time limit), checkpoints, requeues itself and resumes on 1 node (a node was
@@ -159,6 +161,7 @@ def test_usr1_saves_requeues_and_resumes_on_one_node_to_the_same_weights(cluster
     assert not (tmp_path / "interrupted" / "stop-requested").exists()
 
 
+@pytest.mark.slow
 def test_sweep_array_runs_every_point_from_one_cache(cluster, material, tmp_path):
     """slurm/sweep.sh: the cache does not exist yet, so the precompute job goes first and the 3-point array waits for
     it; every point trains in its own run directory from that one cache."""

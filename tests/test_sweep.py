@@ -62,6 +62,7 @@ def test_print_point_gives_train_arguments(tmp_path, capsys):
     assert "the grid has points 0 to 3" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_sweep_runs_every_point_on_this_machine(tmp_path, capfd):
     """The reference cache computed once, then two points one after another, each its own run directory with its
     own beta in the saved config, both reading that cache; then the summary."""

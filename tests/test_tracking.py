@@ -147,6 +147,7 @@ def offline_wandb(monkeypatch, tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_wandb_offline_writes_the_run_under_run_dir(offline_wandb):
     run_dir = offline_wandb / "run"
     config = LoggingConfig(wandb=True, wandb_mode="offline", wandb_project="dpo_scale_test")
@@ -165,6 +166,7 @@ def test_wandb_offline_writes_the_run_under_run_dir(offline_wandb):
     assert not any(b"SECRET" in p.read_bytes() for p in offline_wandb.rglob("*") if p.is_file())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace proves what the wandb-core process connects to")
 def test_wandb_offline_opens_no_network_socket_in_any_process(tmp_path):
     """The in-process guard above cannot see wandb-core, a separate Go process: trace every process's connect()."""
@@ -224,6 +226,7 @@ THREADS_AFTER_BARS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("mode", "threads"), [("default", "MainThread,tqdm_monitor"), ("stopped", "MainThread")])
 def test_no_tqdm_monitor_thread_is_left_to_die_at_exit(mode, threads):
     """`dpo-scale` stops tqdm's monitor before any bar starts: a daemon thread that frees tensors while the

@@ -36,6 +36,7 @@ def _final_weights(run_dir):
     return load_weights(sorted((run_dir / "checkpoints").glob("step-*"))[-1])
 
 
+@pytest.mark.slow
 def test_loss_starts_at_ln2_and_falls(material, tmp_path):
     """Policy = reference at step 1, so the loss is ln 2 to fp32 rounding (1e-6) and every reward is 0; on the
     learnable demo task the loss then falls and accuracy and margin rise (thresholds far from the run's values)."""
@@ -53,6 +54,7 @@ def test_loss_starts_at_ln2_and_falls(material, tmp_path):
     assert sum(r["rewards/margins"] for r in rows[-8:]) / 8 > 0.1
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one(material, tmp_path):
     """Same global batch of 8: 1 rank x 2 accumulation steps vs 2 ranks x 1 (deepspeed launcher, gloo). Only the
     order of fp32 sums differs (all-reduce vs accumulation): per-step losses within 1e-5."""
@@ -83,6 +85,7 @@ def test_two_ranks_match_one(material, tmp_path):
     assert json.loads((tmp_path / "two" / "deepspeed.json").read_text())["train_batch_size"] == 8
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equivalence(material, tmp_path):
     """micro 1 x accumulation 4 == micro 4 x accumulation 1: the same 4 pairs per update, gradients summed in a
     different order; losses within 1e-5, final weights within 1e-5 (Adam normalises away scale, not order noise)."""
@@ -98,6 +101,7 @@ def test_gradient_accumulation_equivalence(material, tmp_path):
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5, msg=name)
 
 
+@pytest.mark.slow
 def test_zero_stages_train_the_same(material, tmp_path):
     """ZeRO partitions where the weights and optimizer state live, not the math: on one rank, stage 0 (zero0.json,
     the lean choice for one process) and stage 2 give the per-step losses and final weights of stage 3 within 1e-5
@@ -115,6 +119,7 @@ def test_zero_stages_train_the_same(material, tmp_path):
             torch.testing.assert_close(other_weights[key], weights[key], rtol=0, atol=1e-5, msg=f"{name}: {key}")
 
 
+@pytest.mark.slow
 def test_stop_request_checkpoints_exits_and_resumes_bitwise(material, tmp_path):
     """run_dir/stop-requested (what the SLURM scripts create on the walltime warning): both ranks finish the same
     step, save a checkpoint off the checkpoint schedule, remove the file and exit 0; the same command then resumes
@@ -140,6 +145,7 @@ def test_stop_request_checkpoints_exits_and_resumes_bitwise(material, tmp_path):
         assert torch.equal(resumed[name], straight[name]), name
 
 
+@pytest.mark.slow
 def test_export_loads_and_gives_the_trained_log_probs(material, tmp_path):
     """The exported directory loads with from_pretrained; its log-probs on the held-out pairs equal the run's final
     evaluation (taken after the last update), up to fp32 reordering between ZeRO-3 and a plain forward (1e-5)."""
@@ -167,6 +173,7 @@ def test_export_loads_and_gives_the_trained_log_probs(material, tmp_path):
     assert (start_logps.chosen_logps - logps.chosen_logps).abs().max() > 1e-3  # the export is the trained model
 
 
+@pytest.mark.slow
 def test_bf16_run_with_wandb_offline(material, tmp_path):
     """bf16 weights and DeepSpeed bf16 on CPU: step 1 is still exactly ln 2 (policy and reference compute the same
     bf16 numbers, and the loss is taken in fp32), the run trains, and the checkpoint holds bf16 weights. wandb in
@@ -198,6 +205,7 @@ sys.exit(code)
 """
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_recomputes_and_changes_nothing_else(material, tmp_path):
     """With deepspeed.activation_checkpointing each policy decoder layer runs under torch's checkpoint (counted:
     4 steps x 2 layers; the frozen reference copy keeps its activations off the graph anyway), and the recomputation
@@ -220,6 +228,7 @@ def test_activation_checkpointing_recomputes_and_changes_nothing_else(material, 
     assert len(set(losses)) > 1
 
 
+@pytest.mark.slow
 def test_nf4_reference_trains_on_two_ranks(material, tmp_path):
     """A replicated NF4 reference beside the sharded ZeRO-3 policy: 2 ranks x 1 micro-batch give the per-step losses of
     1 rank x 2 accumulation steps (within 1e-5, as for the full reference). At step 1 the policy is the full-precision

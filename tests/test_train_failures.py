@@ -138,6 +138,7 @@ def _equal(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
 
 
+@pytest.mark.slow
 def test_nan_loss_on_one_step_skips_that_update(material, tmp_path):
     """NaN losses at step 3 of 6: a warning names step 3 and the broken term, DeepSpeed skips exactly that update
     (skipped_steps=1) and its metrics stay out of the log, and the run goes on as if batch 3 had never been there.
@@ -172,6 +173,7 @@ def test_nan_loss_on_one_step_skips_that_update(material, tmp_path):
     assert _equal(checkpoints[6], _weights(reference_run, 5))
 
 
+@pytest.mark.slow
 def test_too_many_nan_steps_stop_the_run_with_a_diagnostic(material, tmp_path):
     """NaN losses at steps 3, 4 and 5 with max_nonfinite_skips=2: steps 3 and 4 are skipped with warnings, step 5 is
     one too many and `dpo-scale train` stops with a message (exit 3, no traceback) naming the step, the limit, the
@@ -261,6 +263,7 @@ def _launch_with_fault(material, tmp_path, action, timeout_s):
     return _launch_two_ranks(tmp_path, program), marker
 
 
+@pytest.mark.slow
 def test_killed_rank_ends_the_job_without_hanging(material, tmp_path):
     """SIGKILL one of two ranks mid-run under the deepspeed launcher: the launcher must exit non-zero within 120 s
     (deepspeed.timeout_s=30 bounds a blocked collective; on gloo the survivor sees the dead peer's closed socket at
@@ -289,6 +292,7 @@ def test_killed_rank_ends_the_job_without_hanging(material, tmp_path):
         _end_session(proc)
 
 
+@pytest.mark.slow
 def test_hung_rank_ends_the_job_after_the_collective_timeout(material, tmp_path):
     """One of two ranks stops making progress without dying (it sleeps inside step 3's loss): only the collective
     timeout can end that. With deepspeed.timeout_s=6 the other rank's collective fails after 6 s, it exits, and the
@@ -312,6 +316,7 @@ def test_hung_rank_ends_the_job_after_the_collective_timeout(material, tmp_path)
         _end_session(proc)
 
 
+@pytest.mark.slow
 def test_exception_on_one_rank_ends_the_job_promptly_with_that_error(material, tmp_path):
     """One of two ranks raises inside step 3's loss while the other goes on to its next collective. The job must end
     as soon as the launcher sees the failed rank (it polls once a second: about 3-4 s), well before the collective

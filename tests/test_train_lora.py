@@ -72,6 +72,7 @@ def _logps(model, pairs, pad_token_id):
     return out.chosen_logps, out.rejected_logps
 
 
+@pytest.mark.slow
 def test_only_the_adapters_change(material, lora_run):
     """The final checkpoint holds every starting weight bitwise unchanged (frozen base, no optimizer state touches
     it), exactly the configured adapters (targets x layers, rank 8), and every lora_B, which peft starts at zero,
@@ -101,6 +102,7 @@ def test_only_the_adapters_change(material, lora_run):
             assert tensor.abs().max().item() > 0.01, key
 
 
+@pytest.mark.slow
 def test_step_one_loss_is_ln2_then_falls(lora_run):
     """lora_B starts at zero, so at step 1 the policy is the reference bitwise: the loss is ln 2 to fp32 rounding
     (1e-6) and the rewards are exactly 0. Then the loss falls: per-batch losses are noisy (one batch of 8 per step), so the test compares 8-step means
@@ -152,6 +154,7 @@ print("RESULT " + json.dumps({"before": before, "after": after, "pairs": pairs, 
 """
 
 
+@pytest.mark.slow
 def test_adapters_disabled_reference_is_the_base_model(material, tmp_path):
     """In one process: build the LoRA run, score 8 pairs, train 6 steps at lr 0.01, score them again. The
     reference (policy with adapters disabled, through the ZeRO-3 engine) equals the base model loaded plainly in
@@ -181,6 +184,7 @@ def test_adapters_disabled_reference_is_the_base_model(material, tmp_path):
     assert moved > 0.1, moved
 
 
+@pytest.mark.slow
 def test_export_adapter_and_merged_model_agree(material, lora_run, tmp_path):
     """`dpo-scale export` writes a peft adapter holding the checkpoint's adapter tensors bitwise; loaded onto the base
     with `PeftModel.from_pretrained` it scores the held-out pairs as the run's final evaluation did (taken after

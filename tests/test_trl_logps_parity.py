@@ -69,6 +69,7 @@ def _explicit_rows(data_config, count):
     return rows
 
 
+@pytest.mark.slow
 def test_plain_text_matches_trl(tmp_path):
     """stories260K on 12 HH-RLHF dialogues, truncated to 256 tokens keep_start (identical to TRL's keep_start).
     Sums reach ~1,000 nats, where one fp32 ulp is 6e-5, and reordering across layouts costs a few ulps: seen
@@ -92,6 +93,7 @@ def test_plain_text_matches_trl(tmp_path):
     torch.testing.assert_close(ours.rejected_logps, theirs_rejected.float(), rtol=1e-6, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_conversational_matches_trl(tmp_path):
     """Phi-3's chat template on 8 LLaMA-Factory ShareGPT rows, converted to messages, scored by a random tiny
     Llama with Phi-3's vocabulary (32,011 tokens). Random weights spread probability thinly (~10 nats per token,

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 from dpo_scale.demo import write_demo_material
 from dpo_scale.watch import FailureSigns
 from launch import base_config, train, train_metrics
@@ -43,6 +45,7 @@ def test_diversity_collapse_warns():
     assert "distinct-2 fell from 0.800 to 0.300" in warning
 
 
+@pytest.mark.slow
 def test_two_rank_run_logs_generation_diversity_and_warns_on_easy_pairs(tmp_path):
     """ZeRO-3 generation on 2 ranks at each eval (collective: both ranks sample 3 prompts); the demo's pairs are
     easy, so a high learning rate reaches accuracy 1.0 within the first pairs and the run says so."""
