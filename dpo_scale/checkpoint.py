@@ -13,9 +13,9 @@
     run_dir/checkpoints/latest     name of the newest complete checkpoint
 
 Nothing in it is pickled, and nothing in it depends on how ZeRO partitioned the state: DeepSpeed's tensor-fragment
-API (see distributed.py) gathers each parameter's state whole at save and scatters it into whatever layout the
-resuming run has. Each rank writes the parameters it owns (balanced by size), one parameter at a time: the memory
-a save adds is about one parameter's fp32 state, not the model's. The data order is a pure function of the seed and
+API (see distributed.py) hands each parameter's state, piece by piece, to the rank that owns it at save, and sets
+it into whatever layout the resuming run has. Each rank writes the parameters it owns (balanced by size) as their
+pieces arrive: a save adds two ZeRO-3 partitions of a parameter on its owner, never the model. The data order is a pure function of the seed and
 the step (sampler.py), so the same global batch split another way continues exactly where the run stopped.
 
 Every rank writes into `.step-00000040.partial/`; after a barrier rank 0 renames it, then moves `latest`, then
@@ -96,15 +96,15 @@ def save(engine, step: int, config: TrainConfig, world: World) -> Path:
     torch.distributed.barrier()
 
     parameters = distributed.trainable_parameters(engine)
-    sizes = [(name, math.prod(distributed.full_shape(t))) for name, t in distributed.weights_layout(engine)]
-    owners = _owners(sizes, world.size)
+    weights = distributed.weights_layout(engine)
+    owners = _owners([(name, math.prod(distributed.full_shape(t))) for name, t in weights], world.size)
     optimizer_steps = distributed.optimizer_steps(engine)
     distributed.materialize_optimizer_state(engine)  # only if every update so far was skipped
-    _write_state_and_weights(engine, partial, owners, world)
+    _write_state_and_weights(engine, partial, weights, {id(p) for _, p in parameters}, owners, world)
     _save_rng(partial / "rng" / _rank_file(world.rank), world.device)
     if world.is_main:
         if world.size > 1:
-            weight_map = {_hf_name(n): _weights_file(owners[n], world.size) for n, _ in distributed.weights_layout(engine)}
+            weight_map = {_hf_name(n): _weights_file(owners[n], world.size) for n, _ in weights}
             with atomic_open(partial / WEIGHTS_INDEX) as handle:
                 json.dump({"metadata": {}, "weight_map": weight_map}, handle, indent=1)
         trainer_state = {
@@ -199,15 +199,16 @@ def _owners(sizes: list[tuple[str, int]], ranks: int) -> dict[str, int]:
     return owners
 
 
-def _write_state_and_weights(engine, partial: Path, owners: dict[str, int], world: World) -> None:
+def _write_state_and_weights(
+    engine, partial: Path, weights: list[tuple[str, torch.Tensor]], trainable: set[int], owners: dict[str, int],
+    world: World,
+) -> None:
     """One pass over the model; every rank takes part in every gather (collective), and the rank that owns a tensor
     writes it as it arrives. A trainable parameter's master and moments go to the owner's state file, and its
     training-dtype weight (the master cast, as DeepSpeed's update leaves it) to the owner's weights file; frozen
     weights and buffers are gathered whole for their weights file. So each rank writes its share, and a save adds
     two ZeRO-3 partitions of the largest parameter on its owner (the one being written, the one arriving), or the
     largest frozen weight in its training dtype."""
-    weights = distributed.weights_layout(engine)
-    trainable = {id(p) for _, p in distributed.trainable_parameters(engine)}
     mine = [(name, tensor) for name, tensor in weights if owners[name] == world.rank]
     state_file = SafetensorsWriter(partial / "state" / _rank_file(world.rank), [
         (_state_key(name, key), torch.float32, distributed.full_shape(tensor))
