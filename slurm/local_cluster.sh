@@ -27,7 +27,7 @@ install_packages() {
 write_config() {
     local host cpus memory
     host=$(hostname)
-    cpus=$(nproc)
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc obeys OMP_NUM_THREADS, which the tests set
     memory=$(($(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 2))  # MiB per node: half the machine each
     mkdir -p "$STATE_DIR/ctld" "$STATE_DIR/spool"
     cat >"$STATE_DIR/slurm.conf" <<CONF
