@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from dpo_scale.data.pairs import Pair
-from dpo_scale.ref_cache import INDEX_KEYS, INDEX_ROWS, CacheReader, write_manifest, write_shard
+from dpo_scale.ref_cache import INDEX_KEYS, INDEX_ROWS, CacheReader, read_manifest, write_manifest, write_shard
 
 
 def _pairs(start: int, count: int) -> list[Pair]:
@@ -52,7 +52,7 @@ def main() -> None:
 
         before = _rss_mib()
         start = time.perf_counter()
-        reader = CacheReader(directory, {})
+        reader = CacheReader(directory, read_manifest(directory))
         open_s = time.perf_counter() - start
         rng = random.Random(0)
         batches = [_pairs(rng.randrange(args.pairs - 64), 64) for _ in range(args.lookups)]

@@ -32,7 +32,7 @@ from dpo_scale.io import atomic_open
 from dpo_scale.layout import collate
 from dpo_scale.loss import build_preference_loss, preference_metrics
 from dpo_scale.model import PairLogpsModel, load_causal_lm
-from dpo_scale.ref_cache import CacheReader, fingerprint
+from dpo_scale.ref_cache import open_cache
 from dpo_scale.reference import CachedReference
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
@@ -56,13 +56,11 @@ def run_eval(config: EvalRunConfig) -> dict:
         "policy": config.policy, "reference": reference_path, "reference_cache": config.reference_cache,
         "loss_type": loss_config.loss_type, "beta": loss_config.beta,
     }  # fmt: skip
-    cache_fingerprint = None
+    cache = None
     if config.reference_cache:
-        data = config.data or run.data
-        cache_fingerprint = fingerprint(ModelConfig(reference_path, dtype=config.dtype), data, tokenizer)
-    result["preference"] = score_pairs(
-        policy, reference, pairs, config, loss_config, tokenizer, device, cache_fingerprint
-    )
+        made_with = ModelConfig(reference_path, dtype=config.dtype)
+        cache = CachedReference(open_cache(config.reference_cache, made_with, config.data or run.data, tokenizer))
+    result["preference"] = score_pairs(policy, reference, pairs, config, loss_config, tokenizer, device, cache)
     samples: list[dict] = []
     if config.generation.num_prompts:
         prompts = _prompts(config.generation, pairs, tokenizer)
@@ -103,14 +101,13 @@ def _held_out_pairs(config: EvalRunConfig, run, tokenizer) -> list[Pair]:
 
 @torch.no_grad()
 def score_pairs(policy, reference, pairs, config: EvalRunConfig, loss_config, tokenizer, device,
-                cache_fingerprint: dict[str, str] | None = None) -> dict[str, float]:  # fmt: skip
+                cache: CachedReference | None = None) -> dict[str, float]:  # fmt: skip
     """Per-pair means of the training metrics (loss, rewards, margins, accuracies, log-probs) over `pairs`; the
-    reference's log-probs from config.reference_cache (checked against `cache_fingerprint`) when it is set."""
+    reference's log-probs from `cache` when there is one."""
     if not pairs:
         return {"pairs": 0}
     pad = padding_id(tokenizer)
     policy_scorer, reference_scorer = PairLogpsModel(policy, config.logps), PairLogpsModel(reference, config.logps)
-    cache = CachedReference(CacheReader(config.reference_cache, cache_fingerprint)) if cache_fingerprint else None
     loss_fn = build_preference_loss(loss_config)
     sums: dict[str, float] = {}
     for start in range(0, len(pairs), config.batch_size):

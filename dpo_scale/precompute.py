@@ -18,6 +18,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,7 +29,7 @@ from dpo_scale.ds_config import resolve_deepspeed_config
 from dpo_scale.io import atomic_open
 from dpo_scale.layout import collate
 from dpo_scale.model import PairLogpsModel, load_causal_lm
-from dpo_scale.ref_cache import MANIFEST, fingerprint, shard_name, write_manifest, write_shard
+from dpo_scale.ref_cache import MANIFEST, differences, fingerprint, shard_name, write_manifest, write_shard
 from dpo_scale.tracking import ProgressBar, print0
 
 FINGERPRINT = "fingerprint.json"
@@ -137,17 +138,16 @@ def _scoring(logps: LogpsConfig) -> LogpsConfig:
     return dataclasses.replace(logps, packing=False, pack_length=None)
 
 
-def _claim(directory: Path, made_for: dict[str, str]) -> None:
+def _claim(directory: Path, made_for: dict[str, Any]) -> None:
     """Mark the directory with what its shards are made from; refuse to mix shards of different origins."""
     directory.mkdir(parents=True, exist_ok=True)
     marker = directory / FINGERPRINT
     if marker.exists():
-        found = json.loads(marker.read_text())
-        different = sorted(k for k in made_for if found.get(k) != made_for[k])
+        different = differences(json.loads(marker.read_text()), made_for)
         if different:
             raise ConfigError(
-                f"reference.cache_dir={directory} holds shards made for another {', '.join(different)}; "
-                "choose an empty directory for this config"
+                f"reference.cache_dir={directory} holds shards made for other weights, data or settings "
+                f"({'; '.join(different)}). Fix: choose an empty directory for this config"
             )
         return
     with atomic_open(marker) as handle:

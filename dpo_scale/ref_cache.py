@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,9 +32,13 @@ from safetensors.torch import save_file
 
 from dpo_scale import __version__
 from dpo_scale.config import ConfigError, DataConfig, ModelConfig
-from dpo_scale.data.fingerprint import data_files, files_digest, sha256_file, tokenizer_digest
+from dpo_scale.data.build import store_fingerprint
+from dpo_scale.data.fingerprint import describe_files, fingerprint_differences, sha256_file
 from dpo_scale.data.pairs import Pair
 from dpo_scale.io import atomic_open
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 KEY_BYTES = 16
 KEY_DTYPE = np.dtype(f"S{KEY_BYTES}")  # compared as unsigned bytes, so np.searchsorted orders them
@@ -52,18 +57,35 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
 
-def fingerprint(model: ModelConfig, data: DataConfig, tokenizer) -> dict[str, str]:
-    """What the cached values depend on. Local paths are hashed by content; a hub id by its name."""
+def fingerprint(
+    model: ModelConfig, data: DataConfig, tokenizer: PreTrainedTokenizerBase, known: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """What the cached values depend on, one field per setting so that a refusal names the one that differs: the
+    token store's fields (data files, tokenizer, chat template, shaping settings, version) plus the reference's
+    weights (each file by name, size and content) and dtype. Files whose size and modification time match their
+    record in `known` (a stored fingerprint) are not read again; a hub id stands for itself."""
+    known = known or {}
     model_dir = Path(model.path)
     weights = sorted(model_dir.glob("*.safetensors")) + [model_dir / "config.json"] if model_dir.is_dir() else []
-    files = data_files(data.path)
     return {
-        "reference_weights": files_digest(weights) if weights else f"hub:{model.path}",
+        **store_fingerprint(data, tokenizer, _file_records(known.get("data_files"))),
+        "reference_weights": (
+            describe_files(weights, model_dir, _file_records(known.get("reference_weights")))
+            if weights else f"hub:{model.path}"
+        ),
         "reference_dtype": model.dtype,
-        "tokenizer": tokenizer_digest(tokenizer),
-        "data": files_digest(files) if files else f"hub:{data.path}",
-        "data_settings": json.dumps(data.shaping_settings(), sort_keys=True),
-    }
+    }  # fmt: skip
+
+
+def _file_records(value: Any) -> list[dict] | None:
+    return value if isinstance(value, list) else None
+
+
+def differences(stored: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    """What differs between a cache's fingerprint and this run's, one line per field, naming both values."""
+    if "dpo_scale_version" not in stored:
+        return ["made by an older dpo_scale, which recorded one digest for all the data settings"]
+    return fingerprint_differences(stored, expected, "cache")
 
 
 def write_shard(directory: Path, index: int, pairs: list[Pair], chosen: torch.Tensor, rejected: torch.Tensor) -> None:
@@ -77,7 +99,7 @@ def write_shard(directory: Path, index: int, pairs: list[Pair], chosen: torch.Te
     partial.rename(final)
 
 
-def write_manifest(directory: Path, fingerprint_: dict[str, str], num_shards: int, shard_size: int) -> None:
+def write_manifest(directory: Path, fingerprint_: dict[str, Any], num_shards: int, shard_size: int) -> None:
     """The sorted key index, then the manifest that makes the cache usable. Building the index holds every key in
     memory once (16 bytes + 8 per pair: 240 MB for 10M pairs), on one rank, at the end of the precompute."""
     shards, keys, rows = [], [], []
@@ -103,26 +125,40 @@ def write_manifest(directory: Path, fingerprint_: dict[str, str], num_shards: in
         json.dump(manifest, handle, indent=2)
 
 
+def read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST
+    if not path.exists():
+        raise ConfigError(
+            f"reference.cache_dir={directory}: no {MANIFEST} (the precompute did not finish, or this is not a cache); "
+            "run `dpo-scale precompute-ref` with this config to complete it"
+        )
+    return json.loads(path.read_text())
+
+
+def open_cache(
+    directory: str | Path, model: ModelConfig, data: DataConfig, tokenizer: PreTrainedTokenizerBase
+) -> CacheReader:
+    """The cache in `directory`, refused unless it was made for this reference, data and settings (compared before
+    any shard is read)."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    stored = manifest["fingerprint"]
+    different = differences(stored, fingerprint(model, data, tokenizer, known=stored))
+    if different:
+        raise ConfigError(
+            f"reference.cache_dir={directory}: the cache was made for other weights, data or settings than this "
+            f"run's ({'; '.join(different)}). Fix: recompute it with `dpo-scale precompute-ref` for this config, or "
+            "point reference.cache_dir at the cache made for it"
+        )
+    return CacheReader(directory, manifest)
+
+
 class CacheReader:
     """Reference log-probs by pair key, out of core: the sorted key index and the shards are memory-mapped, so
     opening a cache of any size costs its checksums (one read of every file) and a few file handles."""
 
-    def __init__(self, directory: str | Path, expected: dict[str, str]):
-        self.directory = Path(directory)
-        manifest_path = self.directory / MANIFEST
-        if not manifest_path.exists():
-            raise ConfigError(
-                f"reference.cache_dir={self.directory}: no {MANIFEST} (the precompute did not finish, or this is not "
-                "a cache); run `dpo-scale precompute-ref` with this config to complete it"
-            )
-        manifest = json.loads(manifest_path.read_text())
-        different = sorted(k for k in expected if manifest["fingerprint"].get(k) != expected[k])
-        if different:
-            raise ConfigError(
-                f"reference.cache_dir={self.directory}: the cache was made for another {', '.join(different)} "
-                f"than this run's; recompute it with `dpo-scale precompute-ref` for this config, or point "
-                "reference.cache_dir at the cache made for it"
-            )
+    def __init__(self, directory: Path, manifest: dict[str, Any]):
+        self.directory = directory
         for entry in manifest["shards"] + manifest["index"]:
             self._verify(entry)
         self._handles = [safe_open(self.directory / shard["name"], framework="pt") for shard in manifest["shards"]]

@@ -30,7 +30,7 @@ from dpo_scale.evaluate import distinct_n, generate
 from dpo_scale.loss import build_preference_loss, preference_metrics
 from dpo_scale.model import PairLogpsModel, add_lora
 from dpo_scale.nf4 import NF4Reference, load_nf4_reference, nf4_memory
-from dpo_scale.ref_cache import CacheReader, fingerprint
+from dpo_scale.ref_cache import open_cache
 from dpo_scale.reference import AdaptersDisabled, CachedReference, FrozenCopy, ReferenceSource
 from dpo_scale.sampler import StepSampler
 from dpo_scale.tracking import MetricsLog, ProgressBar, build_tracker, print0
@@ -158,8 +158,7 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
         if config.reference.source == "lora":
             reference = AdaptersDisabled(engine, peft_model)
         elif config.reference.source == "cache":
-            expected = fingerprint(config.model, config.data, tokenizer)
-            reference = CachedReference(CacheReader(config.reference.cache_dir, expected))
+            reference = CachedReference(open_cache(config.reference.cache_dir, config.model, config.data, tokenizer))
             print0(f"reference log-probs from the cache {config.reference.cache_dir} ({len(reference.reader)} pairs)")
         elif config.reference.source == "nf4":
             nf4 = config.reference.nf4

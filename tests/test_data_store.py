@@ -114,10 +114,14 @@ def test_refuses_another_max_length_naming_both_values(built, byte_tokenizer):
         load_prepared(config, byte_tokenizer, store)
 
 
-def test_refuses_another_tokenizer(built):
+def test_refuses_another_tokenizer_or_chat_template(built):
     config, store = built
-    with pytest.raises(ConfigError, match=r"\(tokenizer: store [0-9a-f]{12}, this run [0-9a-f]{12}\)"):
+    with pytest.raises(ConfigError, match=r"\(chat_template: store null, this run [0-9a-f]{12}\)"):
         load_prepared(config, make_byte_tokenizer(chat_template="{{ messages }}"), store)
+    other = make_byte_tokenizer()
+    other.add_special_tokens({"eos_token": "<|end|>"})
+    with pytest.raises(ConfigError, match=r"\(tokenizer: store [0-9a-f]{12}, this run [0-9a-f]{12}\)"):
+        load_prepared(config, other, store)
 
 
 def test_refuses_changed_data_naming_the_file_and_rebuilds_when_asked(built, byte_tokenizer):

@@ -73,7 +73,7 @@ def test_eval_against_a_reference_cache_matches_the_reference_model(trained_run,
         assert cached["preference"][key] == pytest.approx(value, abs=1e-5), key
     other_data = {**settings, "out": str(tmp_path / "x.json"), "reference_cache": str(tmp_path / "cache"),
                   "data": {"path": config["data"]["path"], "max_length": 200}}  # fmt: skip
-    with pytest.raises(ConfigError, match="made for another data_settings"):
+    with pytest.raises(ConfigError, match="data.max_length: cache null, this run 200"):
         run_eval(build(EvalRunConfig, other_data))
 
 

@@ -20,7 +20,9 @@ from dpo_scale.data import Pair, load_tokenizer, prepare
 from dpo_scale.demo import write_demo_material
 from dpo_scale.layout import collate
 from dpo_scale.model import PairLogpsModel
-from dpo_scale.ref_cache import INDEX_KEYS, INDEX_ROWS, CacheReader, fingerprint, write_manifest, write_shard
+from dpo_scale.ref_cache import (
+    INDEX_KEYS, INDEX_ROWS, CacheReader, open_cache, read_manifest, write_manifest, write_shard,
+)  # fmt: skip
 from launch import DPO_SCALE, base_config, free_port, train, train_metrics
 
 SHARD, BATCH = 16, 4
@@ -69,7 +71,7 @@ def test_round_trip_is_bitwise(material, cache):
     model_dir, data_path = material
     tokenizer = load_tokenizer(str(model_dir))
     pairs = prepare(DataConfig(str(data_path)), tokenizer).pairs
-    reader = CacheReader(cache, fingerprint(ModelConfig(str(model_dir)), DataConfig(str(data_path)), tokenizer))
+    reader = open_cache(cache, ModelConfig(str(model_dir)), DataConfig(str(data_path)), tokenizer)
     assert len(pairs) == len(reader) == 96
     model = PairLogpsModel(AutoModelForCausalLM.from_pretrained(model_dir).eval(), LogpsConfig())
     for start in range(0, len(pairs), BATCH):
@@ -146,18 +148,46 @@ def test_resume_after_sigkill_gives_identical_files(material, cache, tmp_path):
 
 
 @pytest.mark.slow
-def test_refusals_name_what_differs(material, cache, tmp_path):
+def test_refusals_name_what_differs(material, cache, tmp_path, monkeypatch):
+    """Every fingerprint field that differs is named with both values; a changed file by name, size and hash."""
     model_dir, data_path = material
     tokenizer = load_tokenizer(str(model_dir))
-    made_for = fingerprint(ModelConfig(str(model_dir)), DataConfig(str(data_path)), tokenizer)
+    model, data = ModelConfig(str(model_dir)), DataConfig(str(data_path))
 
-    other = fingerprint(ModelConfig(str(model_dir)), DataConfig(str(data_path), max_length=10), tokenizer)
-    with pytest.raises(ConfigError, match="made for another data_settings"):
-        CacheReader(cache, other)
+    with pytest.raises(ConfigError, match="data.max_length: cache null, this run 10"):
+        open_cache(cache, model, DataConfig(str(data_path), max_length=10), tokenizer)
+    with pytest.raises(ConfigError, match="reference_dtype: cache float32, this run bfloat16"):
+        open_cache(cache, ModelConfig(str(model_dir), dtype="bfloat16"), data, tokenizer)
+
+    edited_data = tmp_path / "data" / data_path.name
+    edited_data.parent.mkdir()
+    lines = data_path.read_text().splitlines(keepends=True)
+    edited_data.write_text("".join(lines[1:] + lines[:1]))  # same bytes, another order
+    size = f"{data_path.stat().st_size:,} bytes"
+    with pytest.raises(ConfigError, match=rf"data file {data_path.name}: its content differs \(cache {size}, sha256 "
+                                          rf"[0-9a-f]{{12}}; this run {size}, sha256 [0-9a-f]{{12}}\)"):  # fmt: skip
+        open_cache(cache, model, DataConfig(str(edited_data)), tokenizer)
+
+    edited_model = tmp_path / "model"
+    shutil.copytree(model_dir, edited_model)
+    (edited_model / "config.json").write_text(json.dumps({**json.loads((model_dir / "config.json").read_text()),
+                                                          "rope_theta": 500000.0}))  # fmt: skip
+    with pytest.raises(ConfigError, match="reference_weights file config.json: its content differs") as refused:
+        open_cache(cache, ModelConfig(str(edited_model)), data, tokenizer)
+    assert "model.safetensors" not in str(refused.value)  # the unchanged file is not named
+
+    templated = copy.deepcopy(tokenizer)
+    templated.chat_template = "{{ messages[0]['content'] }}"
+    with pytest.raises(ConfigError, match="chat_template: cache null, this run [0-9a-f]{12}"):
+        open_cache(cache, model, data, templated)
+    monkeypatch.setattr("dpo_scale.data.build.__version__", "0.0.1")
+    with pytest.raises(ConfigError, match=r"dpo_scale_version: cache \S+, this run 0.0.1"):
+        open_cache(cache, model, data, tokenizer)
+    monkeypatch.undo()
 
     pair = Pair(0, "made-up row 1", [1, 2], [3, 4], [5])
     with pytest.raises(ConfigError, match="made-up row 1: this pair is not in the reference cache"):
-        CacheReader(cache, made_for).lookup([pair])
+        open_cache(cache, model, data, tokenizer).lookup([pair])
 
     damaged = tmp_path / "damaged"
     shutil.copytree(cache, damaged)
@@ -166,14 +196,15 @@ def test_refusals_name_what_differs(material, cache, tmp_path):
     raw[-1] ^= 1
     shard.write_bytes(bytes(raw))
     with pytest.raises(ConfigError, match="shard-00002.safetensors fails its checksum"):
-        CacheReader(damaged, made_for)
+        open_cache(damaged, model, data, tokenizer)
     shard.unlink()
     with pytest.raises(ConfigError, match="shard-00002.safetensors is missing"):
-        CacheReader(damaged, made_for)
+        open_cache(damaged, model, data, tokenizer)
 
     # precompute into a directory of another configuration's shards is refused, not mixed
     result = _precompute(_tree(material, tmp_path, cache, data={"path": str(data_path), "max_length": 10}), tmp_path)
-    assert result.returncode == 2 and "holds shards made for another data_settings" in result.stderr
+    assert result.returncode == 2 and "holds shards made for other weights, data or settings" in result.stderr
+    assert "data.max_length: cache null, this run 10" in result.stderr
 
 
 @pytest.mark.slow
@@ -225,7 +256,7 @@ def test_reader_holds_neither_keys_nor_values_in_memory(tmp_path):
     assert index_bytes > 100_000 * 24
 
     tracemalloc.start()
-    reader = CacheReader(tmp_path, {})
+    reader = CacheReader(tmp_path, read_manifest(tmp_path))
     held, _ = tracemalloc.get_traced_memory()
     tracemalloc.reset_peak()
     sample = pairs[99_990:] + pairs[:3] + pairs[51_234:51_240]

@@ -38,13 +38,15 @@ import numpy as np
 
 from dpo_scale import __version__
 from dpo_scale.config import ConfigError, DataConfig
-from dpo_scale.data.fingerprint import data_files, describe_files, tokenizer_digest
+from dpo_scale.data.fingerprint import (
+    chat_template_digest, data_files, describe_files, fingerprint_differences, tokenizer_digest,
+)
 from dpo_scale.data.formats import Format, input_format, normalise
 from dpo_scale.data.pairs import PreparedData
 from dpo_scale.data.prepare import check_not_empty, no_signal_error, prepare, prepare_examples
 from dpo_scale.data.sources import Row, read_rows
 from dpo_scale.data.store import (
-    BUILD_CLAIM, TokenStore, fingerprint_differences, read_manifest, shard_done, source_prefix, token_dtype,
+    BUILD_CLAIM, TokenStore, read_manifest, shard_done, source_prefix, token_dtype,
     write_manifest, write_shard,
 )  # fmt: skip
 from dpo_scale.io import atomic_open
@@ -86,6 +88,7 @@ def store_fingerprint(
     return {
         "data_files": describe_files(files, root, known_files) if files else f"hub:{config.path}",
         "tokenizer": tokenizer_digest(tokenizer),
+        "chat_template": chat_template_digest(tokenizer),
         "dpo_scale_version": __version__,
         **{f"data.{name}": value for name, value in config.shaping_settings().items()},
     }
@@ -150,7 +153,7 @@ def _differences_from(stored: dict[str, Any], config: DataConfig, tokenizer) -> 
     again when their size and modification time are unchanged."""
     files = stored.get("data_files")
     expected = store_fingerprint(config, tokenizer, files if isinstance(files, list) else None)
-    return fingerprint_differences(stored, expected)
+    return fingerprint_differences(stored, expected, "store")
 
 
 def _replace_if_stale(config: DataConfig, tokenizer, directory: Path, launch: Launch) -> None:
@@ -194,7 +197,7 @@ def _claim(directory: Path, claim: dict[str, Any]) -> None:
         with atomic_open(directory / BUILD_CLAIM) as handle:  # identical content from every process that races here
             json.dump(claim, handle, indent=1)
         return
-    differences = fingerprint_differences(found["fingerprint"], claim["fingerprint"])
+    differences = fingerprint_differences(found["fingerprint"], claim["fingerprint"], "store")
     if found["shard_rows"] != claim["shard_rows"]:
         differences.append(f"data.shard_rows: store {found['shard_rows']}, this run {claim['shard_rows']}")
     if differences:

@@ -25,20 +25,15 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def files_digest(paths: list[Path]) -> str:
-    """One digest of names, sizes and contents."""
-    digest = hashlib.sha256()
-    for path in sorted(paths):
-        digest.update(f"{path.name}:{path.stat().st_size}:{sha256_file(path)}\n".encode())
-    return digest.hexdigest()
-
-
 def tokenizer_digest(tokenizer: Any) -> str:
-    """The tokenizer's vocabulary, merges, normalisation and special tokens, and its chat template."""
+    """The tokenizer's vocabulary, merges, normalisation and special tokens (its chat template apart)."""
     backend = tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else repr(tokenizer)
-    return hashlib.sha256(
-        json.dumps([backend, tokenizer.chat_template, tokenizer.eos_token, tokenizer.bos_token]).encode()
-    ).hexdigest()
+    return hashlib.sha256(json.dumps([backend, tokenizer.eos_token, tokenizer.bos_token]).encode()).hexdigest()
+
+
+def chat_template_digest(tokenizer: Any) -> str | None:
+    template = tokenizer.chat_template
+    return hashlib.sha256(json.dumps(template).encode()).hexdigest() if template else None
 
 
 def data_files(path: str) -> list[Path]:
@@ -62,3 +57,41 @@ def describe_files(paths: list[Path], root: Path, known: list[dict] | None = Non
             entry = {"name": name, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256_file(path)}
         entries.append(entry)
     return entries
+
+
+def fingerprint_differences(stored: dict[str, Any], expected: dict[str, Any], holder: str) -> list[str]:
+    """One line per fingerprint field that differs, naming both values: `data.max_length: cache 256, this run 200`;
+    for fields that list files (`describe_files`), which file and how. `holder` names the stored side."""
+    lines = []
+    for key in sorted(set(stored) | set(expected)):
+        old, new = stored.get(key), expected.get(key)
+        if isinstance(old, list) and isinstance(new, list):
+            lines += _file_differences(key, old, new, holder)
+        elif old != new:
+            lines.append(f"{key}: {holder} {_short(old)}, this run {_short(new)}")
+    return lines
+
+
+def _file_differences(key: str, stored: list[dict], expected: list[dict], holder: str) -> list[str]:
+    before = {entry["name"]: entry for entry in stored}
+    after = {entry["name"]: entry for entry in expected}
+    what = f"{key.removesuffix('_files')} file"  # data file pairs.jsonl, reference_weights file config.json
+    lines = []
+    for name in sorted(set(before) | set(after)):
+        old, new = before.get(name), after.get(name)
+        if old is None or new is None:
+            lines.append(f"{what} {name}: {f'not in the {holder}' if old is None else 'not in this run'}")
+        elif old["sha256"] != new["sha256"]:
+            lines.append(
+                f"{what} {name}: its content differs ({holder} {old['bytes']:,} bytes, sha256 {old['sha256'][:12]}; "
+                f"this run {new['bytes']:,} bytes, sha256 {new['sha256'][:12]})"
+            )
+    return lines
+
+
+def _short(value: Any) -> str:
+    """Lists of files summarised, sha256 digests cut to 12 characters, everything else as JSON."""
+    if isinstance(value, list):
+        return f"{len(value)} files"
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text[:12] if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else text

@@ -117,40 +117,6 @@ def read_manifest(directory: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def fingerprint_differences(stored: dict[str, Any], expected: dict[str, Any]) -> list[str]:
-    """One line per setting that differs, naming both values: `data.max_length: store 256, this run 200`."""
-    lines = []
-    for key in sorted(set(stored) | set(expected)):
-        if key == "data_files":
-            lines += _file_differences(stored.get(key), expected.get(key))
-        elif stored.get(key) != expected.get(key):
-            lines.append(f"{key}: store {_short(stored.get(key))}, this run {_short(expected.get(key))}")
-    return lines
-
-
-def _file_differences(stored: list[dict] | str | None, expected: list[dict] | str | None) -> list[str]:
-    if isinstance(stored, str) or isinstance(expected, str):
-        return [] if stored == expected else [f"data: store {stored}, this run {expected}"]
-    before = {entry["name"]: entry for entry in stored or []}
-    after = {entry["name"]: entry for entry in expected or []}
-    lines = []
-    for name in sorted(set(before) | set(after)):
-        old, new = before.get(name), after.get(name)
-        if old is None or new is None:
-            lines.append(f"data file {name}: {'not in the store' if old is None else 'not in this run'}")
-        elif old["sha256"] != new["sha256"]:
-            lines.append(
-                f"data file {name}: its content differs (store {old['bytes']:,} bytes, sha256 {old['sha256'][:12]}; "
-                f"this run {new['bytes']:,} bytes, sha256 {new['sha256'][:12]})"
-            )
-    return lines
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else value
-    return text[:12] if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else text  # a sha256
-
-
 class TokenStore:
     """A complete store, opened for reading: `pairs` is a lazy sequence of every kept pair in input order."""
 
