@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -56,6 +58,7 @@ def init(timeout_s: int) -> World:
     if "RANK" not in os.environ:  # a plain process: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
+    wait_for_op_builds(int(os.environ["RANK"]))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -65,6 +68,58 @@ def init(timeout_s: int) -> World:
     else:
         device = torch.device("cpu")
     return World(dist.get_rank(), local_rank, dist.get_world_size(), device)
+
+
+# Ops DeepSpeed compiles on first use with torch.utils.cpp_extension: the shared-memory collectives of its CPU
+# backend (built inside init_distributed on CPU) and the CPU Adam of optimizer offload.
+COMPILED_OPS = ("deepspeed_shm_comm", "cpu_adam")
+BUILD_TAKES_AT_MOST_S = 600  # the shm op builds in ~1 minute on 2 cores, cpu_adam in ~2
+
+
+def wait_for_op_builds(rank: int) -> None:
+    """torch guards each build with a bare `lock` file in the op's build directory, held open by the building
+    process and deleted when it ends. A build killed half way leaves the file, and every later launch waits for it
+    forever without a word. Here: wait (saying so) while a build may be running; stop with a message when the lock is
+    older than a build could take and no process on this machine holds it open. (Age matters because the directory
+    may be shared by nodes, whose builds this machine cannot see.)"""
+    from torch.utils.cpp_extension import _get_build_directory  # the directory torch's build itself uses
+
+    for op in COMPILED_OPS:
+        lock = Path(_get_build_directory(op, verbose=False)) / "lock"
+        announced = False
+        while (age := _age_s(lock)) is not None:
+            if age > BUILD_TAKES_AT_MOST_S and not _held_open(lock):
+                raise ConfigError(
+                    f"{lock} is left from a build of DeepSpeed's {op} op that was interrupted ({age / 60:.0f} minutes "
+                    "old, no process holds it): every launch would wait for it forever. Fix: delete it "
+                    f"(rm {lock}) and launch again; the op is rebuilt on the next launch"
+                )
+            if not announced:
+                print(
+                    f"rank {rank}: waiting for a build of DeepSpeed's {op} op to finish ({lock} is {age:.0f} s old). "
+                    f"If no build is running, an earlier launch was interrupted while building: rm {lock}", flush=True
+                )  # fmt: skip
+                announced = True
+            time.sleep(1)
+
+
+def _age_s(path: Path) -> float | None:
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
+def _held_open(path: Path) -> bool:
+    """Whether any process on this machine that we may inspect has `path` open (Linux /proc)."""
+    target = str(path.resolve())
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            if any(os.readlink(fd) == target for fd in fd_dir.iterdir()):
+                return True
+        except OSError:  # another user's process, or one that ended while we looked
+            continue
+    return False
 
 
 def _adopt_slurm_variables() -> None:
