@@ -48,6 +48,12 @@ GPT2 = SHARED / "tokenizers/gpt2"
 STORIES = SHARED / "models/stories260K"
 SIDES = ("dpo_scale", "dpo_scale_zero0", "trl", "trl_cpu_chunk", "plain")
 LR = 5e-6
+# Llama shapes over GPT-2's 50,257-token vocabulary (tied embeddings): the LM head is most of the 16M model and a
+# third of the 117M one, so the two sizes show whether a memory lead comes from the head or holds as the decoder grows
+LLAMA_SIZES = {
+    "llama16m": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4},
+    "llama117m": {"hidden_size": 768, "intermediate_size": 1792, "num_hidden_layers": 12, "num_attention_heads": 24},
+}
 
 
 def main() -> None:
@@ -59,7 +65,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
-    parser.add_argument("--model", choices=("llama16m", "stories260k"), default="llama16m")
+    parser.add_argument("--model", choices=(*LLAMA_SIZES, "stories260k"), default="llama16m")
     parser.add_argument("--reference", choices=("cache", "online"), default="cache")
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="every side recomputes activations in backward (TRL's DPOConfig default; off otherwise)")
@@ -112,10 +118,10 @@ def _prepare(work: Path, args) -> tuple[int, int, int]:
         tokenizer = load_tokenizer(str(GPT2 / "tokenizer.json"))
         tokenizer.eos_token = "<|endoftext|>"  # GPT-2's bare tokenizer.json names no EOS; saved with the model below
         torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
-                             tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                             eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+        shape = LLAMA_SIZES[args.model]
+        config = LlamaConfig(vocab_size=len(tokenizer), **shape, num_key_value_heads=shape["num_attention_heads"],
+                             max_position_embeddings=1024, tie_word_embeddings=True,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
         model = LlamaForCausalLM(config)
         model.save_pretrained(work / "model")
         tokenizer.save_pretrained(work / "model")
@@ -228,13 +234,14 @@ def _run_plain(work: Path, args) -> dict:
 
     from dpo_scale.config import DataConfig
     from dpo_scale.data import prepare
+    from dpo_scale.model import enable_activation_checkpointing
 
     tokenizer = _tokenizer(work)
     pairs = prepare(DataConfig(str(work / "ordered.jsonl"), max_length=args.max_length), tokenizer).pairs
     model = AutoModelForCausalLM.from_pretrained(work / "model")
     model.train()
     if args.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     reference_model = AutoModelForCausalLM.from_pretrained(work / "model").eval() if args.reference == "online" else None
     pad = tokenizer.eos_token_id
 

@@ -28,10 +28,11 @@ runs back to back: 4.41 -> 4.67 pairs/s, 1,137 -> 1,121 MiB peak RSS, within tha
 states on the CPU, and its C++ build needs no CUDA. An explicit `torch_adam` in the JSON is respected. Both are on
 ZeRO's list of supported optimizers, so `zero_allow_untested_optimizer` is not needed.
 
-Schedule timing. The engine builds the scheduler at iteration -1 and steps it after each optimizer step, so left
-alone optimizer step k would run at the schedule's iteration k - 2. `train.build` steps it once on a fresh start,
-so step k runs at iteration k - 1: step 1 at the warm-up's start (0), the peak at step warmup_steps + 1, and the
-decay down to 0 at the last step. DeepSpeed's warm-up schedulers also reject 0 warm-up steps and run 1 as 2;
+Schedule timing. The engine steps the scheduler after each optimizer step, so step k must find it at iteration
+k - 1: step 1 at the warm-up's start (0), the peak at step warmup_steps + 1, and the decay down to 0 at the last step.
+The scheduler is built at iteration 0 (`last_batch_iteration`; DeepSpeed's default -1 makes its constructor ask
+for a learning rate before the schedule has started, which logs a warning on every rank of every run), and
+`train.build` sets the optimizer's rate for iteration 0 (`step(0)`) on a fresh start; a resume sets the saved one. DeepSpeed's warm-up schedulers also reject 0 warm-up steps and run 1 as 2;
 `OptimConfig` refuses those (except 0 with the constant schedule).
 
 Activation checkpointing needs no section here: `model.gradient_checkpointing_enable()` recomputes with torch's
@@ -201,6 +202,7 @@ def _resolve_scheduler(
     else:
         wanted = {"warmup_min_lr": 0.0 if warmup else optim.lr, "warmup_max_lr": optim.lr,
                   "warmup_num_steps": max(warmup, 1), "warmup_type": "linear"}
+    wanted["last_batch_iteration"] = 0
     owners = {"total_num_steps": ("the run's length in optimizer steps", "max_steps or epochs"),
               "warmup_num_steps": ("optim.warmup_steps", ""), "warmup_max_lr": ("optim.lr", "")}
     for key, value in wanted.items():

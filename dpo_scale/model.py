@@ -6,6 +6,8 @@ gather the head's weight for the streaming stage (training registers it as an ex
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -41,7 +43,18 @@ def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     adapters = PeftLoraConfig(
         r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=config.target_modules
     )
-    return get_peft_model(model, adapters)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated alias; the warning is about peft's code
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, adapters)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward (torch's non-reentrant checkpoint). transformers 5
+    renamed the method; the old name is a deprecated alias that warns on every run."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 # Config attributes that change logits in ways the streaming head does not reproduce.

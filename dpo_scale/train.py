@@ -28,7 +28,7 @@ from dpo_scale.layout import collate
 from dpo_scale.drift import concatenate, drift_statistics
 from dpo_scale.evaluate import distinct_n, generate
 from dpo_scale.loss import build_preference_loss, preference_metrics
-from dpo_scale.model import PairLogpsModel, add_lora
+from dpo_scale.model import PairLogpsModel, add_lora, enable_activation_checkpointing
 from dpo_scale.nf4 import NF4Reference, load_nf4_reference, nf4_memory
 from dpo_scale.ref_cache import open_cache
 from dpo_scale.reference import AdaptersDisabled, CachedReference, FrozenCopy, ReferenceSource
@@ -139,7 +139,7 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
         policy = peft_model = add_lora(policy, config.lora)
     _disable_dropout(policy)
     if config.deepspeed.activation_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(policy)
     held, total = distributed.held_parameters(policy)
     print(f"rank {world.rank}: holds {held:,} of the policy's {total:,} parameters", flush=True)
     policy_module = PairLogpsModel(policy, config.logps)
@@ -187,9 +187,7 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
             state.metrics_log.truncate_after(state.start_step)
         print0(f"resumed from {latest} at step {state.start_step}")
     else:
-        # DeepSpeed steps its scheduler after each update, starting from iteration -1: without this the schedule
-        # runs two updates late (updates 1 and 2 both at lr 0). The resumed scheduler state already includes it.
-        engine.lr_scheduler.step()
+        engine.lr_scheduler.step(0)  # the optimizer's rate for the schedule's first iteration (ds_config.py: timing)
     return state
 
 

@@ -79,12 +79,13 @@ def test_shipped_stage_and_offload():
     [
         ("cosine", {"type": "WarmupCosineLR", "params": {"total_num_steps": 100, "warmup_min_ratio": 0.0,
                                                          "warmup_num_steps": 10, "cos_min_ratio": 0.0,
-                                                         "warmup_type": "linear"}}),
+                                                         "warmup_type": "linear", "last_batch_iteration": 0}}),
         ("linear", {"type": "WarmupDecayLR", "params": {"total_num_steps": 100, "warmup_min_lr": 0.0,
                                                         "warmup_max_lr": 2e-6, "warmup_num_steps": 10,
-                                                        "warmup_type": "linear"}}),
+                                                        "warmup_type": "linear", "last_batch_iteration": 0}}),
         ("constant", {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 2e-6,
-                                                     "warmup_num_steps": 10, "warmup_type": "linear"}}),
+                                                     "warmup_num_steps": 10, "warmup_type": "linear",
+                                                     "last_batch_iteration": 0}}),
     ],
 )
 def test_every_schedule(schedule, expected):
@@ -243,7 +244,7 @@ def test_deepspeed_parser_accepts_resolved_config(name):
     assert parsed.optimizer_params.get("fused") is (None if offloads_optimizer(resolved) else True)
     assert parsed.scheduler_name == "WarmupCosineLR"
     assert parsed.scheduler_params == {"total_num_steps": 40, "warmup_min_ratio": 0.0, "warmup_num_steps": 5,
-                                       "cos_min_ratio": 0.0, "warmup_type": "linear"}
+                                       "cos_min_ratio": 0.0, "warmup_type": "linear", "last_batch_iteration": 0}
 
 
 ENGINE_SCRIPT = r"""
