@@ -185,6 +185,7 @@ def test_adapters_disabled_reference_is_the_base_model(material, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft reads the alias
 def test_export_adapter_and_merged_model_agree(material, lora_run, tmp_path):
     """`dpo-scale export` writes a peft adapter holding the checkpoint's adapter tensors bitwise; loaded onto the base
     with `PeftModel.from_pretrained` it scores the held-out pairs as the run's final evaluation did (taken after

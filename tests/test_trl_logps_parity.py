@@ -21,6 +21,12 @@ from dpo_scale.layout import collate
 from dpo_scale.model import PairLogpsModel
 from tiny import shared_path, stories260k, tiny_llama
 
+# TRL 1.16 reads and sets transformers' deprecated gradient-checkpointing names; the warnings are about TRL's code
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+]
+
 trl = pytest.importorskip("trl", reason="TRL is the comparison here (pip install -e .[test])")
 
 
