@@ -3,6 +3,7 @@
     python bench/bench_vs_trl.py                                  # 16M Llama, GPT-2 vocab, precomputed reference
     python bench/bench_vs_trl.py --reference online               # a frozen reference copy run every step
     python bench/bench_vs_trl.py --model stories260k              # the real pretrained stories260K, 512-token vocab
+    python bench/bench_vs_trl.py --model llama117m                # 117M Llama: the decoder outweighs the LM head
 
 Every side trains the same saved model on the same pairs in the same order (TRL's sampler sequential over rows
 written in dpo_scale's step order), batch 4 pairs, fp32, AdamW at the same learning rate and saves a final
@@ -12,13 +13,14 @@ so that every side does the same work). `--reference cache`: reference log-probs
 steps (TRL: precompute_ref_log_probs; dpo_scale: precompute-ref into a cache; plain: computed once up front);
 `--reference online`: a frozen copy of the starting model scores every batch (TRL's ref_model, dpo_scale's
 reference.source=copy, plain: a second model under no_grad). Each side runs in its own process, so its peak
-resident memory (ru_maxrss) is its own, imports and set-up included.
-
-- dpo_scale: `dpo-scale train` with the default ZeRO-3 config (world of one) and the default layout: prefix sharing,
-  packing and the streaming head.
-- dpo_scale_zero0: the same with ds_configs/zero0.json (no partitioning), the lean choice for one process.
+resident memory is its own, imports and set-up included (dpo_scale's: `dpo-scale train` under /usr/bin/time -v, as
+a user runs it; the others: ru_maxrss of the process running them).
+- dpo_scale: `dpo-scale train` with the defaults: deepspeed.config=auto (no partitioning for one process), prefix
+  sharing, packing and the streaming head.
+- dpo_scale_zero3: the same with ds_configs/zero3.json, the default before deepspeed.config=auto.
 - TRL as shipped: on CPU its chunked log-prob head works on 32,768 positions x the whole vocabulary at a time.
-- TRL, CPU chunk: the same with trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE = 1024.
+- TRL, CPU chunk: the same with trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE = 1024; _no_save: without its final
+  checkpoint (dpo_scale always writes one).
 - plain PyTorch: chosen and rejected as separate right-padded sequences, full logits, log_softmax + gather, the DPO
   loss, AdamW: the floor any user could write.
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -46,7 +49,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 HH = SHARED / "preferences/hh-rlhf/helpful-base/test.jsonl.gz"
 GPT2 = SHARED / "tokenizers/gpt2"
 STORIES = SHARED / "models/stories260K"
-SIDES = ("dpo_scale", "dpo_scale_zero0", "trl", "trl_cpu_chunk", "plain")
+SIDES = ("dpo_scale", "dpo_scale_zero3", "trl", "trl_cpu_chunk", "trl_cpu_chunk_no_save", "plain")
 LR = 5e-6
 # Llama shapes over GPT-2's 50,257-token vocabulary (tied embeddings): the LM head is most of the 16M model and a
 # third of the 117M one, so the two sizes show whether a memory lead comes from the head or holds as the decoder grows
@@ -75,7 +78,8 @@ def main() -> None:
 
         stop_tqdm_monitor()  # every side's process exits as `dpo-scale` does (a finished side must not abort)
         result = RUNNERS[args.side](Path(args.work), args)
-        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        # dpo_scale sides: the `dpo-scale train` process's own peak; the others ran here
+        result["peak_rss_mib"] = result.pop("process_peak_rss_mib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         (Path(args.work) / f"{args.side}.json").write_text(json.dumps(result))
         return
 
@@ -157,23 +161,28 @@ def _prepare(work: Path, args) -> tuple[int, int, int]:
     return parameters, unique_tokens, padded_free_tokens
 
 
-def _run_dpo_scale(work: Path, args, deepspeed_config: str = "zero3") -> dict:
-    if args.reference == "cache":
+def _run_dpo_scale(work: Path, args, deepspeed_config: str | None = None) -> dict:
+    """`dpo-scale train` as a user runs it, under /usr/bin/time -v: its peak RSS is the whole process's."""
+    if args.reference == "cache" and not (work / "cache" / "manifest.json").exists():
         subprocess.run([sys.executable, "-m", "dpo_scale.cli", "precompute-ref", "--config", str(work / "run.yaml")],
                        check=True, capture_output=True)  # fmt: skip
-    from dpo_scale.config import TrainConfig, build, load_yaml
-    from dpo_scale.train import run
-
-    tree = load_yaml(work / "run.yaml")
-    tree["deepspeed"] = {"config": deepspeed_config, "activation_checkpointing": args.activation_checkpointing}
-    tree["run_dir"] = str(work / f"run-{deepspeed_config}")
-    history = run(build(TrainConfig, tree))
+    run_dir = work / f"run-{deepspeed_config or 'default'}"
+    overrides = [f"run_dir={run_dir}", f"deepspeed.activation_checkpointing={args.activation_checkpointing}"]
+    if deepspeed_config:
+        overrides.append(f"deepspeed.config={deepspeed_config}")
+    command = ["/usr/bin/time", "-v", sys.executable, "-m", "dpo_scale.cli", "train", "--config", str(work / "run.yaml")]
+    finished = subprocess.run([*command, *overrides], capture_output=True, text=True)
+    if finished.returncode != 0:
+        raise RuntimeError(f"dpo-scale train failed: {finished.stderr[-3000:]}")
+    peak_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", finished.stderr).group(1))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    history = [row for row in rows if row["split"] == "train"]
     timed = history[args.warmup :]
     return {"losses": [row["loss"] for row in history[:3]], "seconds": sum(r["seconds_per_step"] for r in timed),
-            "steps": len(timed)}  # fmt: skip
+            "steps": len(timed), "process_peak_rss_mib": peak_kib / 1024}  # fmt: skip
 
 
-def _run_trl(work: Path, args, chunk: int | None = None) -> dict:
+def _run_trl(work: Path, args, chunk: int | None = None, save: bool = True) -> dict:
     import logging
 
     from datasets import Dataset
@@ -192,7 +201,7 @@ def _run_trl(work: Path, args, chunk: int | None = None) -> dict:
                        lr_scheduler_type="constant", weight_decay=0.0, max_steps=args.steps + args.warmup,
                        precompute_ref_log_probs=args.reference == "cache", seed=0,
                        gradient_checkpointing=args.activation_checkpointing,  # DPOConfig's default is True
-                       save_strategy="steps", save_steps=args.steps + args.warmup,  # one final checkpoint, as ours
+                       save_strategy="steps" if save else "no", save_steps=args.steps + args.warmup,  # as ours
                        train_sampling_strategy="sequential")  # fmt: skip
     clock = step_clock()
     trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(work / "model"), args=config,
@@ -324,17 +333,14 @@ def _report(results: dict, parameters: int, unique_tokens: int, sequence_tokens:
         losses = ", ".join(f"{x:.6f}" for x in result["losses"])
         print(f"| {side} | {rates[side]:.2f} | {sequence_tokens / seconds:,.0f} | {flops:.2f} | {flops / matmul:.1%} "
               f"| {result['peak_rss_mib']:,.0f} | {result['process_seconds']:.0f} | {losses} |")  # fmt: skip
-    trl_rates = {s: rates[s] for s in ("trl", "trl_cpu_chunk") if s in rates}  # those that finished
-    trl_memory = {s: results[s]["peak_rss_mib"] for s in trl_rates}
+    trl_sides = [s for s in ("trl", "trl_cpu_chunk", "trl_cpu_chunk_no_save") if s in rates]  # those that finished
     print()
-    for ours in ("dpo_scale", "dpo_scale_zero0"):
+    for ours in ("dpo_scale", "dpo_scale_zero3"):
         if ours not in rates:
             continue
-        if trl_rates:
-            best = max(trl_rates, key=trl_rates.get)
-            leanest = min(trl_memory, key=trl_memory.get)
-            print(f"{ours} / best TRL ({best}): {rates[ours] / trl_rates[best]:.2f}x pairs/s; peak RSS / leaner "
-                  f"TRL ({leanest}): {results[ours]['peak_rss_mib'] / trl_memory[leanest]:.2f}x")  # fmt: skip
+        for trl_side in trl_sides:
+            print(f"{ours} / {trl_side}: {rates[ours] / rates[trl_side]:.2f}x pairs/s, "
+                  f"{results[ours]['peak_rss_mib'] / results[trl_side]['peak_rss_mib']:.2f}x peak RSS")
         if "plain" in rates:
             print(f"{ours} / plain full-logits step: {rates[ours] / rates['plain']:.2f}x pairs/s")
     print(f"fp32 matmul (2048 x 2048, this machine now): {matmul:.0f} GFLOP/s")
@@ -342,9 +348,10 @@ def _report(results: dict, parameters: int, unique_tokens: int, sequence_tokens:
 
 RUNNERS = {
     "dpo_scale": _run_dpo_scale,
-    "dpo_scale_zero0": lambda work, args: _run_dpo_scale(work, args, deepspeed_config="zero0"),
+    "dpo_scale_zero3": lambda work, args: _run_dpo_scale(work, args, deepspeed_config="zero3"),
     "trl": _run_trl,
     "trl_cpu_chunk": lambda work, args: _run_trl(work, args, chunk=1024),
+    "trl_cpu_chunk_no_save": lambda work, args: _run_trl(work, args, chunk=1024, save=False),
     "plain": _run_plain,
 }
 

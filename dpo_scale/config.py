@@ -270,9 +270,10 @@ class OptimConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    config: str = "zero3"
-    """A name in ds_configs/ (zero3, zero3_offload, zero2, zero0) or the path of your own DeepSpeed JSON; its "auto"
-    values are filled from this config, explicit values must agree with it."""
+    config: str = "auto"
+    """auto (zero0 for one process, zero3 for more), a name in ds_configs/ (zero3, zero3_offload, zero2, zero0) or
+    the path of your own DeepSpeed JSON; its "auto" values are filled from this config, explicit values must agree
+    with it."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     activation_checkpointing: bool = False
     """Recompute each layer's activations in backward: less memory, ~30% more compute."""

@@ -201,6 +201,19 @@ def training_engine(module: nn.Module, ds_config: dict):
     return engine
 
 
+def backward(engine, loss: torch.Tensor) -> None:
+    """`engine.backward`, minus the gradient all-reduce where there is nothing to reduce. On one process without
+    ZeRO, DeepSpeed still copies every gradient into flat buckets of up to 500M elements, all-reduces them over the
+    one rank and copies them back: a transient as large as the model's gradients at the end of every backward (117M
+    fp32: +320 MiB peak RSS, BENCHMARKS.md). ZeRO stages 1-3 gather gradients into their partitions in that
+    reduction, so they keep it."""
+    if dist.get_world_size() == 1 and engine.zero_optimization_stage() == 0:
+        with engine.no_sync():
+            engine.backward(loss)
+    else:
+        engine.backward(loss)
+
+
 def inference_engine(module: nn.Module, ds_config: dict):
     """A frozen model with no optimizer state: the reference copy. Sharded like the policy under ZeRO-3; under
     stages 1 and 2, which partition only optimizer state and gradients (and refuse an engine without an optimizer),

@@ -25,7 +25,7 @@ import torch
 from dpo_scale import distributed
 from dpo_scale.config import ConfigError, LogpsConfig, TrainConfig
 from dpo_scale.data import Pair, load_prepared, load_tokenizer, padding_id, store_directory
-from dpo_scale.ds_config import resolve_deepspeed_config
+from dpo_scale.ds_config import AUTO, resolve_deepspeed_config
 from dpo_scale.io import atomic_open
 from dpo_scale.layout import collate
 from dpo_scale.model import PairLogpsModel, load_causal_lm
@@ -94,8 +94,11 @@ def _precompute(config: TrainConfig, world: distributed.World) -> Path:
 
 def _sharded_deepspeed_config(config: TrainConfig, world: distributed.World) -> dict:
     """The ZeRO-3 inference config of a sharded precompute, checked before anything is loaded or written."""
+    section = config.deepspeed
+    if section.config == AUTO:  # sharding is the point here, whatever the number of ranks
+        section = dataclasses.replace(section, config="zero3")
     ds_config = resolve_deepspeed_config(
-        config.deepspeed, config.optim, config.reference.precompute_batch_size, 1, world.size, total_steps=1
+        section, config.optim, config.reference.precompute_batch_size, 1, world.size, total_steps=1
     )
     if ds_config.get("zero_optimization", {}).get("stage") != 3:
         raise ConfigError(

@@ -22,7 +22,7 @@ import torch
 from dpo_scale import checkpoint, distributed
 from dpo_scale.config import ConfigError, GenerationConfig, TrainConfig, to_dict
 from dpo_scale.data import Pair, PairView, load_prepared, load_tokenizer, padding_id, split_held_out, store_directory
-from dpo_scale.ds_config import resolve_deepspeed_config, single_process_advice
+from dpo_scale.ds_config import AUTO, resolve_deepspeed_config, shipped_config_for, single_process_advice
 from dpo_scale.io import atomic_open
 from dpo_scale.layout import collate
 from dpo_scale.drift import concatenate, drift_statistics
@@ -125,6 +125,9 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
     latest = checkpoint.latest(run_dir) if config.checkpoint.resume == "auto" else None
     if latest is not None:  # before any model is loaded: a refused resume costs seconds, not a model load
         checkpoint.check_resumable(latest, config, world, (ds_config.get("zero_optimization") or {}).get("stage", 0))
+    if config.deepspeed.config == AUTO:
+        chosen = shipped_config_for(AUTO, world.size)
+        print0(f"deepspeed.config=auto: {chosen} for {world.size} {'process' if world.size == 1 else 'ranks'}")
     advice = single_process_advice(ds_config, world.size)
     if advice:
         print0(advice)
@@ -206,7 +209,7 @@ def train(state: Run) -> None:
             reference = state.reference.logps(batch) if state.reference else None
             policy = engine(batch)
             output = state.loss_fn(policy, reference)
-            engine.backward(output.losses.mean())
+            distributed.backward(engine, output.losses.mean())
             engine.step()  # an optimizer step only at the accumulation boundary
             nonfinite += _nonfinite_terms(policy, reference, output)
             _accumulate(step_sums, preference_metrics(output, policy), batch)

@@ -324,3 +324,12 @@ def test_one_process_under_zero3_without_offload_is_advised_to_use_zero0(config,
     assert (advice is not None) == advised
     if advised:
         assert "deepspeed.config=zero0" in advice
+
+
+@pytest.mark.parametrize("world,stage", [(1, 0), (2, 3), (64, 3)])
+def test_auto_partitions_only_when_there_are_ranks_to_share_with(world, stage):
+    """The default: no partitioning for one process (ZeRO-3 would only add a master copy and buffers there)."""
+    assert DeepSpeedConfig().config == "auto"
+    resolved = resolve("auto", world=world, accum=1)
+    assert zero_stage(resolved) == stage and single_process_advice(resolved, world) is None
+    assert resolved == resolve(f"zero{stage}", world=world, accum=1)
