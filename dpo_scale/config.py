@@ -25,7 +25,15 @@ class ConfigError(ValueError):
 
 DataFormat = Literal["auto", "strings", "conversational", "implicit_prompt", "sharegpt"]
 TruncationMode = Literal["keep_start", "keep_end"]
-LossType = Literal["sigmoid", "robust", "ipo", "hinge", "sigmoid_norm", "simpo"]
+LossType = Literal[
+    "sigmoid", "robust", "ipo", "hinge", "sigmoid_norm", "simpo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
+    "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft",
+]  # fmt: skip
+FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
+# Which losses use label_smoothing (as TRL 1.16; sigmoid: cDPO, which TRL 1.16 dropped), and which are built on the
+# chosen-minus-rejected difference, where an f-divergence's β·log Z(x) cancels
+SMOOTHED_LOSSES = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 
 
 @dataclass
@@ -134,33 +142,79 @@ class LogpsConfig:
 
 @dataclass
 class LossConfig:
-    loss_type: LossType = "sigmoid"
-    """sigmoid (DPO / cDPO), robust (rDPO), ipo, hinge (SLiC), sigmoid_norm (length-normalised DPO), simpo."""
+    loss_type: LossType | list[LossType] = "sigmoid"
+    """sigmoid (DPO / cDPO), robust (rDPO), ipo, hinge (SLiC), sigmoid_norm (length-normalised DPO), simpo, exo_pair,
+    nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sft (loss.py has each one's
+    equation and paper); or a list of them, summed with loss_weights (MPO: [sigmoid, bco_pair, sft])."""
+    loss_weights: list[float] | None = None
+    """One weight per loss_type in the list; None: 1 each."""
     beta: float = 0.1
     """Inverse temperature of the implicit reward (DPO eq. 7); IPO's tau; SimPO's beta (its paper uses 2.0-2.5)."""
     label_smoothing: float = 0.0
-    """Assumed probability that a label is flipped (cDPO, robust). Must be below 0.5."""
+    """Assumed probability that a label is flipped (cDPO, robust, exo_pair's epsilon, aot). Must be below 0.5."""
     rpo_alpha: float | None = None
     """Weight of a length-normalised NLL term on the chosen completion (RPO); None: no such term."""
     simpo_gamma: float = 0.5
     """SimPO's target reward margin gamma."""
+    discopop_tau: float = 0.05
+    """DiscoPOP's temperature of the blend between its logistic and exponential parts (the paper's 0.05)."""
+    f_divergence: FDivergence = "reverse_kl"
+    """The divergence whose f'(pi / pi_ref) replaces the log-ratio (f-DPO): reverse_kl is DPO."""
+    f_alpha_divergence_coef: float = 0.5
+    """alpha of f_divergence=alpha_divergence (1: reverse KL)."""
 
     def __post_init__(self) -> None:
-        _check_choice(self, "loss", "loss_type", LossType)
+        types = self.loss_types
+        if not types:
+            raise ConfigError("loss.loss_type: an empty list; name at least one loss")
+        for index, loss_type in enumerate(types):
+            key = "loss.loss_type" if isinstance(self.loss_type, str) else f"loss.loss_type[{index}]"
+            if loss_type not in typing.get_args(LossType):
+                raise ConfigError(f"{key}={loss_type!r}: must be one of {', '.join(typing.get_args(LossType))}")
+        _check_choice(self, "loss", "f_divergence", FDivergence)
+        if "simpo" in types and len(types) > 1:
+            raise ConfigError("loss.loss_type: simpo is reference-free and cannot be combined with other losses")
+        if self.loss_weights is not None and len(self.loss_weights) != len(types):
+            raise ConfigError(
+                f"loss.loss_weights has {len(self.loss_weights)} weights for {len(types)} loss types "
+                f"({', '.join(types)}): give one weight per loss type"
+            )
         if self.beta <= 0:
             raise ConfigError(f"loss.beta={self.beta}: must be positive")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"loss.label_smoothing={self.label_smoothing}: must be in [0, 0.5)")
-        if self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
+        if self.label_smoothing and not set(types) & set(SMOOTHED_LOSSES):
             raise ConfigError(
-                f"loss.label_smoothing is only defined for sigmoid (cDPO) and robust, not loss.loss_type={self.loss_type}"
+                f"loss.label_smoothing is only defined for {', '.join(SMOOTHED_LOSSES)}, not loss.loss_type="
+                f"{self.loss_type}"
             )
+        if "exo_pair" in types and self.label_smoothing == 0:
+            raise ConfigError(
+                "loss.loss_type=exo_pair needs loss.label_smoothing > 0 (its epsilon: log(epsilon) is in the loss); "
+                "1e-3 is TRL's advice"
+            )
+        if self.f_divergence != "reverse_kl" and not set(types) <= set(F_DIVERGENCE_LOSSES):
+            others = sorted(set(types) - set(F_DIVERGENCE_LOSSES))
+            raise ConfigError(
+                f"loss.f_divergence={self.f_divergence} applies only to {', '.join(F_DIVERGENCE_LOSSES)} (where "
+                f"beta log Z(x) cancels), not to {', '.join(others)}; use f_divergence=reverse_kl with those"
+            )
+        if self.discopop_tau <= 0:
+            raise ConfigError(f"loss.discopop_tau={self.discopop_tau}: must be positive")
         if self.rpo_alpha is not None and self.rpo_alpha < 0:
             raise ConfigError(f"loss.rpo_alpha={self.rpo_alpha}: must be non-negative")
 
     @property
+    def loss_types(self) -> list[str]:
+        return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+
+    @property
+    def weights(self) -> list[float]:
+        return self.loss_weights if self.loss_weights is not None else [1.0] * len(self.loss_types)
+
+    @property
     def reference_free(self) -> bool:
-        return self.loss_type == "simpo"
+        return self.loss_types == ["simpo"]
 
 
 @dataclass
@@ -581,7 +635,12 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
+        candidates = [a for a in args if a is not type(None)]
+        listed = [a for a in candidates if typing.get_origin(a) in (list, tuple)]
+        if len(candidates) > 1 and listed:  # a value or a list of them: the value's shape decides
+            scalar = [a for a in candidates if a not in listed]
+            return _coerce(listed[0] if isinstance(value, (list, tuple)) else scalar[0], value, key)
+        (inner,) = candidates
         return _coerce(inner, value, key)
     if origin is Literal:
         return value  # checked by the section's __post_init__ with the list of choices

@@ -20,6 +20,7 @@ without deepspeed or transformers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -27,7 +28,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from dpo_scale.config import LossConfig, LossType
+from dpo_scale.config import FDivergence, LossConfig, LossType
 
 LossTriple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (losses, chosen_rewards, rejected_rewards), each (B,)
 
@@ -87,6 +88,53 @@ def _log_ratios(
     return pc - rc, pr - rr
 
 
+def f_divergence_scores(
+    chosen_logratios: torch.Tensor,
+    rejected_logratios: torch.Tensor,
+    f_divergence: FDivergence = "reverse_kl",
+    alpha: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """f-DPO (Wang et al. 2023, arXiv:2309.16240, Table 1): DPO's log-ratio u = log π/π_ref replaced by f'(e^u),
+    the derivative of the divergence's generator at the likelihood ratio, for chosen and rejected alike:
+
+        reverse_kl        u                               (DPO)
+        forward_kl        1 − e^(−u)
+        js_divergence     log 2 + log σ(u)
+        alpha_divergence  (e^((α−1)·u) − 1) / (α − 1)     exponent clamped at 80 as TRL 1.16 does; α → 1: u
+
+    Only the losses built on the chosen-minus-rejected difference admit it: there β·log Z(x) cancels.
+    """
+    if f_divergence == "reverse_kl" or (f_divergence == "alpha_divergence" and abs(alpha - 1.0) < 1e-6):
+        return chosen_logratios, rejected_logratios
+    if f_divergence == "forward_kl":
+        return 1 - torch.exp(-chosen_logratios), 1 - torch.exp(-rejected_logratios)
+    if f_divergence == "js_divergence":
+        return math.log(2) + F.logsigmoid(chosen_logratios), math.log(2) + F.logsigmoid(rejected_logratios)
+    if f_divergence == "alpha_divergence":
+        scale = 1.0 / (alpha - 1.0)
+        chosen = torch.exp(torch.clamp((alpha - 1.0) * chosen_logratios, max=80.0)) - 1.0
+        rejected = torch.exp(torch.clamp((alpha - 1.0) * rejected_logratios, max=80.0)) - 1.0
+        return chosen * scale, rejected * scale
+    raise ValueError(f"unknown f_divergence {f_divergence!r}")
+
+
+def _score_margin(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    f_divergence: FDivergence,
+    alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chosen log-ratio, rejected log-ratio, chosen score, rejected score), scores by `f_divergence_scores`."""
+    chosen_logratios, rejected_logratios = _log_ratios(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
+    return chosen_logratios, rejected_logratios, *f_divergence_scores(
+        chosen_logratios, rejected_logratios, f_divergence, alpha
+    )
+
+
 def _per_token_margin(
     chosen_logratios: torch.Tensor,
     rejected_logratios: torch.Tensor,
@@ -113,17 +161,21 @@ def sigmoid_loss(
     reference_rejected_logps: torch.Tensor,
     beta: float,
     label_smoothing: float = 0.0,
+    f_divergence: FDivergence = "reverse_kl",
+    alpha: float = 0.5,
 ) -> LossTriple:
     """DPO (Rafailov et al. 2023, eq. 7) with conservative label smoothing (cDPO, Mitchell 2023, eq. 3):
 
         loss = −(1 − ε)·log σ(β·Δ) − ε·log σ(−β·Δ)
 
-    ε = label_smoothing is the assumed probability that a pair's label is flipped; ε = 0 is plain DPO.
+    ε = label_smoothing is the assumed probability that a pair's label is flipped; ε = 0 is plain DPO. Δ is taken
+    over f-divergence scores (`f_divergence_scores`; reverse KL: the log-ratios).
     """
-    chosen_logratios, rejected_logratios = _log_ratios(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
-    )
-    delta = chosen_logratios - rejected_logratios  # (B,) Δ
+    chosen_logratios, rejected_logratios, chosen_scores, rejected_scores = _score_margin(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, f_divergence,
+        alpha,
+    )  # fmt: skip
+    delta = chosen_scores - rejected_scores  # (B,) Δ
     losses = -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
     return (losses, *_rewards(chosen_logratios, rejected_logratios, beta))
 
@@ -135,18 +187,21 @@ def robust_loss(
     reference_rejected_logps: torch.Tensor,
     beta: float,
     label_smoothing: float,
+    f_divergence: FDivergence = "reverse_kl",
+    alpha: float = 0.5,
 ) -> LossTriple:
     """Robust DPO (rDPO, Chowdhury et al. 2024, arXiv:2403.00409): the de-biased loss under label flips of rate ε,
 
         loss = [−(1 − ε)·log σ(β·Δ) + ε·log σ(−β·Δ)] / (1 − 2ε),   0 ≤ ε < 1/2
 
     i.e. ((1 − ε)·ℓ(y_w, y_l) − ε·ℓ(y_l, y_w)) / (1 − 2ε) with ℓ the DPO loss: its expectation over noisy
-    labels is the clean DPO loss. Unlike cDPO it can be negative.
+    labels is the clean DPO loss. Unlike cDPO it can be negative. Δ over f-divergence scores.
     """
-    chosen_logratios, rejected_logratios = _log_ratios(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
-    )
-    delta = chosen_logratios - rejected_logratios  # (B,) Δ
+    chosen_logratios, rejected_logratios, chosen_scores, rejected_scores = _score_margin(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, f_divergence,
+        alpha,
+    )  # fmt: skip
+    delta = chosen_scores - rejected_scores  # (B,) Δ
     clean = -(1 - label_smoothing) * F.logsigmoid(beta * delta)  # (1 − ε)·ℓ(y_w, y_l)
     flipped = -label_smoothing * F.logsigmoid(-beta * delta)  # ε·ℓ(y_l, y_w)
     losses = (clean - flipped) / (1 - 2 * label_smoothing)
@@ -161,19 +216,22 @@ def ipo_loss(
     beta: float,
     chosen_lengths: torch.Tensor,
     rejected_lengths: torch.Tensor,
+    f_divergence: FDivergence = "reverse_kl",
+    alpha: float = 0.5,
 ) -> LossTriple:
     """IPO (Azar et al. 2023, eq. 17), β playing the role of the paper's τ, with per-token log-ratios:
 
         loss = (Δ_norm − 1/(2β))²
 
     The paper writes sequence log-ratios; summed over tokens they make the square grow with completion length, so
-    each log-ratio is divided by its token count (clamped to ≥ 1), exactly as TRL 1.16 does (which reports that the
-    IPO authors confirmed this normalisation). Rewards stay un-normalised β·(π − ref).
+    each log-ratio (or f-divergence score) is divided by its token count (clamped to ≥ 1), exactly as TRL 1.16 does
+    (which reports that the IPO authors confirmed this normalisation). Rewards stay un-normalised β·(π − ref).
     """
-    chosen_logratios, rejected_logratios = _log_ratios(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
-    )
-    delta_norm = _per_token_margin(chosen_logratios, rejected_logratios, chosen_lengths, rejected_lengths)
+    chosen_logratios, rejected_logratios, chosen_scores, rejected_scores = _score_margin(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, f_divergence,
+        alpha,
+    )  # fmt: skip
+    delta_norm = _per_token_margin(chosen_scores, rejected_scores, chosen_lengths, rejected_lengths)
     losses = (delta_norm - 1 / (2 * beta)) ** 2
     return (losses, *_rewards(chosen_logratios, rejected_logratios, beta))
 
@@ -184,18 +242,20 @@ def hinge_loss(
     reference_chosen_logps: torch.Tensor,
     reference_rejected_logps: torch.Tensor,
     beta: float,
+    f_divergence: FDivergence = "reverse_kl",
+    alpha: float = 0.5,
 ) -> LossTriple:
     """SLiC hinge (Zhao et al. 2023, arXiv:2305.10425, rank-calibration loss; as used by RSO, arXiv:2309.06657):
 
         loss = max(0, 1 − β·Δ)
 
-    i.e. a margin of 1/β nats on the log-ratio difference.
+    i.e. a margin of 1/β nats on the log-ratio difference (or on the f-divergence scores' difference).
     """
-    chosen_logratios, rejected_logratios = _log_ratios(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
-    )
-    delta = chosen_logratios - rejected_logratios  # (B,) Δ
-    losses = torch.relu(1 - beta * delta)
+    chosen_logratios, rejected_logratios, chosen_scores, rejected_scores = _score_margin(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, f_divergence,
+        alpha,
+    )  # fmt: skip
+    losses = torch.relu(1 - beta * (chosen_scores - rejected_scores))
     return (losses, *_rewards(chosen_logratios, rejected_logratios, beta))
 
 
@@ -207,6 +267,8 @@ def sigmoid_norm_loss(
     beta: float,
     chosen_lengths: torch.Tensor,
     rejected_lengths: torch.Tensor,
+    f_divergence: FDivergence = "reverse_kl",
+    alpha: float = 0.5,
 ) -> LossTriple:
     """Length-normalised DPO (TRL's `sigmoid_norm`): DPO eq. 7 on per-token log-ratios,
 
@@ -214,11 +276,206 @@ def sigmoid_norm_loss(
 
     with Δ_norm normalised as in `ipo_loss`. Rewards stay un-normalised β·(π − ref).
     """
+    chosen_logratios, rejected_logratios, chosen_scores, rejected_scores = _score_margin(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, f_divergence,
+        alpha,
+    )  # fmt: skip
+    delta_norm = _per_token_margin(chosen_scores, rejected_scores, chosen_lengths, rejected_lengths)
+    losses = -F.logsigmoid(beta * delta_norm)
+    return (losses, *_rewards(chosen_logratios, rejected_logratios, beta))
+
+
+def exo_pair_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    beta: float,
+    label_smoothing: float,
+    f_divergence: FDivergence = "reverse_kl",
+    alpha: float = 0.5,
+) -> LossTriple:
+    """EXO (Ji et al. 2024, arXiv:2402.00856, eq. 16, K = 2): the reverse KL from the model's preference
+    distribution q = softmax(β·(score_w, score_l)) to the labels' p = (1 − ε, ε):
+
+        loss = σ(β·Δ)·(log σ(β·Δ) − log(1 − ε)) + σ(−β·Δ)·(log σ(−β·Δ) − log ε),   0 < ε < 1/2
+    """
+    chosen_logratios, rejected_logratios, chosen_scores, rejected_scores = _score_margin(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, f_divergence,
+        alpha,
+    )  # fmt: skip
+    logits = beta * (chosen_scores - rejected_scores)  # (B,)
+    losses = torch.sigmoid(logits) * (F.logsigmoid(logits) - math.log1p(-label_smoothing)) + torch.sigmoid(
+        -logits
+    ) * (F.logsigmoid(-logits) - math.log(label_smoothing))
+    return (losses, *_rewards(chosen_logratios, rejected_logratios, beta))
+
+
+def nca_pair_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    beta: float,
+) -> LossTriple:
+    """NCA (Chen et al. 2024, arXiv:2402.05369, eq. 11, K = 2), with r = β·log π/π_ref of each completion:
+
+        loss = −log σ(r_w) − ½·log σ(−r_w) − ½·log σ(−r_l)
+
+    Absolute rather than relative rewards: it raises the chosen likelihood, where DPO may lower both.
+    """
     chosen_logratios, rejected_logratios = _log_ratios(
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
     )
-    delta_norm = _per_token_margin(chosen_logratios, rejected_logratios, chosen_lengths, rejected_lengths)
-    losses = -F.logsigmoid(beta * delta_norm)
+    chosen, rejected = beta * chosen_logratios, beta * rejected_logratios  # (B,) r_w, r_l
+    losses = -F.logsigmoid(chosen) - 0.5 * F.logsigmoid(-chosen) - 0.5 * F.logsigmoid(-rejected)
+    return (losses, *_rewards(chosen_logratios, rejected_logratios, beta))
+
+
+def bco_pair_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    beta: float,
+) -> LossTriple:
+    """BCO on pairs (Jung et al. 2024, arXiv:2404.04656, eq. 6 without the running reward shift, as TRL 1.16):
+    a binary classifier of chosen against rejected on the implicit rewards r = β·log π/π_ref,
+
+        loss = −log σ(r_w) − log σ(−r_l)
+    """
+    chosen_logratios, rejected_logratios = _log_ratios(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
+    losses = -F.logsigmoid(beta * chosen_logratios) - F.logsigmoid(-beta * rejected_logratios)
+    return (losses, *_rewards(chosen_logratios, rejected_logratios, beta))
+
+
+def sppo_hard_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    beta: float,
+) -> LossTriple:
+    """SPPO (Wu et al. 2024, arXiv:2405.00675, eq. 4.7) with hard win probabilities (1 for the chosen, 0 for the
+    rejected) in place of the paper's PairRM estimates:
+
+        loss = (log π/π_ref(y_w) − 1/(2β))² + (log π/π_ref(y_l) + 1/(2β))²
+    """
+    chosen_logratios, rejected_logratios = _log_ratios(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
+    losses = (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
+    return (losses, *_rewards(chosen_logratios, rejected_logratios, beta))
+
+
+def aot_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> LossTriple:
+    """AOT, paired (Melnyk et al. 2024, arXiv:2406.05882): distributional alignment by optimal transport in one
+    dimension, i.e. between the sorted batches of the policy's and the reference's chosen-minus-rejected
+    log-probs,
+
+        d = sort_B(π_w − π_l) − sort_B(ref_w − ref_l)
+        loss = −(1 − ε)·log σ(β·d) − ε·log σ(−β·d)
+
+    The losses are per rank of the sorted batch, not per pair: the batch (a micro-batch here) is the unit.
+    """
+    pc, pr, rc, rr = _upcast(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    delta = torch.sort(pc - pr, dim=0).values - torch.sort(rc - rr, dim=0).values  # (B,)
+    losses = -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
+    return (losses, *_rewards(pc - rc, pr - rr, beta))
+
+
+def aot_unpaired_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> LossTriple:
+    """AOT, unpaired (Melnyk et al. 2024, arXiv:2406.05882): the chosen and the rejected log-ratios sorted
+    separately over the batch, for data whose chosen and rejected completions are not matched pairs,
+
+        d = sort_B(log π/π_ref(y_w)) − sort_B(log π/π_ref(y_l))
+        loss = −(1 − ε)·log σ(β·d) − ε·log σ(−β·d)
+    """
+    chosen_logratios, rejected_logratios = _log_ratios(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
+    delta = torch.sort(chosen_logratios, dim=0).values - torch.sort(rejected_logratios, dim=0).values  # (B,)
+    losses = -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
+    return (losses, *_rewards(chosen_logratios, rejected_logratios, beta))
+
+
+def apo_zero_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    beta: float,
+) -> LossTriple:
+    """APO-zero (D'Oosterlinck et al. 2024, arXiv:2408.06266, eq. 7), for chosen completions better than the
+    model's own: raise the chosen likelihood, lower the rejected one, each on its own,
+
+        loss = 1 − σ(β·log π/π_ref(y_w)) + σ(β·log π/π_ref(y_l))
+    """
+    chosen_logratios, rejected_logratios = _log_ratios(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
+    losses = 1 - torch.sigmoid(beta * chosen_logratios) + torch.sigmoid(beta * rejected_logratios)
+    return (losses, *_rewards(chosen_logratios, rejected_logratios, beta))
+
+
+def apo_down_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    beta: float,
+) -> LossTriple:
+    """APO-down (D'Oosterlinck et al. 2024, arXiv:2408.06266, eq. 8), for chosen completions worse than the
+    model's own: lower both likelihoods, the rejected one more,
+
+        loss = σ(β·log π/π_ref(y_w)) + 1 − σ(β·Δ)
+    """
+    chosen_logratios, rejected_logratios = _log_ratios(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
+    losses = torch.sigmoid(beta * chosen_logratios) + 1 - torch.sigmoid(beta * (chosen_logratios - rejected_logratios))
+    return (losses, *_rewards(chosen_logratios, rejected_logratios, beta))
+
+
+def discopop_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    beta: float,
+    tau: float = 0.05,
+    f_divergence: FDivergence = "reverse_kl",
+    alpha: float = 0.5,
+) -> LossTriple:
+    """DiscoPOP, the log-ratio modulated loss (Chris Lu et al. 2024, arXiv:2406.08414, eq. 5): the logistic (DPO)
+    and exponential losses blended by a sigmoid of the margin at temperature τ,
+
+        m = σ(β·Δ / τ)
+        loss = (1 − m)·(−log σ(β·Δ)) + m·e^(−β·Δ)
+    """
+    chosen_logratios, rejected_logratios, chosen_scores, rejected_scores = _score_margin(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, f_divergence,
+        alpha,
+    )  # fmt: skip
+    logits = beta * (chosen_scores - rejected_scores)  # (B,)
+    modulation = torch.sigmoid(logits / tau)
+    losses = -F.logsigmoid(logits) * (1 - modulation) + torch.exp(-logits) * modulation
     return (losses, *_rewards(chosen_logratios, rejected_logratios, beta))
 
 
@@ -254,6 +511,16 @@ def nll_loss(policy_chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) ->
     return -chosen / _lengths(chosen_lengths, chosen)
 
 
+def sft_loss(policy_chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
+    """Supervised NLL of the chosen completions, the batch's mean over their tokens (TRL 1.16's `sft`, the third
+    term of MPO, arXiv:2411.10442), given to every pair:
+
+        loss_i = −Σ_b log π(y_w,b|x_b) / Σ_b |y_w,b|                  (B,), the same value for each i
+    """
+    (chosen,) = _upcast(policy_chosen_logps)
+    return (-chosen.sum() / chosen_lengths.to(chosen.dtype).sum().clamp(min=1.0)).expand_as(chosen)
+
+
 # Adapters from (policy, reference, config) to one variant; `build_preference_loss` picks one, once.
 _Variant = Callable[[PairLogps, PairLogps | None, LossConfig], LossTriple]
 
@@ -267,24 +534,28 @@ def _lengths_of(policy: PairLogps) -> dict[str, torch.Tensor]:
     return {"chosen_lengths": policy.chosen_tokens, "rejected_lengths": policy.rejected_tokens}
 
 
+def _f(config: LossConfig) -> dict:
+    return {"f_divergence": config.f_divergence, "alpha": config.f_alpha_divergence_coef}
+
+
 def _sigmoid(policy: PairLogps, reference: PairLogps, config: LossConfig) -> LossTriple:
-    return sigmoid_loss(*_logps(policy, reference), beta=config.beta, label_smoothing=config.label_smoothing)
+    return sigmoid_loss(*_logps(policy, reference), config.beta, config.label_smoothing, **_f(config))
 
 
 def _robust(policy: PairLogps, reference: PairLogps, config: LossConfig) -> LossTriple:
-    return robust_loss(*_logps(policy, reference), beta=config.beta, label_smoothing=config.label_smoothing)
+    return robust_loss(*_logps(policy, reference), config.beta, config.label_smoothing, **_f(config))
 
 
 def _ipo(policy: PairLogps, reference: PairLogps, config: LossConfig) -> LossTriple:
-    return ipo_loss(*_logps(policy, reference), beta=config.beta, **_lengths_of(policy))
+    return ipo_loss(*_logps(policy, reference), config.beta, **_lengths_of(policy), **_f(config))
 
 
 def _hinge(policy: PairLogps, reference: PairLogps, config: LossConfig) -> LossTriple:
-    return hinge_loss(*_logps(policy, reference), beta=config.beta)
+    return hinge_loss(*_logps(policy, reference), config.beta, **_f(config))
 
 
 def _sigmoid_norm(policy: PairLogps, reference: PairLogps, config: LossConfig) -> LossTriple:
-    return sigmoid_norm_loss(*_logps(policy, reference), beta=config.beta, **_lengths_of(policy))
+    return sigmoid_norm_loss(*_logps(policy, reference), config.beta, **_lengths_of(policy), **_f(config))
 
 
 def _simpo(policy: PairLogps, reference: None, config: LossConfig) -> LossTriple:
@@ -293,23 +564,61 @@ def _simpo(policy: PairLogps, reference: None, config: LossConfig) -> LossTriple
     )
 
 
-_VARIANTS: dict[LossType, _Variant] = {
+def _exo_pair(policy: PairLogps, reference: PairLogps, config: LossConfig) -> LossTriple:
+    return exo_pair_loss(*_logps(policy, reference), config.beta, config.label_smoothing, **_f(config))
+
+
+def _aot(policy: PairLogps, reference: PairLogps, config: LossConfig) -> LossTriple:
+    return aot_loss(*_logps(policy, reference), config.beta, config.label_smoothing)
+
+
+def _aot_unpaired(policy: PairLogps, reference: PairLogps, config: LossConfig) -> LossTriple:
+    return aot_unpaired_loss(*_logps(policy, reference), config.beta, config.label_smoothing)
+
+
+def _discopop(policy: PairLogps, reference: PairLogps, config: LossConfig) -> LossTriple:
+    return discopop_loss(*_logps(policy, reference), config.beta, config.discopop_tau, **_f(config))
+
+
+def _beta_only(loss: Callable[..., LossTriple]) -> _Variant:
+    return lambda policy, reference, config: loss(*_logps(policy, reference), config.beta)
+
+
+def _sft(policy: PairLogps, reference: PairLogps, config: LossConfig) -> LossTriple:
+    """The NLL term alone has no rewards of its own; those logged are DPO's, as TRL logs them."""
+    return (sft_loss(policy.chosen_logps, policy.chosen_tokens), *_rewards(*_log_ratios(*_logps(policy, reference)),
+                                                                           config.beta))  # fmt: skip
+
+
+_VARIANTS: dict[str, _Variant] = {
     "sigmoid": _sigmoid,
     "robust": _robust,
     "ipo": _ipo,
     "hinge": _hinge,
     "sigmoid_norm": _sigmoid_norm,
     "simpo": _simpo,
+    "exo_pair": _exo_pair,
+    "nca_pair": _beta_only(nca_pair_loss),
+    "bco_pair": _beta_only(bco_pair_loss),
+    "sppo_hard": _beta_only(sppo_hard_loss),
+    "aot": _aot,
+    "aot_unpaired": _aot_unpaired,
+    "apo_zero": _beta_only(apo_zero_loss),
+    "apo_down": _beta_only(apo_down_loss),
+    "discopop": _discopop,
+    "sft": _sft,
 }
 
 
 def build_preference_loss(config: LossConfig) -> Callable[[PairLogps, PairLogps | None], LossOutput]:
-    """The loss of `config.loss_type`, chosen once, plus `rpo_alpha`·`nll_loss` when `rpo_alpha` is set.
+    """The loss of `config.loss_type`, chosen once: one variant, or the weighted sum of several (per pair, so its
+    mean is TRL's sum of weighted means), plus `rpo_alpha`·`nll_loss` when `rpo_alpha` is set.
 
     The returned callable takes the policy's `PairLogps` and the reference's (None for reference-free SimPO);
-    token counts are read from the policy's. Losses are per pair: the caller reduces.
+    token counts are read from the policy's. Losses are per pair: the caller reduces. Rewards are the first
+    variant's: β·log π/π_ref for every variant but SimPO.
     """
-    variant = _VARIANTS[config.loss_type]
+    variants = [(_VARIANTS[loss_type], weight) for loss_type, weight in zip(config.loss_types, config.weights)]
     needs_reference = not config.reference_free
     rpo_alpha = config.rpo_alpha
 
@@ -324,7 +633,10 @@ def build_preference_loss(config: LossConfig) -> Callable[[PairLogps, PairLogps 
                 f"loss.loss_type={config.loss_type} is reference-free: pass reference=None (computing reference "
                 "log-probs for it is wasted work)"
             )
-        losses, chosen_rewards, rejected_rewards = variant(policy, reference, config)  # each (B,)
+        losses, chosen_rewards, rejected_rewards = variants[0][0](policy, reference, config)  # each (B,)
+        losses = losses if variants[0][1] == 1.0 else variants[0][1] * losses
+        for variant, weight in variants[1:]:
+            losses = losses + weight * variant(policy, reference, config)[0]
         if rpo_alpha is not None:
             losses = losses + rpo_alpha * nll_loss(policy.chosen_logps, policy.chosen_tokens)  # RPO
         return LossOutput(losses, chosen_rewards, rejected_rewards)

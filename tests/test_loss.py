@@ -15,15 +15,26 @@ from dpo_scale.config import ConfigError, LossConfig, LossType
 from dpo_scale.loss import (
     LossOutput,
     PairLogps,
+    aot_loss,
+    aot_unpaired_loss,
+    apo_down_loss,
+    apo_zero_loss,
+    bco_pair_loss,
     build_preference_loss,
+    discopop_loss,
+    exo_pair_loss,
+    f_divergence_scores,
     hinge_loss,
     ipo_loss,
+    nca_pair_loss,
     nll_loss,
     preference_metrics,
     robust_loss,
+    sft_loss,
     sigmoid_loss,
     sigmoid_norm_loss,
     simpo_loss,
+    sppo_hard_loss,
 )
 
 BETAS = [0.1, 0.5, 2.0]
@@ -81,6 +92,46 @@ def oracle_simpo(pc, pr, lc, lr, beta, gamma):
     return -_log_sigmoid(beta / max(lc, 1) * pc - beta / max(lr, 1) * pr - gamma)
 
 
+def _sigmoid(x: float) -> float:
+    return math.exp(_log_sigmoid(x))
+
+
+def oracle_exo_pair(pc, pr, rc, rr, beta, eps):
+    """EXO eq. 16, K = 2: KL(q || p) with q = (σ(βΔ), σ(−βΔ)) and p = (1 − ε, ε)."""
+    u = _dpo_margin(pc, pr, rc, rr, beta)
+    return _sigmoid(u) * (_log_sigmoid(u) - math.log(1 - eps)) + _sigmoid(-u) * (_log_sigmoid(-u) - math.log(eps))
+
+
+def oracle_nca_pair(pc, pr, rc, rr, beta):
+    """NCA eq. 11, K = 2: −log σ(r_w) − ½ log σ(−r_w) − ½ log σ(−r_l), r = β·log π/π_ref."""
+    rw, rl = beta * (pc - rc), beta * (pr - rr)
+    return -_log_sigmoid(rw) - 0.5 * _log_sigmoid(-rw) - 0.5 * _log_sigmoid(-rl)
+
+
+def oracle_bco_pair(pc, pr, rc, rr, beta):
+    return -_log_sigmoid(beta * (pc - rc)) - _log_sigmoid(-beta * (pr - rr))
+
+
+def oracle_sppo_hard(pc, pr, rc, rr, beta):
+    """SPPO eq. 4.7 with P(y_w ≻ π) = 1, P(y_l ≻ π) = 0: (log-ratio − (P − ½)/β)² for each."""
+    return ((pc - rc) - 0.5 / beta) ** 2 + ((pr - rr) + 0.5 / beta) ** 2
+
+
+def oracle_apo_zero(pc, pr, rc, rr, beta):
+    return 1 - _sigmoid(beta * (pc - rc)) + _sigmoid(beta * (pr - rr))
+
+
+def oracle_apo_down(pc, pr, rc, rr, beta):
+    return _sigmoid(beta * (pc - rc)) + 1 - _sigmoid(_dpo_margin(pc, pr, rc, rr, beta))
+
+
+def oracle_discopop(pc, pr, rc, rr, beta, tau=0.05):
+    """DiscoPOP eq. 5: logistic and exponential losses blended by σ(βΔ/τ)."""
+    u = _dpo_margin(pc, pr, rc, rr, beta)
+    blend = _sigmoid(u / tau)
+    return -_log_sigmoid(u) * (1 - blend) + math.exp(-u) * blend
+
+
 def oracle_nll(pc, lc):
     """RPO's NLL term (Pang et al. 2024): −log π(y_w|x) / |y_w|."""
     return -pc / max(lc, 1)
@@ -89,16 +140,18 @@ def oracle_nll(pc, lc):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _random_batch(batch=24, dtype=torch.float32, seed=0, equal_chosen_lengths=False):
-    """Policy and reference PairLogps. Sums of 1-200 tokens at ~1.5 nats each; reference = policy + N(0, 4) nats,
-    so Δ spans roughly ±10 nats and β·Δ covers both tails of σ and both sides of the hinge for β in BETAS."""
+def _random_batch(batch=24, dtype=torch.float32, seed=0, equal_chosen_lengths=False, spread=4.0):
+    """Policy and reference PairLogps. Sums of 1-200 tokens at ~1.5 nats each; reference = policy + N(0, spread²)
+    nats, so Δ spans roughly ±10 nats and β·Δ covers both tails of σ and both sides of the hinge for β in BETAS.
+    (f-divergence cases take spread 0.5: forward KL's 1 − e^(−u) overflows the exponentials that follow at u = −10,
+    in TRL and here alike.)"""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, 200, (2, batch), generator=g)
     lengths[1, 0] = 0  # an empty rejected completion: counts are clamped to 1
     if equal_chosen_lengths:
         lengths[0] = 37
     policy_sums = -1.5 * lengths * torch.rand(2, batch, generator=g, dtype=torch.float64).add(0.5)  # (2, B)
-    reference_sums = policy_sums + 4 * torch.randn(2, batch, generator=g, dtype=torch.float64)
+    reference_sums = policy_sums + spread * torch.randn(2, batch, generator=g, dtype=torch.float64)
     policy = PairLogps(policy_sums[0].to(dtype), policy_sums[1].to(dtype), lengths[0], lengths[1])
     reference = PairLogps(reference_sums[0].to(dtype), reference_sums[1].to(dtype), lengths[0], lengths[1])
     return policy, reference
@@ -161,15 +214,78 @@ ORACLE_CASES = {
         lambda p, r, beta, s: simpo_loss(p.chosen_logps, p.rejected_logps, **_lengths(p), beta=beta, gamma=0.8),
         lambda pc, pr, rc, rr, lc, lr, beta, s: oracle_simpo(pc, pr, lc, lr, beta, 0.8),
     ),
+    "exo_pair": (
+        lambda p, r, beta, s: exo_pair_loss(**_canonical(p, r), beta=beta, label_smoothing=s),
+        lambda pc, pr, rc, rr, lc, lr, beta, s: oracle_exo_pair(pc, pr, rc, rr, beta, s),
+    ),
+    "nca_pair": (
+        lambda p, r, beta, s: nca_pair_loss(**_canonical(p, r), beta=beta),
+        lambda pc, pr, rc, rr, lc, lr, beta, s: oracle_nca_pair(pc, pr, rc, rr, beta),
+    ),
+    "bco_pair": (
+        lambda p, r, beta, s: bco_pair_loss(**_canonical(p, r), beta=beta),
+        lambda pc, pr, rc, rr, lc, lr, beta, s: oracle_bco_pair(pc, pr, rc, rr, beta),
+    ),
+    "sppo_hard": (
+        lambda p, r, beta, s: sppo_hard_loss(**_canonical(p, r), beta=beta),
+        lambda pc, pr, rc, rr, lc, lr, beta, s: oracle_sppo_hard(pc, pr, rc, rr, beta),
+    ),
+    "apo_zero": (
+        lambda p, r, beta, s: apo_zero_loss(**_canonical(p, r), beta=beta),
+        lambda pc, pr, rc, rr, lc, lr, beta, s: oracle_apo_zero(pc, pr, rc, rr, beta),
+    ),
+    "apo_down": (
+        lambda p, r, beta, s: apo_down_loss(**_canonical(p, r), beta=beta),
+        lambda pc, pr, rc, rr, lc, lr, beta, s: oracle_apo_down(pc, pr, rc, rr, beta),
+    ),
+    "discopop": (
+        lambda p, r, beta, s: discopop_loss(**_canonical(p, r), beta=beta),
+        lambda pc, pr, rc, rr, lc, lr, beta, s: oracle_discopop(pc, pr, rc, rr, beta),
+    ),
 }
-SMOOTHED = {"sigmoid", "robust"}
+SMOOTHED = {"sigmoid", "robust", "exo_pair", "aot", "aot_unpaired"}
+
+
+def _batch_oracle_aot(rows, beta, eps, unpaired):
+    """AOT (Melnyk et al. 2024): sort the batch's policy and reference quantities separately, pair them by rank."""
+    if unpaired:
+        first, second = sorted(pc - rc for pc, pr, rc, rr, lc, lr in rows), sorted(pr - rr for pc, pr, rc, rr, lc, lr in rows)
+    else:
+        first, second = sorted(pc - pr for pc, pr, rc, rr, lc, lr in rows), sorted(rc - rr for pc, pr, rc, rr, lc, lr in rows)
+    return [-(1 - eps) * _log_sigmoid(beta * (a - b)) - eps * _log_sigmoid(-beta * (a - b)) for a, b in zip(first, second)]
+
+
+def _batch_oracle_sft(rows, beta, eps):
+    """The batch's mean NLL per chosen token, the same for every pair."""
+    value = -sum(pc for pc, *_ in rows) / sum(lc for pc, pr, rc, rr, lc, lr in rows)
+    return [value] * len(rows)
+
+
+# Losses whose per-pair values depend on the whole batch: our loss, and an oracle on the batch's rows
+BATCH_CASES = {
+    "aot": (
+        lambda p, r, beta, s: aot_loss(**_canonical(p, r), beta=beta, label_smoothing=s),
+        lambda rows, beta, s: _batch_oracle_aot(rows, beta, s, unpaired=False),
+    ),
+    "aot_unpaired": (
+        lambda p, r, beta, s: aot_unpaired_loss(**_canonical(p, r), beta=beta, label_smoothing=s),
+        lambda rows, beta, s: _batch_oracle_aot(rows, beta, s, unpaired=True),
+    ),
+    "sft": (
+        lambda p, r, beta, s: (sft_loss(p.chosen_logps, p.chosen_tokens), *sigmoid_loss(**_canonical(p, r), beta=beta)[1:]),
+        _batch_oracle_sft,
+    ),
+}
+
+
+def _smoothings(name):
+    if name == "exo_pair":  # its log ε needs ε > 0
+        return [0.1, 0.3]
+    return SMOOTHINGS if name in SMOOTHED else [0.0]  # LossConfig forbids ε elsewhere
 
 
 ORACLE_PARAMS = [
-    (name, beta, smoothing)
-    for name in ORACLE_CASES
-    for beta in BETAS
-    for smoothing in (SMOOTHINGS if name in SMOOTHED else [0.0])  # LossConfig forbids ε elsewhere
+    (name, beta, smoothing) for name in [*ORACLE_CASES, *BATCH_CASES] for beta in BETAS for smoothing in _smoothings(name)
 ]
 
 
@@ -183,12 +299,15 @@ def test_losses_match_paper_oracle(name, beta, smoothing, dtype):
     so rtol = atol = 1e-5 is that with a margin, while a wrong sign, factor or missing ε term moves a loss by
     > 1e-2. float64: same formula, rounding ~1e-15, so 1e-12 pins the formula itself (e.g. the length clamp).
     """
-    ours, oracle = ORACLE_CASES[name]
     policy, reference = _random_batch(dtype=dtype)
-    losses, chosen_rewards, rejected_rewards = ours(policy, reference, beta, smoothing)
-
     rows = _columns(policy, reference)
-    expected = torch.tensor([oracle(*row, beta, smoothing) for row in rows], dtype=torch.float64)
+    if name in BATCH_CASES:
+        ours, batch_oracle = BATCH_CASES[name]
+        expected = torch.tensor(batch_oracle(rows, beta, smoothing), dtype=torch.float64)
+    else:
+        ours, oracle = ORACLE_CASES[name]
+        expected = torch.tensor([oracle(*row, beta, smoothing) for row in rows], dtype=torch.float64)
+    losses, chosen_rewards, rejected_rewards = ours(policy, reference, beta, smoothing)
     rtol, atol = TOLERANCES[dtype]
     assert losses.dtype == dtype and losses.shape == (len(rows),)
     torch.testing.assert_close(losses.double(), expected, rtol=rtol, atol=atol)
@@ -264,7 +383,7 @@ def test_build_dispatches_to_the_named_variant(loss_type):
     smoothing = 0.1 if loss_type in SMOOTHED else 0.0
     config = LossConfig(loss_type=loss_type, beta=0.5, label_smoothing=smoothing)
     policy, reference = _random_batch()
-    ours, _ = ORACLE_CASES[loss_type]
+    ours, _ = ORACLE_CASES.get(loss_type) or BATCH_CASES[loss_type]
     if loss_type == "simpo":
         config = LossConfig(loss_type="simpo", beta=0.5, simpo_gamma=0.8)  # ORACLE_CASES' γ
         out = build_preference_loss(config)(policy, None)
@@ -320,6 +439,15 @@ def test_reference_must_match_loss_type():
         (dict(loss_type="robust", label_smoothing=0.5), r"must be in \[0, 0.5\)"),
         (dict(rpo_alpha=-1.0), "rpo_alpha"),
         (dict(loss_type="kto"), "loss_type='kto': must be one of"),
+        (dict(loss_type=["sigmoid", "kto"]), r"loss.loss_type\[1\]='kto': must be one of"),
+        (dict(loss_type=[]), "an empty list"),
+        (dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0]), "has 1 weights for 2 loss types"),
+        (dict(loss_type=["simpo", "sft"]), "simpo is reference-free and cannot be combined"),
+        (dict(loss_type="exo_pair"), "exo_pair needs loss.label_smoothing > 0"),
+        (dict(loss_type="nca_pair", label_smoothing=0.1), "label_smoothing is only defined"),
+        (dict(loss_type=["sigmoid", "nca_pair"], f_divergence="js_divergence"), "not to nca_pair"),
+        (dict(f_divergence="tv"), "f_divergence='tv': must be one of"),
+        (dict(loss_type="discopop", discopop_tau=0.0), "discopop_tau=0.0: must be positive"),
     ],
 )
 def test_invalid_loss_config_raises(kwargs, match):
@@ -486,17 +614,18 @@ def _trl_inputs(policy: PairLogps, reference: PairLogps):
     return inputs, _FixedLogProbsModel(log_probs)
 
 
-def _trl_trainer(dpo_trainer_class, loss_types, loss_weights, beta, label_smoothing, training):
+def _trl_trainer(dpo_trainer_class, loss_types, loss_weights, config: LossConfig, training):
     """A DPOTrainer with only the attributes `_compute_loss` reads (its __init__ needs a model and datasets)."""
     trainer = dpo_trainer_class.__new__(dpo_trainer_class)
     trainer.model = SimpleNamespace(training=training)
     trainer.accelerator = _IdentityAccelerator()
-    trainer.args = SimpleNamespace(gradient_checkpointing_kwargs=None, discopop_tau=0.05)
+    trainer.args = SimpleNamespace(gradient_checkpointing_kwargs=None, discopop_tau=config.discopop_tau)
     trainer.loss_types = loss_types
     trainer.loss_weights = loss_weights
-    trainer.beta = beta
-    trainer.label_smoothing = label_smoothing
-    trainer.f_divergence_type = "reverse_kl"
+    trainer.beta = config.beta
+    trainer.label_smoothing = config.label_smoothing
+    trainer.f_divergence_type = config.f_divergence
+    trainer.f_alpha_divergence_coef = config.f_alpha_divergence_coef
     trainer.ld_alpha = None
     trainer.precompute_ref_logps = True
     trainer.aux_loss_enabled = False
@@ -524,6 +653,38 @@ TRL_CASES = {
         [1.0, 0.7],
         dict(equal_chosen_lengths=True),
     ),
+    "exo_pair": (LossConfig(loss_type="exo_pair", beta=0.1, label_smoothing=1e-3), ["exo_pair"], [1.0], {}),
+    "nca_pair": (LossConfig(loss_type="nca_pair", beta=0.1), ["nca_pair"], [1.0], {}),
+    "bco_pair": (LossConfig(loss_type="bco_pair", beta=0.1), ["bco_pair"], [1.0], {}),
+    "sppo_hard": (LossConfig(loss_type="sppo_hard", beta=0.5), ["sppo_hard"], [1.0], {}),
+    "aot": (LossConfig(loss_type="aot", beta=0.1, label_smoothing=0.1), ["aot"], [1.0], {}),
+    "aot_unpaired": (LossConfig(loss_type="aot_unpaired", beta=0.1), ["aot_unpaired"], [1.0], {}),
+    "apo_zero": (LossConfig(loss_type="apo_zero", beta=0.1), ["apo_zero"], [1.0], {}),
+    "apo_down": (LossConfig(loss_type="apo_down", beta=0.1), ["apo_down"], [1.0], {}),
+    "discopop": (LossConfig(loss_type="discopop", beta=0.1, discopop_tau=0.5), ["discopop"], [1.0], {}),
+    "sft": (LossConfig(loss_type="sft"), ["sft"], [1.0], {}),
+    # MPO (arXiv:2411.10442): preference, quality and generation losses, weighted
+    "mpo": (
+        LossConfig(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]),
+        ["sigmoid", "bco_pair", "sft"],
+        [0.8, 0.2, 1.0],
+        {},
+    ),
+    "ipo+apo_zero": (LossConfig(loss_type=["ipo", "apo_zero"]), ["ipo", "apo_zero"], [1.0, 1.0], {}),
+    **{
+        f"{loss_type}/{divergence}": (
+            LossConfig(loss_type=loss_type, beta=0.1, f_divergence=divergence, f_alpha_divergence_coef=coef,
+                       label_smoothing=1e-3 if loss_type == "exo_pair" else 0.0),
+            [loss_type],
+            [1.0],
+            {"spread": 0.5},
+        )  # fmt: skip
+        for loss_type in ("sigmoid", "hinge", "ipo", "sigmoid_norm", "robust", "exo_pair", "discopop")
+        for divergence, coef in (("forward_kl", 0.5), ("js_divergence", 0.5), ("alpha_divergence", 0.3))
+    },
+    "sigmoid/alpha_divergence=1": (
+        LossConfig(f_divergence="alpha_divergence", f_alpha_divergence_coef=1.0), ["sigmoid"], [1.0], {}
+    ),
 }
 
 
@@ -543,7 +704,7 @@ def test_matches_trl_dpo_trainer_compute_loss(trl_dpo_trainer, name, training):
     policy = policy._replace(rejected_tokens=policy.rejected_tokens.clamp(min=1))
     assert (policy.chosen_tokens != policy.rejected_tokens).any()
 
-    trainer = _trl_trainer(trl_dpo_trainer, loss_types, loss_weights, config.beta, config.label_smoothing, training)
+    trainer = _trl_trainer(trl_dpo_trainer, loss_types, loss_weights, config, training)
     inputs, model = _trl_inputs(policy, reference)
     trl_loss = trainer._compute_loss(model, inputs, return_outputs=False)
 
@@ -556,3 +717,49 @@ def test_matches_trl_dpo_trainer_compute_loss(trl_dpo_trainer, name, training):
         assert len(logged[key]) == 1, key
         trl_value = torch.tensor(logged[key][-1], dtype=torch.float64)  # TRL logs Python floats (.item())
         torch.testing.assert_close(ours[key].double(), trl_value, rtol=1e-6, atol=1e-6, msg=key)
+
+
+# Batch-coupled losses: aot and aot_unpaired sort the batch, sft is a batch mean; their per-pair values are not a
+# pair's own, so only their means compare (above).
+PER_PAIR_TRL_CASES = [name for name in TRL_CASES if not {"aot", "aot_unpaired", "sft"} & set(TRL_CASES[name][1])]
+
+
+@pytest.mark.parametrize("name", PER_PAIR_TRL_CASES)
+def test_per_pair_losses_and_rewards_match_trl(trl_dpo_trainer, name):
+    """Each pair's loss and rewards against TRL 1.16's `_compute_loss` given that pair alone (its mean over a batch
+    of one is the pair's loss), within 1e-5."""
+    config, loss_types, loss_weights, batch_options = TRL_CASES[name]
+    policy, reference = _random_batch(batch=8, seed=3, **batch_options)
+    policy = policy._replace(rejected_tokens=policy.rejected_tokens.clamp(min=1))
+    out = build_preference_loss(config)(policy, reference)
+    for i in range(8):
+        one = [PairLogps(*(t[i : i + 1] for t in logps)) for logps in (policy, reference)]
+        trainer = _trl_trainer(trl_dpo_trainer, loss_types, loss_weights, config, training=True)
+        inputs, model = _trl_inputs(*one)
+        trl_loss = trainer._compute_loss(model, inputs, return_outputs=False)
+        torch.testing.assert_close(out.losses[i], trl_loss, rtol=1e-5, atol=1e-5, msg=f"pair {i}")
+        logged = trainer._metrics["train"]
+        for ours, key in ((out.chosen_rewards[i], "rewards/chosen"), (out.rejected_rewards[i], "rewards/rejected")):
+            torch.testing.assert_close(ours.double(), torch.tensor(logged[key][0], dtype=torch.float64), rtol=1e-5,
+                                       atol=1e-5, msg=f"{key} of pair {i}")  # fmt: skip
+
+
+def test_f_divergence_scores_at_zero_and_one_of_alpha():
+    """Every f'(1) is 0 at u = 0 except forward KL's 1 − 1 = 0 too (all vanish: policy = reference), and
+    alpha = 1 is reverse KL exactly."""
+    zero = torch.zeros(3)
+    for divergence in ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"):
+        chosen, rejected = f_divergence_scores(zero, zero, divergence, 0.3)
+        torch.testing.assert_close(chosen, zero, atol=1e-7, rtol=0)
+    u = torch.linspace(-5, 5, 11)
+    assert all(torch.equal(a, u) for a in f_divergence_scores(u, u, "alpha_divergence", 1.0))
+
+
+def test_a_list_of_loss_types_from_yaml_and_overrides():
+    from dpo_scale.config import TrainConfig, build, parse_overrides
+
+    tree = {"model": {"path": "m"}, "data": {"path": "d"}, "run_dir": "r"}
+    tree.update(parse_overrides(["loss.loss_type=[sigmoid, bco_pair, sft]", "loss.loss_weights=[0.8, 0.2, 1]"]))
+    loss = build(TrainConfig, tree).loss
+    assert loss.loss_types == ["sigmoid", "bco_pair", "sft"] and loss.weights == [0.8, 0.2, 1.0]
+    assert build(TrainConfig, {**tree, "loss": {"loss_type": "ipo"}}).loss.loss_types == ["ipo"]
