@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from dpo_scale.data.pairs import Pair
-from dpo_scale.ref_cache import INDEX_KEYS, INDEX_ROWS, CacheReader, read_manifest, write_manifest, write_shard
+from dpo_scale.ref_cache import FIELDS, INDEX_KEYS, INDEX_ROWS, CacheReader, read_manifest, write_manifest, write_shard
 
 
 def _pairs(start: int, count: int) -> list[Pair]:
@@ -44,7 +44,7 @@ def main() -> None:
         for index in range(num_shards):
             first = index * args.shard_size
             count = min(args.shard_size, args.pairs - first)
-            write_shard(directory, index, _pairs(first, count), torch.randn(count), torch.randn(count))
+            write_shard(directory, index, _pairs(first, count), {name: torch.randn(count) for name in FIELDS})
         write_manifest(directory, {}, num_shards, args.shard_size)
         written_s = time.perf_counter() - start
         total_bytes = sum(p.stat().st_size for p in directory.iterdir())

@@ -21,7 +21,7 @@ from dpo_scale.config import DataConfig, LogpsConfig
 from dpo_scale.data import load_tokenizer, prepare
 from dpo_scale.layout import collate
 from dpo_scale.model import PairLogpsModel
-from dpo_scale.ref_cache import INDEX_KEYS, INDEX_ROWS, write_manifest, write_shard
+from dpo_scale.ref_cache import FIELDS, INDEX_KEYS, INDEX_ROWS, write_manifest, write_shard
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -49,12 +49,9 @@ def main() -> None:
             model(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=False)
 
     def precompute(directory: Path) -> None:
-        chosen, rejected = [], []
-        for batch_pairs in batches:
-            out = scorer(collate(batch_pairs, config, tokenizer.eos_token_id))
-            chosen.append(out.chosen_logps)
-            rejected.append(out.rejected_logps)
-        write_shard(directory, 0, pairs, torch.cat(chosen), torch.cat(rejected))
+        outs = [scorer(collate(batch_pairs, config, tokenizer.eos_token_id)) for batch_pairs in batches]
+        values = {name: torch.cat([getattr(out, f"{name}_logps") for out in outs]) for name in FIELDS}
+        write_shard(directory, 0, pairs, values)
 
     with torch.no_grad(), tempfile.TemporaryDirectory() as scratch:
         bare()

@@ -162,6 +162,12 @@ class LossConfig:
     """The divergence whose f'(pi / pi_ref) replaces the log-ratio (f-DPO): reverse_kl is DPO."""
     f_alpha_divergence_coef: float = 0.5
     """alpha of f_divergence=alpha_divergence (1: reverse KL)."""
+    ld_alpha: float | None = None
+    """LD-DPO: log-probs of the longer completion's tokens beyond the shorter one's length weighted by this, in
+    [0, 1] (1: plain sums); None: off."""
+    use_weighting: bool = False
+    """WPO: each pair's loss weighted by its completions' length-normalised log-probs against the model's own
+    sampling distribution (loss.py: weighted_pair_losses)."""
 
     def __post_init__(self) -> None:
         types = self.loss_types
@@ -199,6 +205,15 @@ class LossConfig:
                 f"loss.f_divergence={self.f_divergence} applies only to {', '.join(F_DIVERGENCE_LOSSES)} (where "
                 f"beta log Z(x) cancels), not to {', '.join(others)}; use f_divergence=reverse_kl with those"
             )
+        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
+            raise ConfigError(f"loss.ld_alpha={self.ld_alpha}: must be in [0, 1] (1 weighs every token fully)")
+        if self.use_weighting and set(types) & {"aot", "aot_unpaired"}:
+            raise ConfigError(
+                "loss.use_weighting (WPO) weighs each pair's loss, but aot and aot_unpaired sort the batch, so their "
+                "losses belong to no pair; use another loss type or use_weighting=false"
+            )
+        if self.ld_alpha is not None and "simpo" in types:
+            raise ConfigError("loss.ld_alpha is defined for losses with a reference, not loss.loss_type=simpo")
         if self.discopop_tau <= 0:
             raise ConfigError(f"loss.discopop_tau={self.discopop_tau}: must be positive")
         if self.rpo_alpha is not None and self.rpo_alpha < 0:

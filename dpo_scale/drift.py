@@ -181,4 +181,7 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def concatenate(outputs: list[PairLogps]) -> PairLogps:
-    return PairLogps(*(torch.cat([getattr(o, name).cpu() for o in outputs]) for name in PairLogps._fields))
+    return PairLogps(*(
+        None if getattr(outputs[0], name) is None else torch.cat([getattr(o, name).cpu() for o in outputs])
+        for name in PairLogps._fields
+    ))  # fmt: skip

@@ -59,7 +59,8 @@ def run_eval(config: EvalRunConfig) -> dict:
     cache = None
     if config.reference_cache:
         made_with = ModelConfig(reference_path, dtype=config.dtype)
-        cache = CachedReference(open_cache(config.reference_cache, made_with, config.data or run.data, tokenizer))
+        reader = open_cache(config.reference_cache, made_with, config.data or run.data, tokenizer)
+        cache = CachedReference(reader, shared_sums=loss_config.ld_alpha is not None)
     result["preference"] = score_pairs(policy, reference, pairs, config, loss_config, tokenizer, device, cache)
     samples: list[dict] = []
     if config.generation.num_prompts:
@@ -107,7 +108,8 @@ def score_pairs(policy, reference, pairs, config: EvalRunConfig, loss_config, to
     if not pairs:
         return {"pairs": 0}
     pad = padding_id(tokenizer)
-    policy_scorer, reference_scorer = PairLogpsModel(policy, config.logps), PairLogpsModel(reference, config.logps)
+    policy_scorer = PairLogpsModel(policy, config.logps, weighting=loss_config.use_weighting)
+    reference_scorer = PairLogpsModel(reference, config.logps)
     loss_fn = build_preference_loss(loss_config)
     sums: dict[str, float] = {}
     for start in range(0, len(pairs), config.batch_size):

@@ -37,6 +37,7 @@ class PairBatch:
     score_cols: torch.Tensor  # (N,) its column
     score_labels: torch.Tensor  # (N,) the token it predicts
     score_slots: torch.Tensor  # (N,) pair i chosen -> i, rejected -> num_pairs + i
+    score_positions: torch.Tensor  # (N,) each scored token's place in its completion's scored tokens, from 0
     num_pairs: int
     tokens: int
     """Positions the model computes, padding included (R x T)."""
@@ -134,7 +135,8 @@ def collate(pairs: list[Pair], config: LogpsConfig, pad_token_id: int) -> PairBa
     position_ids = torch.zeros((num_rows, length), dtype=torch.long)
     unit_ids = torch.full((num_rows, length), -1, dtype=torch.long)  # -1 marks padding
     branches = torch.zeros((num_rows, length), dtype=torch.long)
-    score_rows, score_cols, score_labels, score_slots = [], [], [], []
+    score_rows, score_cols, score_labels, score_slots, score_positions = [], [], [], [], []
+    scored_in_slot = [0] * (2 * len(pairs))
     unit_counter = 0
     for r, row in enumerate(rows):
         offset = 0
@@ -149,6 +151,8 @@ def collate(pairs: list[Pair], config: LogpsConfig, pad_token_id: int) -> PairBa
                 score_cols.append(offset + predictor)
                 score_labels.append(label)
                 score_slots.append(slot)
+                score_positions.append(scored_in_slot[slot])
+                scored_in_slot[slot] += 1
             unit_counter += 1
             offset = end
 
@@ -162,6 +166,7 @@ def collate(pairs: list[Pair], config: LogpsConfig, pad_token_id: int) -> PairBa
         score_cols=torch.tensor(score_cols, dtype=torch.long),
         score_labels=torch.tensor(score_labels, dtype=torch.long),
         score_slots=torch.tensor(score_slots, dtype=torch.long),
+        score_positions=torch.tensor(score_positions, dtype=torch.long),
         num_pairs=len(pairs),
         tokens=num_rows * length,
         real_tokens=int(real.sum()),

@@ -50,27 +50,35 @@ def _chunk_logits(hidden: torch.Tensor, head: LMHead) -> tuple[torch.Tensor, tor
 
 class _StreamingTokenLogps(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_size, scale, softcap):
+    def forward(ctx, hidden, weight, bias, labels, chunk_size, scale, softcap, with_log_sum_sq):
         # hidden (N, H), weight (V, H), bias (V,) or None, labels (N,)
         head = LMHead(weight, bias, scale, softcap)
         logps = hidden.new_empty(hidden.shape[0], dtype=_accumulation_dtype(hidden.dtype))  # (N,)
         lse = torch.empty_like(logps)  # (N,), kept for backward so softmax needs no second reduction
+        log_sum_sq = torch.empty_like(logps) if with_log_sum_sq else None  # (N,) log Σ_v p_v²
         for start in range(0, hidden.shape[0], chunk_size):
             stop = start + chunk_size
             logits, _ = _chunk_logits(hidden[start:stop], head)  # (n, V) fp32: the peak allocation
             picked = logits.gather(1, labels[start:stop, None]).squeeze(1)  # (n,)
             # log-sum-exp in the logits' own buffer: torch.logsumexp would allocate a second (n, V) temporary
             peak = logits.amax(dim=-1, keepdim=True)  # (n, 1)
-            lse[start:stop] = logits.sub_(peak).exp_().sum(dim=-1).log_() + peak.squeeze(1)
+            shifted = logits.sub_(peak).exp_()  # (n, V) e = exp(logit − max), in place
+            log_total = shifted.sum(dim=-1).log_()  # (n,) log Σ e
+            if with_log_sum_sq:  # log Σ p² = log Σ e² − 2 log Σ e; the norm reduces without an (n, V) square
+                log_sum_sq[start:stop] = 2 * (torch.linalg.vector_norm(shifted, dim=-1).log_() - log_total)
+            lse[start:stop] = log_total + peak.squeeze(1)
             logps[start:stop] = picked - lse[start:stop]
             # freed before the next chunk's matmul: rebinding `logits` there would keep two chunks alive at once
-            del logits
+            del logits, shifted
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.chunk_size, ctx.scale, ctx.softcap = chunk_size, scale, softcap
+        if with_log_sum_sq:
+            ctx.mark_non_differentiable(log_sum_sq)
+            return logps, log_sum_sq
         return logps
 
     @staticmethod
-    def backward(ctx, grad_logps):
+    def backward(ctx, grad_logps, *unused_grad_log_sum_sq):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         head = LMHead(weight, bias, ctx.scale, ctx.softcap)
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
@@ -101,7 +109,7 @@ class _StreamingTokenLogps(torch.autograd.Function):
             grad_weight = grad_weight.to(weight.dtype)
         if need_bias:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
 # The default chunk's fp32 logits: bounded in bytes, not positions, so a larger vocabulary means narrower chunks
@@ -121,9 +129,28 @@ def streaming_token_logps(
     `chunk_size` None: default_chunk_size of the head's vocabulary."""
     if chunk_size is None:
         chunk_size = default_chunk_size(head.weight.shape[0])
-    return _StreamingTokenLogps.apply(hidden, head.weight, head.bias, labels, chunk_size, head.scale, head.softcap)
+    return _StreamingTokenLogps.apply(
+        hidden, head.weight, head.bias, labels, chunk_size, head.scale, head.softcap, False
+    )
+
+
+def streaming_token_logps_and_log_sum_sq(
+    hidden: torch.Tensor, head: LMHead, labels: torch.Tensor, chunk_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`streaming_token_logps` and, from the same chunks, log Σ_v p_v² per position (N,) fp32, detached: the
+    normaliser of WPO's weights (Zhou et al. 2024, arXiv:2406.11827). One more reduction over each chunk's
+    exponentials, no other buffer."""
+    if chunk_size is None:
+        chunk_size = default_chunk_size(head.weight.shape[0])
+    return _StreamingTokenLogps.apply(hidden, head.weight, head.bias, labels, chunk_size, head.scale, head.softcap, True)
 
 
 def full_logits_token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The plain path: log_softmax over materialized logits (N, V) in fp32 -> (N,)."""
     return torch.log_softmax(logits.to(_accumulation_dtype(logits.dtype)), dim=-1).gather(1, labels[:, None]).squeeze(1)
+
+
+def full_logits_log_sum_sq(logits: torch.Tensor) -> torch.Tensor:
+    """The plain path's log Σ_v p_v² (N,) from materialized logits (N, V), detached."""
+    with torch.no_grad():
+        return torch.logsumexp(2 * torch.log_softmax(logits.to(_accumulation_dtype(logits.dtype)), dim=-1), dim=-1)

@@ -44,6 +44,12 @@ class PairLogps(NamedTuple):
     rejected_logps: torch.Tensor  # (B,)
     chosen_tokens: torch.Tensor  # (B,) number of scored chosen completion tokens (float or long)
     rejected_tokens: torch.Tensor  # (B,)
+    chosen_shared_logps: torch.Tensor | None = None
+    """(B,) the sum over the chosen completion's first min(|y_w|, |y_l|) tokens: LD-DPO's shared part."""
+    rejected_shared_logps: torch.Tensor | None = None
+    chosen_weighting_logps: torch.Tensor | None = None
+    """(B,) Σ_t (log p_t − log Σ_v p_v²) over the chosen completion, detached: WPO's weight, before the mean."""
+    rejected_weighting_logps: torch.Tensor | None = None
 
 
 @dataclass
@@ -521,6 +527,37 @@ def sft_loss(policy_chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) ->
     return (-chosen.sum() / chosen_lengths.to(chosen.dtype).sum().clamp(min=1.0)).expand_as(chosen)
 
 
+def length_desensitised(logps: PairLogps, ld_alpha: float) -> PairLogps:
+    """LD-DPO (Liu et al. 2024, arXiv:2409.06411, eq. 9): each completion's log-prob with the tokens beyond the
+    shorter completion's length weighted by α,
+
+        log π_ld(y) = log π(y_{≤ℓ}) + α·log π(y_{>ℓ}),   ℓ = min(|y_w|, |y_l|)
+
+    so that the longer completion's extra tokens no longer dominate Δ. Needs the shared-part sums."""
+    if logps.chosen_shared_logps is None or logps.rejected_shared_logps is None:
+        raise ValueError("loss.ld_alpha needs the sums over the shared part of each pair (chosen_shared_logps)")
+    chosen = logps.chosen_shared_logps + ld_alpha * (logps.chosen_logps - logps.chosen_shared_logps)
+    rejected = logps.rejected_shared_logps + ld_alpha * (logps.rejected_logps - logps.rejected_shared_logps)
+    return logps._replace(chosen_logps=chosen, rejected_logps=rejected)
+
+
+def wpo_weights(policy: PairLogps) -> torch.Tensor:
+    """WPO (Zhou et al. 2024, arXiv:2406.11827, eq. 2, with TRL 1.16's alignment of the sampling distribution): the
+    probability that the current policy would have produced each completion, per token,
+
+        w(y) = exp( Σ_t (log π(y_t) − log Σ_v π(v)²) / |y| ),     weight = w(y_w)·w(y_l)   (B,), detached
+
+    log Σ_v π(v)² is the log-probability of the policy's own greedy-ish draw at that position: subtracting it keeps
+    weights from shrinking with the model's entropy."""
+    if policy.chosen_weighting_logps is None or policy.rejected_weighting_logps is None:
+        raise ValueError("loss.use_weighting needs the policy's weighting sums: PairLogpsModel(..., weighting=True)")
+    chosen = torch.exp(policy.chosen_weighting_logps / _lengths(policy.chosen_tokens, policy.chosen_weighting_logps))
+    rejected = torch.exp(
+        policy.rejected_weighting_logps / _lengths(policy.rejected_tokens, policy.rejected_weighting_logps)
+    )
+    return (chosen * rejected).detach()
+
+
 # Adapters from (policy, reference, config) to one variant; `build_preference_loss` picks one, once.
 _Variant = Callable[[PairLogps, PairLogps | None, LossConfig], LossTriple]
 
@@ -620,7 +657,7 @@ def build_preference_loss(config: LossConfig) -> Callable[[PairLogps, PairLogps 
     """
     variants = [(_VARIANTS[loss_type], weight) for loss_type, weight in zip(config.loss_types, config.weights)]
     needs_reference = not config.reference_free
-    rpo_alpha = config.rpo_alpha
+    rpo_alpha, ld_alpha = config.rpo_alpha, config.ld_alpha
 
     def preference_loss(policy: PairLogps, reference: PairLogps | None) -> LossOutput:
         if needs_reference and reference is None:
@@ -633,10 +670,22 @@ def build_preference_loss(config: LossConfig) -> Callable[[PairLogps, PairLogps 
                 f"loss.loss_type={config.loss_type} is reference-free: pass reference=None (computing reference "
                 "log-probs for it is wasted work)"
             )
-        losses, chosen_rewards, rejected_rewards = variants[0][0](policy, reference, config)  # each (B,)
+        scored, scored_reference = policy, reference
+        if ld_alpha is not None:  # the preference terms see LD-DPO's log-probs; sft keeps the plain sums (TRL)
+            scored, scored_reference = length_desensitised(policy, ld_alpha), length_desensitised(reference, ld_alpha)
+
+        def run(variant: _Variant) -> LossTriple:
+            losses, *rewards = variant(scored, scored_reference, config)
+            if variant is _sft:  # TRL's sft reads the plain per-token log-probs
+                losses = sft_loss(policy.chosen_logps, policy.chosen_tokens)
+            return (losses, *rewards)
+
+        losses, chosen_rewards, rejected_rewards = run(variants[0][0])  # each (B,)
         losses = losses if variants[0][1] == 1.0 else variants[0][1] * losses
         for variant, weight in variants[1:]:
-            losses = losses + weight * variant(policy, reference, config)[0]
+            losses = losses + weight * run(variant)[0]
+        if config.use_weighting:
+            losses = losses * wpo_weights(policy)
         if rpo_alpha is not None:
             losses = losses + rpo_alpha * nll_loss(policy.chosen_logps, policy.chosen_tokens)  # RPO
         return LossOutput(losses, chosen_rewards, rejected_rewards)

@@ -13,7 +13,13 @@ from torch import nn
 
 from dpo_scale.config import ConfigError, LogpsConfig, LoraConfig, ModelConfig
 from dpo_scale.layout import PairBatch, block_mask, dense_mask, padding_mask
-from dpo_scale.logps import LMHead, full_logits_token_logps, streaming_token_logps
+from dpo_scale.logps import (
+    LMHead,
+    full_logits_log_sum_sq,
+    full_logits_token_logps,
+    streaming_token_logps,
+    streaming_token_logps_and_log_sum_sq,
+)
 from dpo_scale.loss import PairLogps
 
 def load_causal_lm(config: ModelConfig) -> nn.Module:
@@ -134,10 +140,12 @@ def resolve_attention(config: LogpsConfig, model: nn.Module, cuda: bool) -> str:
 
 
 class PairLogpsModel(nn.Module):
-    def __init__(self, model: nn.Module, config: LogpsConfig):
+    def __init__(self, model: nn.Module, config: LogpsConfig, weighting: bool = False):
+        """`weighting`: also WPO's per-completion Σ (log p − log Σ p²) (loss.use_weighting), from the same pass."""
         super().__init__()
         self.model = model
         self.config = config
+        self.weighting = weighting
         # refuse what cannot be computed exactly when the run is built, not at the first step
         if config.streaming:
             lm_head_of(_unwrap_peft(model))
@@ -172,9 +180,13 @@ class PairLogpsModel(nn.Module):
                 use_cache=False,
             ).last_hidden_state  # (R, T, H)
             scored = hidden[batch.score_rows, batch.score_cols]  # (N, H): completion positions only
-            token_logps = streaming_token_logps(
-                scored, lm_head_of(causal_lm), batch.score_labels, self.config.chunk_size
-            )
+            head, chunk_size = lm_head_of(causal_lm), self.config.chunk_size
+            if self.weighting:
+                token_logps, log_sum_sq = streaming_token_logps_and_log_sum_sq(
+                    scored, head, batch.score_labels, chunk_size
+                )
+                return sum_by_slot(token_logps, batch, log_sum_sq)
+            token_logps = streaming_token_logps(scored, head, batch.score_labels, chunk_size)
         else:
             logits = self.model(
                 input_ids=batch.input_ids,
@@ -182,7 +194,10 @@ class PairLogpsModel(nn.Module):
                 position_ids=batch.position_ids,
                 use_cache=False,
             ).logits  # (R, T, V): the tensor streaming avoids
-            token_logps = full_logits_token_logps(logits[batch.score_rows, batch.score_cols], batch.score_labels)
+            scored_logits = logits[batch.score_rows, batch.score_cols]  # (N, V)
+            token_logps = full_logits_token_logps(scored_logits, batch.score_labels)
+            if self.weighting:
+                return sum_by_slot(token_logps, batch, full_logits_log_sum_sq(scored_logits))
         return sum_by_slot(token_logps, batch)
 
 
@@ -191,16 +206,25 @@ def _unwrap_peft(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def sum_by_slot(token_logps: torch.Tensor, batch: PairBatch) -> PairLogps:
-    """(N,) token log-probs -> per-pair chosen / rejected sums and scored-token counts."""
-    slots = 2 * batch.num_pairs
-    sums = torch.zeros(slots, dtype=torch.float32, device=token_logps.device).index_add(
-        0, batch.score_slots, token_logps
-    )
-    counts = torch.zeros(slots, dtype=torch.float32, device=token_logps.device).index_add(
-        0, batch.score_slots, torch.ones_like(token_logps)
-    )
-    b = batch.num_pairs
+def sum_by_slot(
+    token_logps: torch.Tensor, batch: PairBatch, log_sum_sq: torch.Tensor | None = None
+) -> PairLogps:
+    """(N,) token log-probs -> per-pair chosen / rejected sums, scored-token counts and the sums over the tokens
+    both completions have (LD-DPO's shared part); with `log_sum_sq` (N,), WPO's Σ (log p − log Σ p²) too."""
+    slots, b = 2 * batch.num_pairs, batch.num_pairs
+
+    def by_slot(values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(slots, dtype=torch.float32, device=values.device).index_add(0, batch.score_slots, values)
+
+    sums = by_slot(token_logps)
+    counts = by_slot(torch.ones_like(token_logps))
+    shared = torch.minimum(counts[:b], counts[b:]).repeat(2)  # (2B,) min(|y_w|, |y_l|) for both slots of a pair
+    in_shared = batch.score_positions < shared[batch.score_slots]  # (N,)
+    shared_sums = by_slot(token_logps * in_shared)
+    weighting = by_slot((token_logps - log_sum_sq).detach()) if log_sum_sq is not None else None
     return PairLogps(
-        chosen_logps=sums[:b], rejected_logps=sums[b:], chosen_tokens=counts[:b], rejected_tokens=counts[b:]
-    )
+        chosen_logps=sums[:b], rejected_logps=sums[b:], chosen_tokens=counts[:b], rejected_tokens=counts[b:],
+        chosen_shared_logps=shared_sums[:b], rejected_shared_logps=shared_sums[b:],
+        chosen_weighting_logps=None if weighting is None else weighting[:b],
+        rejected_weighting_logps=None if weighting is None else weighting[b:],
+    )  # fmt: skip

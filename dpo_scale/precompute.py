@@ -29,7 +29,7 @@ from dpo_scale.ds_config import AUTO, resolve_deepspeed_config
 from dpo_scale.io import atomic_open
 from dpo_scale.layout import collate
 from dpo_scale.model import PairLogpsModel, load_causal_lm
-from dpo_scale.ref_cache import MANIFEST, differences, fingerprint, shard_name, write_manifest, write_shard
+from dpo_scale.ref_cache import FIELDS, MANIFEST, differences, fingerprint, shard_name, write_manifest, write_shard
 from dpo_scale.tracking import ProgressBar, print0
 
 FINGERPRINT = "fingerprint.json"
@@ -68,9 +68,12 @@ def _precompute(config: TrainConfig, world: distributed.World) -> Path:
     model = _reference(config, scoring, ds_config, world)
     pad_token_id = padding_id(tokenizer)
 
-    def score(pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+    def score(pairs: list[Pair]) -> dict[str, torch.Tensor]:
         out = model(collate(pairs, scoring, pad_token_id).to(world.device))
-        return out.chosen_logps.cpu(), out.rejected_logps.cpu()
+        return {
+            "chosen": out.chosen_logps.cpu(), "rejected": out.rejected_logps.cpu(),
+            "chosen_shared": out.chosen_shared_logps.cpu(), "rejected_shared": out.rejected_shared_logps.cpu(),
+        }  # fmt: skip
 
     forwards = sum(math.ceil(len(_shard(data.pairs, i, shard_size)) / batch_size) for i in mine)
     progress = ProgressBar(len(mine), 0, config.logging.progress_bar)
@@ -78,8 +81,7 @@ def _precompute(config: TrainConfig, world: distributed.World) -> Path:
         for done, index in enumerate(mine, start=1):
             pairs = _shard(data.pairs, index, shard_size)
             scored = [score(pairs[start : start + batch_size]) for start in range(0, len(pairs), batch_size)]
-            chosen, rejected = zip(*scored)
-            write_shard(directory, index, pairs, torch.cat(chosen), torch.cat(rejected))
+            write_shard(directory, index, pairs, {name: torch.cat([v[name] for v in scored]) for name in FIELDS})
             progress.update(done, {})
         if ds_config is not None:
             for _ in range(_most_forwards(forwards, world.device) - forwards):

@@ -2,7 +2,7 @@
 
     cache_dir/
         manifest.json             fingerprint of what made the values, one entry per file (count, sha256)
-        shard-00000.safetensors   keys (n, 16) uint8, chosen (n,) fp32, rejected (n,) fp32
+        shard-00000.safetensors   keys (n, 16) uint8; chosen, rejected, chosen_shared, rejected_shared (n,) fp32
         ...
         index-keys.npy            every key, sorted: (N,) 16-byte strings, binary-searched in place
         index-rows.npy            (N, 2) int32: the shard and row of each sorted key
@@ -88,14 +88,17 @@ def differences(stored: dict[str, Any], expected: dict[str, Any]) -> list[str]:
     return fingerprint_differences(stored, expected, "cache")
 
 
-def write_shard(directory: Path, index: int, pairs: list[Pair], chosen: torch.Tensor, rejected: torch.Tensor) -> None:
-    """Written aside, then renamed: a shard file exists only complete."""
+# Per pair: the log-prob sums, and the sums over the tokens both completions have (LD-DPO's shared part, loss.py:
+# length_desensitised). Caches written before the shared sums existed hold only the first two (manifest "fields").
+FIELDS = ("chosen", "rejected", "chosen_shared", "rejected_shared")
+
+
+def write_shard(directory: Path, index: int, pairs: list[Pair], values: dict[str, torch.Tensor]) -> None:
+    """`values`: FIELDS -> (n,) tensors. Written aside, then renamed: a shard file exists only complete."""
     keys = torch.tensor([list(pair_key(p)) for p in pairs], dtype=torch.uint8).reshape(len(pairs), KEY_BYTES)
     final = directory / shard_name(index)
     partial = directory / f".{final.name}.partial"
-    save_file(
-        {"keys": keys, "chosen": chosen.float().contiguous(), "rejected": rejected.float().contiguous()}, partial
-    )
+    save_file({"keys": keys, **{name: values[name].float().contiguous() for name in FIELDS}}, partial)
     partial.rename(final)
 
 
@@ -118,8 +121,8 @@ def write_manifest(directory: Path, fingerprint_: dict[str, Any], num_shards: in
             np.save(handle, array, allow_pickle=False)
         index_files.append({"name": name, "sha256": sha256_file(directory / name)})
     manifest = {
-        "version": __version__, "shard_size": shard_size, "fingerprint": fingerprint_, "shards": shards,
-        "index": index_files,
+        "version": __version__, "shard_size": shard_size, "fields": list(FIELDS), "fingerprint": fingerprint_,
+        "shards": shards, "index": index_files,
     }  # fmt: skip
     with atomic_open(directory / MANIFEST) as handle:
         json.dump(manifest, handle, indent=2)
@@ -159,6 +162,7 @@ class CacheReader:
 
     def __init__(self, directory: Path, manifest: dict[str, Any]):
         self.directory = directory
+        self.fields = tuple(manifest.get("fields", FIELDS[:2]))
         for entry in manifest["shards"] + manifest["index"]:
             self._verify(entry)
         self._handles = [safe_open(self.directory / shard["name"], framework="pt") for shard in manifest["shards"]]
@@ -179,11 +183,22 @@ class CacheReader:
     def __len__(self) -> int:
         return len(self._keys)
 
-    def lookup(self, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(chosen (B,), rejected (B,)) fp32 reference log-prob sums for `pairs`."""
+    def require(self, fields: tuple[str, ...], needed_by: str = "this run") -> None:
+        missing = [name for name in fields if name not in self.fields]
+        if missing:
+            raise ConfigError(
+                f"reference.cache_dir={self.directory} holds {', '.join(self.fields)} but not {', '.join(missing)}, "
+                f"which {needed_by} needs (the cache was made by an older dpo_scale); recompute it with "
+                "`dpo-scale precompute-ref`"
+            )
+
+    def lookup(self, pairs: list[Pair], fields: tuple[str, ...] = ("chosen", "rejected")) -> tuple[torch.Tensor, ...]:
+        """One (B,) fp32 tensor per name in `fields` for `pairs`: by default the reference log-prob sums of chosen
+        and rejected."""
+        self.require(fields)
         wanted = np.array([pair_key(pair) for pair in pairs], dtype=KEY_DTYPE)
         positions = np.searchsorted(self._keys, wanted).clip(max=len(self._keys) - 1)
-        chosen, rejected = [], []
+        columns: list[list[torch.Tensor]] = [[] for _ in fields]
         for pair, key, position in zip(pairs, wanted, positions):
             if self._keys[position] != key:
                 raise ConfigError(
@@ -191,6 +206,6 @@ class CacheReader:
                     "from every cached pair); recompute the cache for this data and settings"
                 )
             shard, row = (int(v) for v in self._rows[position])
-            chosen.append(self._handles[shard].get_slice("chosen")[row : row + 1])
-            rejected.append(self._handles[shard].get_slice("rejected")[row : row + 1])
-        return torch.cat(chosen), torch.cat(rejected)
+            for column, name in zip(columns, fields):
+                column.append(self._handles[shard].get_slice(name)[row : row + 1])
+        return tuple(torch.cat(column) for column in columns)

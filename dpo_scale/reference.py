@@ -42,13 +42,15 @@ class AdaptersDisabled:
 
 
 class CachedReference:
-    def __init__(self, reader: CacheReader):
+    def __init__(self, reader: CacheReader, shared_sums: bool = False):
+        """`shared_sums`: also read the sums over each pair's shared part (LD-DPO, loss.ld_alpha)."""
         self.reader = reader
+        self.fields = ("chosen", "rejected", "chosen_shared", "rejected_shared")[: 4 if shared_sums else 2]
+        reader.require(self.fields, "loss.ld_alpha")  # refused when the run is built, not at its first step
 
     def logps(self, batch: PairBatch) -> PairLogps:
-        chosen, rejected = self.reader.lookup(list(batch.pairs))  # (B,), (B,) fp32
         device = batch.score_slots.device
+        values = [v.to(device) for v in self.reader.lookup(list(batch.pairs), self.fields)]  # each (B,) fp32
         counts = torch.bincount(batch.score_slots, minlength=2 * batch.num_pairs).float()  # scored tokens per slot
-        return PairLogps(
-            chosen.to(device), rejected.to(device), counts[: batch.num_pairs], counts[batch.num_pairs :]
-        )
+        b = batch.num_pairs
+        return PairLogps(values[0], values[1], counts[:b], counts[b:], *values[2:])

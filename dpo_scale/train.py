@@ -145,7 +145,7 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
         enable_activation_checkpointing(policy)
     held, total = distributed.held_parameters(policy)
     print(f"rank {world.rank}: holds {held:,} of the policy's {total:,} parameters", flush=True)
-    policy_module = PairLogpsModel(policy, config.logps)
+    policy_module = PairLogpsModel(policy, config.logps, weighting=config.loss.use_weighting)
     if policy_module.attention == "flex" and world.device.type != "cuda":
         raise ConfigError(
             "logps.attention=flex trains only on CUDA: torch runs FlexAttention's backward on GPUs only. On this CPU "
@@ -161,7 +161,8 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
         if config.reference.source == "lora":
             reference = AdaptersDisabled(engine, peft_model)
         elif config.reference.source == "cache":
-            reference = CachedReference(open_cache(config.reference.cache_dir, config.model, config.data, tokenizer))
+            reader = open_cache(config.reference.cache_dir, config.model, config.data, tokenizer)
+            reference = CachedReference(reader, shared_sums=config.loss.ld_alpha is not None)
             print0(f"reference log-probs from the cache {config.reference.cache_dir} ({len(reference.reader)} pairs)")
         elif config.reference.source == "nf4":
             nf4 = config.reference.nf4

@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from dpo_scale.logps import CHUNK_BYTES, LMHead, default_chunk_size, full_logits_token_logps, streaming_token_logps
+from dpo_scale.logps import (
+    CHUNK_BYTES,
+    LMHead,
+    default_chunk_size,
+    full_logits_log_sum_sq,
+    full_logits_token_logps,
+    streaming_token_logps,
+    streaming_token_logps_and_log_sum_sq,
+)
 
 
 def _full_path(hidden, head: LMHead, labels):
@@ -56,6 +64,28 @@ def test_streaming_matches_full_logits(chunk_size, variant):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     for g, e in zip(got_grads, expected_grads):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 4096])
+@pytest.mark.parametrize("variant", list(HEADS))
+def test_log_sum_sq_matches_full_logits_and_leaves_gradients_alone(chunk_size, variant):
+    """WPO's log Σ_v p_v², reduced in the same chunked pass, against log-softmax over materialized logits (fp32
+    rounding: 1e-5); the log-probs and their gradients are those of `streaming_token_logps` bitwise."""
+    options = dict(HEADS[variant])
+    hidden, weight, bias, labels = _inputs(bias=options.pop("bias", False))
+    head = LMHead(weight, bias, **options)
+    logits = hidden @ weight.t() + (bias if bias is not None else 0)
+    logits = logits * head.scale
+    if head.softcap is not None:
+        logits = torch.tanh(logits / head.softcap) * head.softcap
+    leaves = [t for t in (hidden, weight, bias) if t is not None]
+
+    logps, log_sum_sq = streaming_token_logps_and_log_sum_sq(hidden, head, labels, chunk_size)
+    plain = streaming_token_logps(hidden, head, labels, chunk_size)
+    torch.testing.assert_close(log_sum_sq, full_logits_log_sum_sq(logits), rtol=1e-5, atol=1e-5)
+    assert not log_sum_sq.requires_grad and torch.equal(logps, plain)
+    for a, b in zip(torch.autograd.grad(logps.sum(), leaves), torch.autograd.grad(plain.sum(), leaves)):
+        assert torch.equal(a, b)
 
 
 def test_streaming_log_sum_exp_is_stable_for_large_logits():
@@ -150,6 +180,12 @@ def test_one_chunk_of_logits_is_alive_at_a_time():
 
     small = 16 * n * 4 + 2 * n * hidden_size * 4  # a few fp32 per-token vectors (lse, log-probs, ...), d hidden
     assert chunk_bytes + accumulator_bytes <= peak <= chunk_bytes + accumulator_bytes + small
+
+    # with WPO's log Σ p² from the same chunks: one more (n,) vector, no second chunk-sized buffer
+    with_sq = _peak_allocated_bytes(
+        lambda: streaming_token_logps_and_log_sum_sq(hidden, head, labels, chunk_size)[0].sum().backward()
+    )
+    assert chunk_bytes + accumulator_bytes <= with_sq <= chunk_bytes + accumulator_bytes + small
 
 
 def test_default_chunk_holds_a_fixed_number_of_bytes_of_logits():

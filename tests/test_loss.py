@@ -733,7 +733,7 @@ def test_per_pair_losses_and_rewards_match_trl(trl_dpo_trainer, name):
     policy = policy._replace(rejected_tokens=policy.rejected_tokens.clamp(min=1))
     out = build_preference_loss(config)(policy, reference)
     for i in range(8):
-        one = [PairLogps(*(t[i : i + 1] for t in logps)) for logps in (policy, reference)]
+        one = [PairLogps(*(None if t is None else t[i : i + 1] for t in logps)) for logps in (policy, reference)]
         trainer = _trl_trainer(trl_dpo_trainer, loss_types, loss_weights, config, training=True)
         inputs, model = _trl_inputs(*one)
         trl_loss = trainer._compute_loss(model, inputs, return_outputs=False)
@@ -763,3 +763,106 @@ def test_a_list_of_loss_types_from_yaml_and_overrides():
     loss = build(TrainConfig, tree).loss
     assert loss.loss_types == ["sigmoid", "bco_pair", "sft"] and loss.weights == [0.8, 0.2, 1.0]
     assert build(TrainConfig, {**tree, "loss": {"loss_type": "ipo"}}).loss.loss_types == ["ipo"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LD-DPO and WPO need per-token quantities: our per-slot sums (model.sum_by_slot over a real collated batch) against
+# TRL 1.16's _compute_loss given the same per-token values, reference run by a model (TRL applies ld_alpha there).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _PerTokenModel:
+    """TRL's fused-LM-head output for fixed per-token values: log-probs and, for WPO, log Σ p²."""
+
+    def __init__(self, log_probs: torch.Tensor, log_sum_sq: torch.Tensor):
+        self.log_probs, self.log_sum_sq = log_probs, log_sum_sq
+
+    def __call__(self, *, input_ids, attention_mask, labels, use_cache, fused_lm_head):
+        zeros = torch.zeros_like(self.log_probs)
+        return SimpleNamespace(log_probs=self.log_probs, log_sum_sq_probs=self.log_sum_sq, entropy=zeros,
+                               mean_logits=zeros, is_top1=zeros.bool())  # fmt: skip
+
+
+def _per_token_case(seed=4, batch=6):
+    """A collated prefix-shared, packed batch of pairs with unequal completion lengths, random per-token values in
+    our scored order, and the same values laid out as TRL's (2B, T-1) rows."""
+    from dpo_scale.config import LogpsConfig
+    from dpo_scale.data.pairs import Pair
+    from dpo_scale.layout import collate
+
+    g = torch.Generator().manual_seed(seed)
+    pairs = [
+        Pair(i, f"row {i}", [5, 6, 7][: 1 + i % 3], list(range(10, 10 + 2 + (7 * i) % 9)), list(range(30, 30 + 1 + (5 * i) % 11)))
+        for i in range(batch)
+    ]  # fmt: skip
+    layout = collate(pairs, LogpsConfig(), pad_token_id=0)
+    n = len(layout.score_slots)
+    policy_tokens = -3 * torch.rand(n, generator=g)  # (N,) log p of each scored token
+    reference_tokens = policy_tokens + 0.3 * torch.randn(n, generator=g)
+    log_sum_sq = -2 * torch.rand(n, generator=g) - 0.1  # (N,) log Σ p² in (−2.1, −0.1)
+    counts = torch.bincount(layout.score_slots, minlength=2 * batch)
+    width = PROMPT_TOKENS + int(counts.max())
+    columns = PROMPT_TOKENS - 1 + layout.score_positions  # position j of the row predicts token j + 1
+
+    def rows(values):
+        out = torch.zeros(2 * batch, width - 1)
+        out[layout.score_slots, columns] = values
+        return out
+
+    position = torch.arange(width)
+    completion_mask = ((position >= PROMPT_TOKENS) & (position < PROMPT_TOKENS + counts[:, None])).long()
+    attention_mask = (position < PROMPT_TOKENS + counts[:, None]).long()
+    inputs = dict(input_ids=attention_mask.clone(), attention_mask=attention_mask, completion_mask=completion_mask)
+    trl_policy = _PerTokenModel(rows(policy_tokens), rows(log_sum_sq))
+    trl_reference = _PerTokenModel(rows(reference_tokens), rows(torch.zeros(n)))
+    return layout, (policy_tokens, reference_tokens, log_sum_sq), inputs, trl_policy, trl_reference
+
+
+LD_WPO_CASES = {
+    "ld_alpha=0.5": LossConfig(beta=0.3, ld_alpha=0.5),
+    "ld_alpha=0": LossConfig(beta=0.3, ld_alpha=0.0),
+    "use_weighting": LossConfig(beta=0.3, use_weighting=True),
+    "mpo+ld": LossConfig(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0], beta=0.3,
+                         ld_alpha=0.4),  # fmt: skip
+    # TRL 1.16 cannot weigh its sft term (an in-place product on an expanded tensor raises), so no sft here
+    "sigmoid+bco_pair+ld+wpo": LossConfig(loss_type=["sigmoid", "bco_pair"], loss_weights=[0.8, 0.2], beta=0.3,
+                                          ld_alpha=0.4, use_weighting=True),  # fmt: skip
+    "ipo+ld": LossConfig(loss_type="ipo", ld_alpha=0.2),
+}
+
+
+@pytest.mark.parametrize("name", list(LD_WPO_CASES))
+def test_ld_alpha_and_weighting_match_trl(trl_dpo_trainer, name):
+    from dpo_scale.model import sum_by_slot
+
+    config = LD_WPO_CASES[name]
+    layout, (policy_tokens, reference_tokens, log_sum_sq), inputs, trl_policy, trl_reference = _per_token_case()
+    policy = sum_by_slot(policy_tokens, layout, log_sum_sq if config.use_weighting else None)
+    reference = sum_by_slot(reference_tokens, layout)
+    assert (policy.chosen_tokens > policy.rejected_tokens).any() and (policy.chosen_tokens < policy.rejected_tokens).any()
+    out = build_preference_loss(config)(policy, reference)
+
+    trainer = _trl_trainer(trl_dpo_trainer, config.loss_types, config.weights, config, training=True)
+    trainer.model = SimpleNamespace(training=True, is_gradient_checkpointing=False, _modules={})  # not a peft model
+    trainer.precompute_ref_logps, trainer.ref_model = False, trl_reference
+    trainer.ld_alpha, trainer.use_weighting = config.ld_alpha, config.use_weighting
+    trl_loss = trainer._compute_loss(trl_policy, inputs, return_outputs=False)
+    torch.testing.assert_close(out.losses.mean(), trl_loss, rtol=1e-5, atol=1e-5)
+    logged = trainer._metrics["train"]
+    for ours, key in ((out.chosen_rewards, "rewards/chosen"), (out.rejected_rewards, "rewards/rejected")):
+        torch.testing.assert_close(ours.mean().double(), torch.tensor(logged[key][0], dtype=torch.float64),
+                                   rtol=1e-5, atol=1e-5, msg=key)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(ld_alpha=1.5), r"ld_alpha=1.5: must be in \[0, 1\]"),
+        (dict(ld_alpha=-0.1), "ld_alpha=-0.1"),
+        (dict(loss_type="aot", use_weighting=True), "aot and aot_unpaired sort the batch"),
+        (dict(loss_type="simpo", ld_alpha=0.5), "ld_alpha is defined for losses with a reference"),
+    ],
+)
+def test_invalid_ld_and_weighting_config_raises(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        LossConfig(**kwargs)

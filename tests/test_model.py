@@ -21,7 +21,7 @@ LAYOUTS = {
 
 def _logps_and_grads(model, pairs, config, pad_token_id=0):
     model.zero_grad(set_to_none=True)
-    out = PairLogpsModel(model, config)(collate(pairs, config, pad_token_id))
+    out = PairLogpsModel(model, config, weighting=True)(collate(pairs, config, pad_token_id))
     # weights differ per slot so that a gradient landing on the wrong pair or branch would show
     weights = torch.linspace(0.5, 1.5, 2 * len(pairs))
     (torch.cat([out.chosen_logps, out.rejected_logps]) * weights).sum().backward()
@@ -34,8 +34,9 @@ def _assert_same(model, pairs, config, atol):
     reordering errors scale with the magnitude of the terms summed."""
     expected, expected_grads = _logps_and_grads(model, pairs, PLAIN)
     got, got_grads = _logps_and_grads(model, pairs, config)
-    for field in ("chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens"):
-        torch.testing.assert_close(getattr(got, field), getattr(expected, field), rtol=1e-5, atol=atol)
+    for field in got._fields:  # sums, counts, LD-DPO's shared-part sums and WPO's weighting sums
+        torch.testing.assert_close(getattr(got, field), getattr(expected, field), rtol=1e-5, atol=atol, msg=field)
+    assert (got.chosen_shared_logps != got.chosen_logps).any()  # some pairs have a tail beyond the shared part
     assert got_grads.keys() == expected_grads.keys()
     for name, expected_grad in expected_grads.items():
         scale = max(1.0, expected_grad.abs().max().item())

@@ -21,7 +21,7 @@ from dpo_scale.demo import write_demo_material
 from dpo_scale.layout import collate
 from dpo_scale.model import PairLogpsModel
 from dpo_scale.ref_cache import (
-    INDEX_KEYS, INDEX_ROWS, CacheReader, open_cache, read_manifest, write_manifest, write_shard,
+    FIELDS, INDEX_KEYS, INDEX_ROWS, CacheReader, open_cache, read_manifest, write_manifest, write_shard,
 )  # fmt: skip
 from launch import DPO_SCALE, base_config, free_port, train, train_metrics
 
@@ -78,8 +78,10 @@ def test_round_trip_is_bitwise(material, cache):
         batch = pairs[start : start + BATCH]
         with torch.no_grad():
             expected = model(collate(batch, LogpsConfig(), tokenizer.pad_token_id))
-        chosen, rejected = reader.lookup(batch)
+        chosen, rejected, chosen_shared, rejected_shared = reader.lookup(batch, FIELDS)
         assert torch.equal(chosen, expected.chosen_logps) and torch.equal(rejected, expected.rejected_logps)
+        assert torch.equal(chosen_shared, expected.chosen_shared_logps)  # LD-DPO's shared part (loss.ld_alpha)
+        assert torch.equal(rejected_shared, expected.rejected_shared_logps)
     manifest = json.loads((cache / "manifest.json").read_text())
     assert [s["pairs"] for s in manifest["shards"]] == [SHARD] * 6
     assert sum((cache / s["name"]).stat().st_size for s in manifest["shards"]) / 96 < 200  # bytes per pair, headers in
@@ -250,7 +252,8 @@ def test_reader_holds_neither_keys_nor_values_in_memory(tmp_path):
     chosen, rejected = torch.arange(100_000.0), -torch.arange(100_000.0)
     for index in range(4):
         rows = slice(index * 25_000, (index + 1) * 25_000)
-        write_shard(tmp_path, index, pairs[rows], chosen[rows], rejected[rows])
+        values = {"chosen": chosen[rows], "rejected": rejected[rows]}
+        write_shard(tmp_path, index, pairs[rows], {**values, "chosen_shared": chosen[rows], "rejected_shared": rejected[rows]})
     write_manifest(tmp_path, {}, num_shards=4, shard_size=25_000)
     index_bytes = (tmp_path / INDEX_KEYS).stat().st_size + (tmp_path / INDEX_ROWS).stat().st_size
     assert index_bytes > 100_000 * 24
@@ -267,3 +270,21 @@ def test_reader_holds_neither_keys_nor_values_in_memory(tmp_path):
     expected = torch.tensor([float(p.index) for p in sample])
     assert torch.equal(found_chosen, expected) and torch.equal(found_rejected, -expected)
     assert len(reader) == 100_000
+
+
+def test_a_cache_without_the_shared_sums_is_refused_for_ld_alpha_only(tmp_path):
+    """Caches written before the LD-DPO fields existed (no "fields" in the manifest) still serve the plain sums;
+    a run with loss.ld_alpha is refused when it is built, naming what is missing and the fix."""
+    from dpo_scale.reference import CachedReference
+
+    pairs = [Pair(i, f"row {i}", [1, i], [7], [9]) for i in range(4)]
+    write_shard(tmp_path, 0, pairs, {name: torch.arange(4.0) for name in FIELDS})
+    write_manifest(tmp_path, {}, num_shards=1, shard_size=4)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["fields"] == list(FIELDS)
+    del manifest["fields"]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    reader = CacheReader(tmp_path, read_manifest(tmp_path))
+    assert CachedReference(reader).reader is reader
+    with pytest.raises(ConfigError, match="not chosen_shared, rejected_shared, which loss.ld_alpha needs .* recompute"):
+        CachedReference(reader, shared_sums=True)
