@@ -138,12 +138,14 @@ def check_resumable(path: Path, config: TrainConfig, world: World, zero_stage: i
     if (path / TRAINER_STATE).is_file():
         _check_global_batch(json.loads((path / TRAINER_STATE).read_text()), path, config, world)
         return
-    from dpo_scale.ds_config import load_deepspeed_json
+    from dpo_scale.ds_config import load_deepspeed_json, shipped_config_for
 
-    saved_ds = torch.load(path / NATIVE_STATE, weights_only=True)["config"]["deepspeed"]["config"]
-    stage = (load_deepspeed_json(saved_ds)[1].get("zero_optimization") or {}).get("stage", 0)
+    saved = torch.load(path / NATIVE_STATE, weights_only=True)["config"]["deepspeed"]
+    saved_ds = saved["config"]
     # one optimizer-state file per rank under ZeRO-1/2/3; without ZeRO the state is whole and any world size loads it
     ranks = len(list((path / "ds" / NATIVE_ENGINE_TAG).glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+    written_with = shipped_config_for(saved_ds, ranks or 1, saved.get("precision", "fp32"))
+    stage = (load_deepspeed_json(written_with)[1].get("zero_optimization") or {}).get("stage", 0)
     if stage != zero_stage or (ranks and ranks != world.size):
         written = f"ZeRO stage {stage}" + (f" on {ranks} ranks" if ranks else "")
         raise ConfigError(

@@ -196,9 +196,32 @@ def register_lm_head(module: nn.Module, model: nn.Module) -> None:
 
 
 def training_engine(module: nn.Module, ds_config: dict):
+    """The DeepSpeed engine, its optimizer at the schedule's first rate (the scheduler is built at iteration 0:
+    ds_config.py, schedule timing; a resume then sets the saved iteration) and, without ZeRO, skipping updates
+    whose gradients are not finite as ZeRO does."""
     parameters = [p for p in module.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=module, model_parameters=parameters, config=ds_config)
+    if engine.lr_scheduler is not None:
+        engine.lr_scheduler.step(0)
+    if isinstance(engine.optimizer, torch.optim.Optimizer):  # stage 0, fp32: DeepSpeed steps torch's AdamW as is
+        _skip_nonfinite_updates(engine.optimizer)
     return engine
+
+
+def _skip_nonfinite_updates(optimizer: torch.optim.Optimizer) -> None:
+    """ZeRO's optimizers skip an update whose gradients hold inf or NaN and say so in `overflow`, which the engine
+    reads (skipped_steps, no scheduler step). Without ZeRO, DeepSpeed hands the step to torch's optimizer, which
+    would write NaN into every weight and Adam moment: give it the same check (one pass over the gradients, after
+    the all-reduce, so every rank decides alike)."""
+    step = optimizer.step
+
+    def step_if_finite(*args, **kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        optimizer.overflow = bool(grads) and not all(torch.isfinite(g).all() for g in grads)
+        return None if optimizer.overflow else step(*args, **kwargs)
+
+    optimizer.overflow = False
+    optimizer.step = step_if_finite
 
 
 def backward(engine, loss: torch.Tensor) -> None:

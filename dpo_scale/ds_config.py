@@ -32,7 +32,7 @@ Schedule timing. The engine steps the scheduler after each optimizer step, so st
 k - 1: step 1 at the warm-up's start (0), the peak at step warmup_steps + 1, and the decay down to 0 at the last step.
 The scheduler is built at iteration 0 (`last_batch_iteration`; DeepSpeed's default -1 makes its constructor ask
 for a learning rate before the schedule has started, which logs a warning on every rank of every run), and
-`train.build` sets the optimizer's rate for iteration 0 (`step(0)`) on a fresh start; a resume sets the saved one. DeepSpeed's warm-up schedulers also reject 0 warm-up steps and run 1 as 2;
+`distributed.training_engine` sets the optimizer's rate for iteration 0 (`step(0)`); a resume sets the saved one. DeepSpeed's warm-up schedulers also reject 0 warm-up steps and run 1 as 2;
 `OptimConfig` refuses those (except 0 with the constant schedule).
 
 Activation checkpointing needs no section here: `model.gradient_checkpointing_enable()` recomputes with torch's
@@ -78,7 +78,7 @@ def resolve_deepspeed_config(
                          f"{gradient_accumulation_steps=}, {world_size=}")
     if total_steps < 1:
         raise ConfigError(f"the run has {total_steps} optimizer steps: there is nothing to schedule")
-    source, loaded = load_deepspeed_json(shipped_config_for(section.config, world_size))
+    source, loaded = load_deepspeed_json(shipped_config_for(section.config, world_size, section.precision))
     resolved = copy.deepcopy(loaded)
     settle = _Settler(source)
 
@@ -108,13 +108,15 @@ def resolve_deepspeed_config(
     return resolved
 
 
-def shipped_config_for(config: str, world_size: int) -> str:
-    """`deepspeed.config=auto`: zero0 for one process, where ZeRO-3 has no one to share shards with and only adds a
-    flat fp32 master copy, gradient buffers and hooks (BENCHMARKS.md: memory at 16M and 117M); zero3 for more. A
-    checkpoint resumes across the two (checkpoint.py). Any other value is returned as it is."""
+def shipped_config_for(config: str, world_size: int, precision: str = "fp32") -> str:
+    """`deepspeed.config=auto`: zero0 for one fp32 process, where ZeRO-3 has no one to share shards with and only
+    adds a flat fp32 master copy, gradient buffers and hooks (BENCHMARKS.md: memory at 16M and 117M); zero3 for
+    more, and for bf16 / fp16, whose fp32 master weights DeepSpeed's mixed-precision wrapper without ZeRO keeps where
+    a portable checkpoint cannot read them. A checkpoint resumes across the two (checkpoint.py). Any other value is
+    returned as it is."""
     if config != AUTO:
         return config
-    return "zero0" if world_size == 1 else "zero3"
+    return "zero0" if world_size == 1 and precision == "fp32" else "zero3"
 
 
 def load_deepspeed_json(config: str) -> tuple[str, dict[str, Any]]:

@@ -126,7 +126,7 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
     if latest is not None:  # before any model is loaded: a refused resume costs seconds, not a model load
         checkpoint.check_resumable(latest, config, world, (ds_config.get("zero_optimization") or {}).get("stage", 0))
     if config.deepspeed.config == AUTO:
-        chosen = shipped_config_for(AUTO, world.size)
+        chosen = shipped_config_for(AUTO, world.size, config.deepspeed.precision)
         print0(f"deepspeed.config=auto: {chosen} for {world.size} {'process' if world.size == 1 else 'ranks'}")
     advice = single_process_advice(ds_config, world.size)
     if advice:
@@ -190,8 +190,6 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
         if world.is_main:
             state.metrics_log.truncate_after(state.start_step)
         print0(f"resumed from {latest} at step {state.start_step}")
-    else:
-        engine.lr_scheduler.step(0)  # the optimizer's rate for the schedule's first iteration (ds_config.py: timing)
     return state
 
 

@@ -255,8 +255,8 @@ with socket.socket() as s:
 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 import deepspeed, torch
 deepspeed.init_distributed(dist_backend="gloo")
-model = torch.nn.Linear(4, 4)
-engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=json.loads(sys.argv[1]))
+from dpo_scale.distributed import training_engine
+engine = training_engine(torch.nn.Linear(4, 4), json.loads(sys.argv[1]))
 lrs = []
 for _ in range(8):
     lrs.append(engine.get_lr()[0])
@@ -270,10 +270,11 @@ torch.distributed.destroy_process_group()
 
 @pytest.mark.slow
 def test_deepspeed_engine_runs_resolved_zero3_on_cpu():
-    """A real ZeRO-3 engine (one gloo rank on the CPU) built from the resolved zero3.json: the optimizer is torch's
-    AdamW (no extension to compile) and the lr follows WarmupCosineLR as the engine drives it. The engine steps the
-    scheduler after each optimizer step and the scheduler starts at iteration -1, so optimizer step k uses the
-    schedule at iteration k - 2: the first two steps run at lr 0, and the decay ends one step before its 0."""
+    """A real ZeRO-3 engine (one gloo rank on the CPU) built by `distributed.training_engine` from the resolved
+    zero3.json: the optimizer is torch's AdamW (no extension to compile) and the lr follows WarmupCosineLR as the
+    engine drives it. The scheduler is built at iteration 0 and the engine steps it after each optimizer step, so
+    optimizer step k uses the schedule at iteration k - 1: linear warm-up from 0, then DeepSpeed's cosine, whose
+    first decay iteration already counts one step, down to 0 at the last step."""
     pytest.importorskip("deepspeed")
     resolved = resolve("zero3", "fp32", OptimConfig(lr=1.0, schedule="cosine", warmup_steps=4), micro=2, accum=1,
                        world=1, total=8)
@@ -283,8 +284,8 @@ def test_deepspeed_engine_runs_resolved_zero3_on_cpu():
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["optimizer"] == "AdamW" and result["scheduler"] == "WarmupCosineLR"
-    cosine = [(1 + math.cos(math.pi * i / 4)) / 2 for i in (1, 2, 3)]  # 4 decay steps after 4 warm-up steps
-    expected = [0.0, 0.0, 0.25, 0.5, 0.75, *cosine]
+    cosine = [(1 + math.cos(math.pi * i / 4)) / 2 for i in (1, 2, 3, 4)]  # 4 decay steps after 4 warm-up steps
+    expected = [0.0, 0.25, 0.5, 0.75, *cosine]
     assert result["lrs"] == pytest.approx(expected, abs=1e-12)
 
 
@@ -333,3 +334,5 @@ def test_auto_partitions_only_when_there_are_ranks_to_share_with(world, stage):
     resolved = resolve("auto", world=world, accum=1)
     assert zero_stage(resolved) == stage and single_process_advice(resolved, world) is None
     assert resolved == resolve(f"zero{stage}", world=world, accum=1)
+    # bf16 / fp16 without ZeRO: DeepSpeed's mixed-precision wrapper, whose master weights checkpoints cannot read
+    assert zero_stage(resolve("auto", "bf16", world=world, accum=1)) == 3
