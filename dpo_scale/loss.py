@@ -562,8 +562,11 @@ def wpo_weights(policy: PairLogps) -> torch.Tensor:
 _Variant = Callable[[PairLogps, PairLogps | None, LossConfig], LossTriple]
 
 
-def _logps(policy: PairLogps, reference: PairLogps) -> tuple[torch.Tensor, ...]:
-    """The four canonical positional arguments: policy chosen / rejected, reference chosen / rejected."""
+def _logps(policy: PairLogps, reference: PairLogps, config: LossConfig) -> tuple[torch.Tensor, ...]:
+    """The four canonical positional arguments: policy chosen / rejected, reference chosen / rejected; LD-DPO's
+    when loss.ld_alpha is set."""
+    if config.ld_alpha is not None:
+        policy, reference = length_desensitised(policy, config.ld_alpha), length_desensitised(reference, config.ld_alpha)
     return policy.chosen_logps, policy.rejected_logps, reference.chosen_logps, reference.rejected_logps
 
 
@@ -576,23 +579,23 @@ def _f(config: LossConfig) -> dict:
 
 
 def _sigmoid(policy: PairLogps, reference: PairLogps, config: LossConfig) -> LossTriple:
-    return sigmoid_loss(*_logps(policy, reference), config.beta, config.label_smoothing, **_f(config))
+    return sigmoid_loss(*_logps(policy, reference, config), config.beta, config.label_smoothing, **_f(config))
 
 
 def _robust(policy: PairLogps, reference: PairLogps, config: LossConfig) -> LossTriple:
-    return robust_loss(*_logps(policy, reference), config.beta, config.label_smoothing, **_f(config))
+    return robust_loss(*_logps(policy, reference, config), config.beta, config.label_smoothing, **_f(config))
 
 
 def _ipo(policy: PairLogps, reference: PairLogps, config: LossConfig) -> LossTriple:
-    return ipo_loss(*_logps(policy, reference), config.beta, **_lengths_of(policy), **_f(config))
+    return ipo_loss(*_logps(policy, reference, config), config.beta, **_lengths_of(policy), **_f(config))
 
 
 def _hinge(policy: PairLogps, reference: PairLogps, config: LossConfig) -> LossTriple:
-    return hinge_loss(*_logps(policy, reference), config.beta, **_f(config))
+    return hinge_loss(*_logps(policy, reference, config), config.beta, **_f(config))
 
 
 def _sigmoid_norm(policy: PairLogps, reference: PairLogps, config: LossConfig) -> LossTriple:
-    return sigmoid_norm_loss(*_logps(policy, reference), config.beta, **_lengths_of(policy), **_f(config))
+    return sigmoid_norm_loss(*_logps(policy, reference, config), config.beta, **_lengths_of(policy), **_f(config))
 
 
 def _simpo(policy: PairLogps, reference: None, config: LossConfig) -> LossTriple:
@@ -602,28 +605,29 @@ def _simpo(policy: PairLogps, reference: None, config: LossConfig) -> LossTriple
 
 
 def _exo_pair(policy: PairLogps, reference: PairLogps, config: LossConfig) -> LossTriple:
-    return exo_pair_loss(*_logps(policy, reference), config.beta, config.label_smoothing, **_f(config))
+    return exo_pair_loss(*_logps(policy, reference, config), config.beta, config.label_smoothing, **_f(config))
 
 
 def _aot(policy: PairLogps, reference: PairLogps, config: LossConfig) -> LossTriple:
-    return aot_loss(*_logps(policy, reference), config.beta, config.label_smoothing)
+    return aot_loss(*_logps(policy, reference, config), config.beta, config.label_smoothing)
 
 
 def _aot_unpaired(policy: PairLogps, reference: PairLogps, config: LossConfig) -> LossTriple:
-    return aot_unpaired_loss(*_logps(policy, reference), config.beta, config.label_smoothing)
+    return aot_unpaired_loss(*_logps(policy, reference, config), config.beta, config.label_smoothing)
 
 
 def _discopop(policy: PairLogps, reference: PairLogps, config: LossConfig) -> LossTriple:
-    return discopop_loss(*_logps(policy, reference), config.beta, config.discopop_tau, **_f(config))
+    return discopop_loss(*_logps(policy, reference, config), config.beta, config.discopop_tau, **_f(config))
 
 
 def _beta_only(loss: Callable[..., LossTriple]) -> _Variant:
-    return lambda policy, reference, config: loss(*_logps(policy, reference), config.beta)
+    return lambda policy, reference, config: loss(*_logps(policy, reference, config), config.beta)
 
 
 def _sft(policy: PairLogps, reference: PairLogps, config: LossConfig) -> LossTriple:
-    """The NLL term alone has no rewards of its own; those logged are DPO's, as TRL logs them."""
-    return (sft_loss(policy.chosen_logps, policy.chosen_tokens), *_rewards(*_log_ratios(*_logps(policy, reference)),
+    """The NLL of the plain sums, LD-DPO or not (TRL); it has no rewards of its own, those logged are DPO's, as TRL
+    logs them."""
+    return (sft_loss(policy.chosen_logps, policy.chosen_tokens), *_rewards(*_log_ratios(*_logps(policy, reference, config)),
                                                                            config.beta))  # fmt: skip
 
 
@@ -657,7 +661,7 @@ def build_preference_loss(config: LossConfig) -> Callable[[PairLogps, PairLogps 
     """
     variants = [(_VARIANTS[loss_type], weight) for loss_type, weight in zip(config.loss_types, config.weights)]
     needs_reference = not config.reference_free
-    rpo_alpha, ld_alpha = config.rpo_alpha, config.ld_alpha
+    rpo_alpha = config.rpo_alpha
 
     def preference_loss(policy: PairLogps, reference: PairLogps | None) -> LossOutput:
         if needs_reference and reference is None:
@@ -670,20 +674,10 @@ def build_preference_loss(config: LossConfig) -> Callable[[PairLogps, PairLogps 
                 f"loss.loss_type={config.loss_type} is reference-free: pass reference=None (computing reference "
                 "log-probs for it is wasted work)"
             )
-        scored, scored_reference = policy, reference
-        if ld_alpha is not None:  # the preference terms see LD-DPO's log-probs; sft keeps the plain sums (TRL)
-            scored, scored_reference = length_desensitised(policy, ld_alpha), length_desensitised(reference, ld_alpha)
-
-        def run(variant: _Variant) -> LossTriple:
-            losses, *rewards = variant(scored, scored_reference, config)
-            if variant is _sft:  # TRL's sft reads the plain per-token log-probs
-                losses = sft_loss(policy.chosen_logps, policy.chosen_tokens)
-            return (losses, *rewards)
-
-        losses, chosen_rewards, rejected_rewards = run(variants[0][0])  # each (B,)
+        losses, chosen_rewards, rejected_rewards = variants[0][0](policy, reference, config)  # each (B,)
         losses = losses if variants[0][1] == 1.0 else variants[0][1] * losses
         for variant, weight in variants[1:]:
-            losses = losses + weight * run(variant)[0]
+            losses = losses + weight * variant(policy, reference, config)[0]
         if config.use_weighting:
             losses = losses * wpo_weights(policy)
         if rpo_alpha is not None:
