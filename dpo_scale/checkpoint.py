@@ -112,7 +112,8 @@ def save(engine, step: int, config: TrainConfig, world: World) -> Path:
             "optimizer_steps": optimizer_steps,
             "engine": distributed.engine_counters(engine),
             "batch": {"micro_batch_size": config.micro_batch_size,
-                      "gradient_accumulation_steps": config.gradient_accumulation_steps, "ranks": world.size},
+                      "gradient_accumulation_steps": config.gradient_accumulation_steps, "ranks": world.size,
+                      "sequence_parallel_size": config.sequence_parallel_size},
             "zero_stage": engine.zero_optimization_stage(),
             "parameters": {name: {"shape": list(distributed.full_shape(p)), "file": _rank_file(owners[name])}
                            for name, p in parameters},
@@ -278,9 +279,13 @@ def _read(handle, key: str, span: tuple[int, int] | None) -> torch.Tensor:
 
 
 def _check_global_batch(saved: dict, path: Path, config: TrainConfig, world: World) -> None:
+    """Sequence parallelism changes only how a micro-batch is split, so the global batch counts data-parallel
+    replicas (ranks / sequence_parallel_size; checkpoints from before it had none)."""
     before = saved["batch"]
-    old = before["micro_batch_size"] * before["gradient_accumulation_steps"] * before["ranks"]
-    new = config.micro_batch_size * config.gradient_accumulation_steps * world.size
+    old_replicas = before["ranks"] // before.get("sequence_parallel_size", 1)
+    old = before["micro_batch_size"] * before["gradient_accumulation_steps"] * old_replicas
+    replicas = config.data_parallel_size(world.size)
+    new = config.micro_batch_size * config.gradient_accumulation_steps * replicas
     if old == new:
         return
     step = saved["step"]
@@ -291,17 +296,19 @@ def _check_global_batch(saved: dict, path: Path, config: TrainConfig, world: Wor
             "the data order is not the one the original run would have seen"
         )
         return
-    per_step = config.micro_batch_size * world.size
+    per_step = config.micro_batch_size * replicas
     if old % per_step == 0:
         hint = (f"gradient_accumulation_steps={old // per_step} keeps it (global_batch_size={old} derives it on any "
                 "number of ranks)")
     else:
         hint = (f"no gradient_accumulation_steps gives {old} with micro_batch_size={config.micro_batch_size} on "
-                f"{world.size} rank(s): micro_batch_size x gradient_accumulation_steps x ranks must be {old}")
+                f"{replicas} data-parallel replica(s): micro_batch_size x gradient_accumulation_steps x replicas must "
+                f"be {old}")
     raise ConfigError(
         f"{path} was trained with a global batch of {old} pairs (micro_batch_size {before['micro_batch_size']} x "
-        f"gradient_accumulation_steps {before['gradient_accumulation_steps']} x {before['ranks']} ranks); this run's "
-        f"is {new} ({config.micro_batch_size} x {config.gradient_accumulation_steps} x {world.size} ranks). {hint}; "
+        f"gradient_accumulation_steps {before['gradient_accumulation_steps']} x {old_replicas} data-parallel "
+        f"replicas); this run's is {new} ({config.micro_batch_size} x {config.gradient_accumulation_steps} x "
+        f"{replicas} replicas). {hint}; "
         f"or set checkpoint.allow_new_global_batch=true to continue with {new} (the data order changes from step "
         f"{step + 1} on)"
     )

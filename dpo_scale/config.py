@@ -430,8 +430,14 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     global_batch_size: int | None = None
     """Pairs per optimizer step over all ranks. Set, it fixes the update and each launch derives
-    gradient_accumulation_steps = global_batch_size / (micro_batch_size x ranks): a job requeued onto fewer or
-    more nodes then resumes with the same updates (leave gradient_accumulation_steps at 1)."""
+    gradient_accumulation_steps = global_batch_size / (micro_batch_size x ranks / sequence_parallel_size): a job
+    requeued onto fewer or more nodes then resumes with the same updates (leave gradient_accumulation_steps at 1)."""
+    sequence_parallel_size: int = 1
+    """Ranks that share each micro-batch, each running the model on a contiguous 1/SP slice of every row (DeepSpeed
+    Ulysses: attention all-to-alls to the whole row for 1/SP of the heads). Groups are consecutive ranks, so they
+    stay inside a node. The data-parallel degree is ranks / SP, and the global batch is micro_batch_size x
+    gradient_accumulation_steps x ranks / SP. For pairs too long for one rank's activation memory (README: Long
+    context)."""
     epochs: int = 1
     max_steps: int | None = None
     """Stop after this many optimizer steps (None: run all epochs)."""
@@ -442,6 +448,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.micro_batch_size < 1 or self.gradient_accumulation_steps < 1 or self.epochs < 1:
             raise ConfigError("micro_batch_size, gradient_accumulation_steps and epochs must be at least 1")
+        if self.sequence_parallel_size < 1:
+            raise ConfigError(f"sequence_parallel_size={self.sequence_parallel_size}: must be at least 1 (1: off)")
+        if self.sequence_parallel_size > 1 and self.eval.generate_prompts:
+            raise ConfigError(
+                f"eval.generate_prompts={self.eval.generate_prompts} with sequence_parallel_size="
+                f"{self.sequence_parallel_size}: generation during training runs without sequence parallelism, which "
+                "this run's attention is set up for. Set eval.generate_prompts=0 and sample afterwards with "
+                "`dpo-scale eval` (one process per model, no sequence parallelism)"
+            )
         if self.global_batch_size is not None and self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"global_batch_size={self.global_batch_size} is not a multiple of micro_batch_size="
                               f"{self.micro_batch_size}")
@@ -452,17 +467,31 @@ class TrainConfig:
         if self.loss.reference_free and self.reference.source != "copy":
             raise ConfigError("loss.loss_type=simpo is reference-free: leave reference.source at its default")
 
+    def data_parallel_size(self, ranks: int) -> int:
+        """Micro-batches per accumulation round over `ranks` ranks: ranks / sequence_parallel_size."""
+        size = self.sequence_parallel_size
+        if ranks % size:
+            fits = [s for s in range(1, ranks + 1) if ranks % s == 0]
+            raise ConfigError(
+                f"sequence_parallel_size={size} does not divide the {ranks} ranks of this launch: use one of "
+                f"{', '.join(map(str, fits))}, or launch a multiple of {size} ranks"
+            )
+        return ranks // size
+
     def for_world(self, ranks: int) -> TrainConfig:
         """This config as it runs on `ranks` ranks: gradient_accumulation_steps derived from global_batch_size."""
+        replicas = self.data_parallel_size(ranks)
         if self.global_batch_size is None:
             return self
-        per_step = self.micro_batch_size * ranks
+        per_step = self.micro_batch_size * replicas
         if self.global_batch_size % per_step:
-            fits = [r for r in range(1, self.global_batch_size // self.micro_batch_size + 1)
-                    if self.global_batch_size % (self.micro_batch_size * r) == 0]
+            fits = [r * self.sequence_parallel_size for r in range(1, self.global_batch_size // self.micro_batch_size + 1)
+                    if self.global_batch_size % (self.micro_batch_size * r) == 0]  # fmt: skip
             raise ConfigError(
-                f"global_batch_size={self.global_batch_size} does not split over {ranks} rank(s) of micro_batch_size="
-                f"{self.micro_batch_size}: run on {', '.join(map(str, fits[:8]))} ranks, or change micro_batch_size"
+                f"global_batch_size={self.global_batch_size} does not split over {replicas} data-parallel "
+                f"replica(s) of micro_batch_size={self.micro_batch_size} ({ranks} ranks, sequence_parallel_size="
+                f"{self.sequence_parallel_size}): run on {', '.join(map(str, fits[:8]))} ranks, or change "
+                "micro_batch_size"
             )
         derived = self.global_batch_size // per_step
         if self.gradient_accumulation_steps not in (1, derived):

@@ -67,11 +67,14 @@ def resolve_deepspeed_config(
     gradient_accumulation_steps: int,
     world_size: int,
     total_steps: int,
+    sequence_parallel_size: int = 1,
 ) -> dict[str, Any]:
     """The DeepSpeed config for this run, ready for `deepspeed.initialize(config=...)`.
 
-    `world_size` is the number of data-parallel ranks; `total_steps` the number of optimizer steps of the run
-    (the scheduler decays to 0 there). The loaded file is never modified; the caller saves the result.
+    `world_size` is the number of ranks, of which groups of `sequence_parallel_size` share each micro-batch (the
+    batch is counted over world_size / sequence_parallel_size data-parallel replicas, as DeepSpeed counts it once
+    given the sequence-parallel groups); `total_steps` the number of optimizer steps of the run (the scheduler
+    decays to 0 there). The loaded file is never modified; the caller saves the result.
     """
     if min(micro_batch_size, gradient_accumulation_steps, world_size) < 1:
         raise ValueError(f"batch sizes and world size must be positive, got {micro_batch_size=}, "
@@ -84,9 +87,10 @@ def resolve_deepspeed_config(
 
     settle(resolved, "train_micro_batch_size_per_gpu", micro_batch_size, "micro_batch_size")
     settle(resolved, "gradient_accumulation_steps", gradient_accumulation_steps, "gradient_accumulation_steps")
-    settle(resolved, "train_batch_size", micro_batch_size * gradient_accumulation_steps * world_size,
-           f"micro_batch_size x gradient_accumulation_steps x world size "
-           f"({micro_batch_size} x {gradient_accumulation_steps} x {world_size})",
+    replicas = world_size // sequence_parallel_size
+    settle(resolved, "train_batch_size", micro_batch_size * gradient_accumulation_steps * replicas,
+           f"micro_batch_size x gradient_accumulation_steps x data-parallel replicas "
+           f"({micro_batch_size} x {gradient_accumulation_steps} x {replicas})",
            fix="micro_batch_size or gradient_accumulation_steps")
     settle(resolved, "gradient_clipping", optim.max_grad_norm, "optim.max_grad_norm")
 

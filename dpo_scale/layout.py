@@ -119,7 +119,9 @@ def _pack(units: list[_Unit], capacity: int) -> list[list[_Unit]]:
     return rows
 
 
-def collate(pairs: list[Pair], config: LogpsConfig, pad_token_id: int) -> PairBatch:
+def collate(pairs: list[Pair], config: LogpsConfig, pad_token_id: int, length_multiple: int = 1) -> PairBatch:
+    """`length_multiple`: rows padded to a multiple of it (sequence parallelism splits every row into equal slices:
+    `sequence_parallel_multiple`). The padding is counted in `tokens` and never scored."""
     if not pairs:
         raise ValueError("collate needs at least one pair")
     units = _shared_units(pairs) if config.prefix_sharing else _separate_units(pairs)
@@ -131,6 +133,7 @@ def collate(pairs: list[Pair], config: LogpsConfig, pad_token_id: int) -> PairBa
 
     num_rows = len(rows)
     length = max(sum(len(u.ids) for u in row) for row in rows)
+    length = -(-length // length_multiple) * length_multiple
     input_ids = torch.full((num_rows, length), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((num_rows, length), dtype=torch.long)
     unit_ids = torch.full((num_rows, length), -1, dtype=torch.long)  # -1 marks padding
@@ -200,6 +203,14 @@ def dense_mask(batch: PairBatch) -> torch.Tensor:
 
 
 FLEX_BLOCK = 128  # FlexAttention's default block size on both axes
+
+
+def sequence_parallel_multiple(sequence_parallel_size: int, attention: str) -> int:
+    """What every row's length is padded to a multiple of: one equal slice per rank of a sequence-parallel group,
+    and under FlexAttention whole 128-token blocks in each slice (the gathered row is then whole blocks too)."""
+    if sequence_parallel_size == 1:
+        return 1
+    return sequence_parallel_size * (FLEX_BLOCK if attention == "flex" else 1)
 
 
 def block_mask(batch: PairBatch):

@@ -7,6 +7,8 @@ gather the head's weight for the streaming stage (training registers it as an ex
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -139,13 +141,33 @@ def resolve_attention(config: LogpsConfig, model: nn.Module, cuda: bool) -> str:
     return choice
 
 
+class RowSlice(Protocol):
+    """Sequence parallelism as the model sees it (distributed.SequenceGroup): which slice of every row this rank
+    runs, and the group's sum of per-pair values."""
+
+    size: int
+
+    def bounds(self, length: int) -> tuple[int, int]: ...
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+
+# Kernels that attend causally when given no mask, so a right-padded row of one unit needs none
+_CAUSAL_WITHOUT_MASK = ("sdpa", "flash_attention_2", "flash_attention_3")
+
+
 class PairLogpsModel(nn.Module):
-    def __init__(self, model: nn.Module, config: LogpsConfig, weighting: bool = False):
-        """`weighting`: also WPO's per-completion Σ (log p − log Σ p²) (loss.use_weighting), from the same pass."""
+    def __init__(
+        self, model: nn.Module, config: LogpsConfig, weighting: bool = False, sequence: RowSlice | None = None
+    ):
+        """`weighting`: also WPO's per-completion Σ (log p − log Σ p²) (loss.use_weighting), from the same pass.
+        `sequence`: run only this rank's slice of every row and sum the per-pair values over its group (the caller
+        routes the model's attention through Ulysses: distributed.install_ulysses); None: the whole row here."""
         super().__init__()
         self.model = model
         self.config = config
         self.weighting = weighting
+        self.sequence = sequence if sequence is not None and sequence.size > 1 else None
         # refuse what cannot be computed exactly when the run is built, not at the first step
         if config.streaming:
             lm_head_of(_unwrap_peft(model))
@@ -153,52 +175,62 @@ class PairLogpsModel(nn.Module):
         self.attention = resolve_attention(config, causal_lm, torch.cuda.is_available())
         if self.attention == "flex":
             causal_lm.set_attn_implementation("flex_attention")
+        kernel = causal_lm.config._attn_implementation
+        # Under sequence parallelism the model's own mask step sees one slice only and is switched off, so the
+        # kernel must get the whole row's structure unless it needs none: position ids carry the units for flash
+        # (Ulysses gathers them), and causal attention is exact for a right-padded row of one unit.
+        self.positions_suffice = self.sequence is None or kernel.startswith("flash_attention")
+        self.causal_suffices = self.sequence is None or kernel in _CAUSAL_WITHOUT_MASK
 
     def _attention_mask(self, batch: PairBatch):
-        """What the layout gives the attention kernel: the padded layout's 2D mask; a FlexAttention BlockMask; None
-        for varlen (position ids carry the units); or the dense mask, additive in the model's dtype (eager adds
-        the mask to the scores, so a boolean one would add 1 to the allowed positions; SDPA reads an additive mask
-        the same way). The dense one costs R x T x T x dtype bytes."""
-        if self.attention == "padded":
-            return padding_mask(batch)
+        """The whole row's structure for the attention kernel: the padded layout's 2D mask (or nothing, causal, under
+        sequence parallelism); a FlexAttention BlockMask; None for varlen (position ids carry the units); or the
+        dense mask, additive in the model's dtype (eager adds the mask to the scores, so a boolean one would add 1
+        to the allowed positions; SDPA reads an additive mask the same way). The dense one costs R x T x T x dtype
+        bytes, on every rank of a sequence-parallel group."""
+        if self.attention == "padded" and self.causal_suffices:
+            return None if self.sequence is not None else padding_mask(batch)
         if self.attention == "flex":
             return block_mask(batch)
-        if self.attention == "varlen":
+        if self.attention == "varlen" and self.positions_suffice:
             return None
         allowed = dense_mask(batch)
         dtype = self.model.dtype
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
     def forward(self, batch: PairBatch) -> PairLogps:
+        length = batch.input_ids.shape[1]
+        start, stop = self.sequence.bounds(length) if self.sequence is not None else (0, length)
+        inputs = dict(
+            input_ids=batch.input_ids[:, start:stop], attention_mask=self._attention_mask(batch),
+            position_ids=batch.position_ids[:, start:stop], use_cache=False,
+        )  # fmt: skip
+        # the scored tokens whose predicting hidden state is in this slice: the label is the token after it, which
+        # for the slice's last position is the next slice's first token (the layout stores labels, not shifts)
+        here = None if self.sequence is None else (batch.score_cols >= start) & (batch.score_cols < stop)
+        rows, cols, labels = (
+            (batch.score_rows, batch.score_cols, batch.score_labels) if here is None
+            else (batch.score_rows[here], batch.score_cols[here] - start, batch.score_labels[here])
+        )  # fmt: skip
+        log_sum_sq = None
         if self.config.streaming:
             causal_lm = _unwrap_peft(self.model)
             backbone = getattr(causal_lm, causal_lm.base_model_prefix)
-            hidden = backbone(
-                input_ids=batch.input_ids,
-                attention_mask=self._attention_mask(batch),
-                position_ids=batch.position_ids,
-                use_cache=False,
-            ).last_hidden_state  # (R, T, H)
-            scored = hidden[batch.score_rows, batch.score_cols]  # (N, H): completion positions only
+            hidden = backbone(**inputs).last_hidden_state  # (R, T or T/SP, H)
+            scored = hidden[rows, cols]  # (N, H): completion positions only
             head, chunk_size = lm_head_of(causal_lm), self.config.chunk_size
             if self.weighting:
-                token_logps, log_sum_sq = streaming_token_logps_and_log_sum_sq(
-                    scored, head, batch.score_labels, chunk_size
-                )
-                return sum_by_slot(token_logps, batch, log_sum_sq)
-            token_logps = streaming_token_logps(scored, head, batch.score_labels, chunk_size)
+                token_logps, log_sum_sq = streaming_token_logps_and_log_sum_sq(scored, head, labels, chunk_size)
+            else:
+                token_logps = streaming_token_logps(scored, head, labels, chunk_size)
         else:
-            logits = self.model(
-                input_ids=batch.input_ids,
-                attention_mask=self._attention_mask(batch),
-                position_ids=batch.position_ids,
-                use_cache=False,
-            ).logits  # (R, T, V): the tensor streaming avoids
-            scored_logits = logits[batch.score_rows, batch.score_cols]  # (N, V)
-            token_logps = full_logits_token_logps(scored_logits, batch.score_labels)
+            logits = self.model(**inputs).logits  # (R, T or T/SP, V): the tensor streaming avoids
+            scored_logits = logits[rows, cols]  # (N, V)
+            token_logps = full_logits_token_logps(scored_logits, labels)
             if self.weighting:
-                return sum_by_slot(token_logps, batch, full_logits_log_sum_sq(scored_logits))
-        return sum_by_slot(token_logps, batch)
+                log_sum_sq = full_logits_log_sum_sq(scored_logits)
+        group_sum = self.sequence.sum if self.sequence is not None else None
+        return sum_by_slot(token_logps, batch, log_sum_sq, here, group_sum)
 
 
 def _unwrap_peft(model: nn.Module) -> nn.Module:
@@ -207,21 +239,34 @@ def _unwrap_peft(model: nn.Module) -> nn.Module:
 
 
 def sum_by_slot(
-    token_logps: torch.Tensor, batch: PairBatch, log_sum_sq: torch.Tensor | None = None
+    token_logps: torch.Tensor,
+    batch: PairBatch,
+    log_sum_sq: torch.Tensor | None = None,
+    scored: torch.Tensor | None = None,
+    group_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> PairLogps:
-    """(N,) token log-probs -> per-pair chosen / rejected sums, scored-token counts and the sums over the tokens
-    both completions have (LD-DPO's shared part); with `log_sum_sq` (N,), WPO's Σ (log p − log Σ p²) too."""
+    """Token log-probs -> per-pair chosen / rejected sums, scored-token counts and the sums over the tokens both
+    completions have (LD-DPO's shared part); with `log_sum_sq`, WPO's Σ (log p − log Σ p²) too.
+
+    `token_logps` (and `log_sum_sq`) hold the batch's scored tokens, or under sequence parallelism those that
+    `scored` (N,) bool selects, and `group_sum` adds the sums of the group's ranks (differentiably, one collective
+    for all of them). Counts come from the layout, which every rank has whole."""
     slots, b = 2 * batch.num_pairs, batch.num_pairs
+    score_slots = batch.score_slots if scored is None else batch.score_slots[scored]
+    score_positions = batch.score_positions if scored is None else batch.score_positions[scored]
 
-    def by_slot(values: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(slots, dtype=torch.float32, device=values.device).index_add(0, batch.score_slots, values)
+    def by_slot(values: torch.Tensor, into: torch.Tensor = score_slots) -> torch.Tensor:
+        return torch.zeros(slots, dtype=torch.float32, device=values.device).index_add(0, into, values)
 
-    sums = by_slot(token_logps)
-    counts = by_slot(torch.ones_like(token_logps))
+    counts = by_slot(torch.ones_like(batch.score_slots, dtype=torch.float32), batch.score_slots)
     shared = torch.minimum(counts[:b], counts[b:]).repeat(2)  # (2B,) min(|y_w|, |y_l|) for both slots of a pair
-    in_shared = batch.score_positions < shared[batch.score_slots]  # (N,)
-    shared_sums = by_slot(token_logps * in_shared)
-    weighting = by_slot((token_logps - log_sum_sq).detach()) if log_sum_sq is not None else None
+    in_shared = score_positions < shared[score_slots]  # (n,)
+    sums = [by_slot(token_logps), by_slot(token_logps * in_shared)]
+    if log_sum_sq is not None:
+        sums.append(by_slot((token_logps - log_sum_sq).detach()))
+    if group_sum is not None:
+        sums = list(group_sum(torch.stack(sums)))  # (2 or 3, 2B)
+    sums, shared_sums, weighting = sums[0], sums[1], (sums[2] if log_sum_sq is not None else None)
     return PairLogps(
         chosen_logps=sums[:b], rejected_logps=sums[b:], chosen_tokens=counts[:b], rejected_tokens=counts[b:],
         chosen_shared_logps=shared_sums[:b], rejected_shared_logps=shared_sums[b:],

@@ -38,7 +38,7 @@ from torch import nn
 from dpo_scale.config import ConfigError, LogpsConfig, ModelConfig
 from dpo_scale.layout import PairBatch
 from dpo_scale.loss import PairLogps
-from dpo_scale.model import PairLogpsModel
+from dpo_scale.model import PairLogpsModel, RowSlice
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -143,11 +143,12 @@ class NF4Reference:
     rows x seq x vocab x 4 bytes of logits per forward, as the plain path does.
     """
 
-    def __init__(self, model: nn.Module, logps_config: LogpsConfig):
+    def __init__(self, model: nn.Module, logps_config: LogpsConfig, sequence: RowSlice | None = None):
+        """`sequence`: this rank's slice of a sequence-parallel group (PairLogpsModel)."""
         if logps_config.streaming and head_is_quantized(model):
             logps_config = dataclasses.replace(logps_config, streaming=False)
         self.logps_config = logps_config
-        self.module = PairLogpsModel(model, logps_config).eval()
+        self.module = PairLogpsModel(model, logps_config, sequence=sequence).eval()
 
     @torch.no_grad()
     def logps(self, batch: PairBatch) -> PairLogps:

@@ -12,6 +12,7 @@ Stopping early on purpose (a scheduler's time limit): create run_dir/stop-reques
 from __future__ import annotations
 
 import random
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from dpo_scale.config import ConfigError, GenerationConfig, TrainConfig, to_dict
 from dpo_scale.data import Pair, PairView, load_prepared, load_tokenizer, padding_id, split_held_out, store_directory
 from dpo_scale.ds_config import AUTO, resolve_deepspeed_config, shipped_config_for, single_process_advice
 from dpo_scale.io import atomic_open
-from dpo_scale.layout import collate
+from dpo_scale.layout import collate, sequence_parallel_multiple
 from dpo_scale.drift import concatenate, drift_statistics
 from dpo_scale.evaluate import distinct_n, generate
 from dpo_scale.loss import build_preference_loss, preference_metrics
@@ -52,6 +53,10 @@ class Run:
 
     config: TrainConfig
     world: distributed.World
+    sequence: distributed.SequenceGroup
+    """This rank's sequence-parallel group: its ranks run the same micro-batches, one slice of every row each."""
+    replica: int
+    """This rank's data-parallel index (its sequence-parallel group's), which picks its micro-batches."""
     engine: object
     reference: ReferenceSource | None
     train_pairs: Sequence[Pair]
@@ -60,6 +65,8 @@ class Run:
     sampler: StepSampler
     total_steps: int
     pad_token_id: int
+    length_multiple: int
+    """Rows are padded to a multiple of this (one equal slice per rank of a sequence-parallel group)."""
     loss_fn: object
     metrics_log: MetricsLog
     tracker: object
@@ -87,6 +94,12 @@ def run(config: TrainConfig) -> list[dict]:
 
 def build(config: TrainConfig, world: distributed.World) -> Run:
     config = config.for_world(world.size)
+    replicas = config.data_parallel_size(world.size)  # groups of sequence_parallel_size ranks share a micro-batch
+    sequence = distributed.init_groups(config.sequence_parallel_size)
+    replica = world.rank // config.sequence_parallel_size
+    if sequence.size > 1:
+        print(f"rank {world.rank} on {socket.gethostname()}: sequence-parallel group {replica} "
+              f"(ranks {replica * sequence.size}-{(replica + 1) * sequence.size - 1})", flush=True)  # fmt: skip
     _seed(config.seed)
     run_dir = Path(config.run_dir)
     tokenizer = load_tokenizer(config.data.tokenizer or config.model.path)
@@ -96,16 +109,17 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
         len(data.pairs), config.eval.fraction if config.eval.every else 0.0, config.seed
     )
     train_pairs, eval_pairs = PairView(data.pairs, train_positions), PairView(data.pairs, eval_positions)
-    if config.eval.every and len(eval_pairs) < config.micro_batch_size * world.size:
+    if config.eval.every and len(eval_pairs) < config.micro_batch_size * replicas:
         raise ConfigError(
             f"eval.fraction={config.eval.fraction} holds out {len(eval_pairs)} pairs, fewer than one evaluation "
-            f"round of {config.micro_batch_size * world.size}: raise eval.fraction or set eval.every=0"
+            f"round of {config.micro_batch_size * replicas}: raise eval.fraction or set eval.every=0"
         )
-    unscored = len(eval_pairs) % (config.micro_batch_size * world.size)
+    unscored = len(eval_pairs) % (config.micro_batch_size * replicas)
     if config.eval.every and unscored:
-        print0(f"evaluation runs whole rounds of micro_batch_size x ranks: {unscored} held-out pairs are not scored")
+        print0(f"evaluation runs whole rounds of micro_batch_size x data-parallel replicas: {unscored} held-out "
+               "pairs are not scored")  # fmt: skip
     sampler = StepSampler(
-        len(train_pairs), config.micro_batch_size, config.gradient_accumulation_steps, world.size, config.seed
+        len(train_pairs), config.micro_batch_size, config.gradient_accumulation_steps, replicas, config.seed
     )
     if sampler.steps_per_epoch == 0:
         raise ConfigError(
@@ -120,7 +134,7 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
 
     ds_config = resolve_deepspeed_config(
         config.deepspeed, config.optim, config.micro_batch_size, config.gradient_accumulation_steps, world.size,
-        total_steps,
+        total_steps, config.sequence_parallel_size,
     )  # fmt: skip
     latest = checkpoint.latest(run_dir) if config.checkpoint.resume == "auto" else None
     if latest is not None:  # before any model is loaded: a refused resume costs seconds, not a model load
@@ -145,14 +159,16 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
         enable_activation_checkpointing(policy)
     held, total = distributed.held_parameters(policy)
     print(f"rank {world.rank}: holds {held:,} of the policy's {total:,} parameters", flush=True)
-    policy_module = PairLogpsModel(policy, config.logps, weighting=config.loss.use_weighting)
+    policy_module = PairLogpsModel(policy, config.logps, weighting=config.loss.use_weighting, sequence=sequence)
+    if sequence.size > 1:
+        distributed.install_ulysses(policy, sequence)
     if policy_module.attention == "flex" and world.device.type != "cuda":
         raise ConfigError(
             "logps.attention=flex trains only on CUDA: torch runs FlexAttention's backward on GPUs only. On this CPU "
             "use logps.attention=auto or dense (precompute-ref and eval may use flex: they need no gradients)"
         )
     distributed.register_lm_head(policy_module, policy)
-    engine = distributed.training_engine(policy_module, ds_config)
+    engine = distributed.training_engine(policy_module, ds_config, sequence)
     distributed.check_portable_state(engine)
     engine.train()  # from_pretrained returns eval mode, where transformers skips activation checkpointing
 
@@ -168,17 +184,22 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
             nf4 = config.reference.nf4
             reference_model = load_nf4_reference(config.model, nf4.double_quant, nf4.compute_dtype, world.device)
             print0(f"NF4 reference: {nf4_memory(reference_model).total_bytes / 2**20:,.1f} MiB, whole on every rank")
-            reference = NF4Reference(reference_model, config.logps)
+            reference = NF4Reference(reference_model, config.logps, sequence)
+            if sequence.size > 1:
+                distributed.install_ulysses(reference_model, sequence)
         else:
             reference_model = distributed.load_model(config.model, ds_config)
-            reference_module = PairLogpsModel(reference_model, config.logps)
+            reference_module = PairLogpsModel(reference_model, config.logps, sequence=sequence)
+            if sequence.size > 1:
+                distributed.install_ulysses(reference_model, sequence)
             distributed.register_lm_head(reference_module, reference_model)
             reference = FrozenCopy(distributed.inference_engine(reference_module, ds_config))
 
     state = Run(
-        config=config, world=world, engine=engine, reference=reference, train_pairs=train_pairs,
-        eval_pairs=eval_pairs, sampler=sampler, total_steps=total_steps,
-        pad_token_id=padding_id(tokenizer), tokenizer=tokenizer,
+        config=config, world=world, sequence=sequence, replica=replica, engine=engine, reference=reference,
+        train_pairs=train_pairs, eval_pairs=eval_pairs, sampler=sampler, total_steps=total_steps,
+        pad_token_id=padding_id(tokenizer), length_multiple=sequence_parallel_multiple(sequence.size, policy_module.attention),
+        tokenizer=tokenizer,
         loss_fn=build_preference_loss(config.loss), metrics_log=MetricsLog(run_dir / "metrics.jsonl"),
         tracker=build_tracker(config.logging, run_dir, to_dict(config)),
     )  # fmt: skip
@@ -202,8 +223,10 @@ def train(state: Run) -> None:
         lr = engine.get_lr()[0]  # the rate this step's update uses: engine.step() moves the scheduler on
         step_sums: dict[str, torch.Tensor] = {}
         nonfinite = torch.zeros(len(TERMS), device=world.device)  # per term, over this step's micro-batches
-        for indices in state.sampler.micro_batches(step, world.rank):
-            batch = collate([state.train_pairs[i] for i in indices], config.logps, state.pad_token_id)
+        for indices in state.sampler.micro_batches(step, state.replica):
+            batch = collate(
+                [state.train_pairs[i] for i in indices], config.logps, state.pad_token_id, state.length_multiple
+            )
             batch = batch.to(world.device)
             reference = state.reference.logps(batch) if state.reference else None
             policy = engine(batch)
@@ -217,7 +240,7 @@ def train(state: Run) -> None:
                 sums[key] = sums.get(key, 0) + value
         done = step + 1
         if done % config.logging.every == 0 or done == state.total_steps:
-            metrics = _reduce(sums)  # sync point: all-reduce and .item()
+            metrics = _reduce(sums, state.sequence.size)  # sync point: all-reduce and .item()
             seconds_per_step = (time.perf_counter() - window_start) / (done - window_first_step)
             sums, window_start, window_first_step = {}, time.perf_counter(), done
             if metrics:  # empty when every update since the last log was skipped
@@ -253,18 +276,19 @@ def _stop_requested(state: Run) -> bool:
 
 @torch.no_grad()
 def evaluate(state: Run) -> dict[str, float]:
-    """The same metrics on the held-out pairs, each rank taking every world-size-th micro-batch."""
+    """The same metrics on the held-out pairs, each data-parallel replica taking every replicas-th micro-batch."""
     config, world = state.config, state.world
     sums: dict[str, torch.Tensor] = {}
-    size = config.micro_batch_size
+    size, replicas = config.micro_batch_size, state.sampler.world_size
     # every rank must run the same number of forwards (ZeRO-3 gathers weights collectively): whole rounds only
-    usable = len(state.eval_pairs) // (world.size * size) * (world.size * size)
-    for start in range(world.rank * size, usable, world.size * size):
-        batch = collate(state.eval_pairs[start : start + size], config.logps, state.pad_token_id).to(world.device)
+    usable = len(state.eval_pairs) // (replicas * size) * (replicas * size)
+    for start in range(state.replica * size, usable, replicas * size):
+        pairs = state.eval_pairs[start : start + size]
+        batch = collate(pairs, config.logps, state.pad_token_id, state.length_multiple).to(world.device)
         policy = state.engine(batch)
         reference = state.reference.logps(batch) if state.reference else None
         _accumulate(sums, preference_metrics(state.loss_fn(policy, reference), policy), batch)
-    metrics = _reduce(sums)
+    metrics = _reduce(sums, state.sequence.size)
     if config.eval.generate_prompts:
         metrics.update(_generation_metrics(state))
     return metrics
@@ -300,7 +324,9 @@ def _accumulate(sums: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor],
         sums[key] = sums.get(key, 0) + torch.tensor(float(count), device=metrics["loss"].device)
 
 
-def _reduce(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+def _reduce(sums: dict[str, torch.Tensor], ranks_per_batch: int) -> dict[str, float]:
+    """Per-pair means over every rank's sums since the last log. The `ranks_per_batch` ranks of a sequence-parallel
+    group hold the same sums (their per-pair values are reduced over the group), so they count once."""
     if not sums:
         return {}
     keys = sorted(sums)
@@ -309,7 +335,7 @@ def _reduce(sums: dict[str, torch.Tensor]) -> dict[str, float]:
     pairs = totals.pop("pairs")
     metrics = {k: v / pairs for k, v in totals.items() if k not in ("tokens", "unique_tokens")}
     metrics["tokens_per_unique_token"] = totals["tokens"] / max(totals["unique_tokens"], 1.0)
-    metrics["pairs"] = pairs
+    metrics["pairs"] = pairs / ranks_per_batch
     return metrics
 
 
@@ -349,7 +375,7 @@ def _update_skipped(state: Run, step: int, nonfinite: torch.Tensor) -> bool:
         f"({skipped} of at most {state.config.max_nonfinite_skips})"
     )
     if skipped > state.config.max_nonfinite_skips:
-        pairs = state.sampler.micro_batches(step, state.world.rank)
+        pairs = state.sampler.micro_batches(step, state.replica)
         sources = [state.train_pairs[i].source for indices in pairs for i in indices][:4]
         raise NonFiniteError(
             f"step {step + 1}: {skipped} updates skipped for non-finite values (limit "
@@ -369,7 +395,10 @@ def _warn_on_nf4_drift(state: Run) -> None:
     pairs = state.train_pairs[: settings.drift_pairs]
     full, nf4 = [], []
     for start in range(0, len(pairs), state.config.micro_batch_size):
-        batch = collate(pairs[start : start + state.config.micro_batch_size], state.config.logps, state.pad_token_id)
+        batch = collate(
+            pairs[start : start + state.config.micro_batch_size], state.config.logps, state.pad_token_id,
+            state.length_multiple,
+        )  # fmt: skip
         batch = batch.to(state.world.device)
         full.append(state.engine(batch))
         nf4.append(state.reference.logps(batch))

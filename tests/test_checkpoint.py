@@ -97,7 +97,8 @@ def test_two_ranks_resume_on_one_with_twice_the_accumulation(material, tmp_path)
     refused = train(_config(material, other))
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
     assert ("was trained with a global batch of 8 pairs (micro_batch_size 4 x gradient_accumulation_steps 1 x 2 "
-            "ranks); this run's is 4 (4 x 1 x 1 ranks). gradient_accumulation_steps=2 keeps it") in refused.stderr
+            "data-parallel replicas); this run's is 4 (4 x 1 x 1 replicas). gradient_accumulation_steps=2 keeps it"
+            ) in refused.stderr
     allowed = train(_config(material, other), overrides=("checkpoint.allow_new_global_batch=true",))
     _ok(allowed)
     assert "continuing with 4 (checkpoint.allow_new_global_batch=true)" in allowed.stdout

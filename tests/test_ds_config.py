@@ -159,7 +159,7 @@ def test_agreeing_explicit_values_are_fine(tmp_path):
          'train_micro_batch_size_per_gpu=8, but micro_batch_size gives 4; '
          'set train_micro_batch_size_per_gpu to "auto" or change micro_batch_size'),
         ({"train_batch_size": 32},
-         "train_batch_size=32, but micro_batch_size x gradient_accumulation_steps x world size (4 x 2 x 8) gives 64; "
+         "train_batch_size=32, but micro_batch_size x gradient_accumulation_steps x data-parallel replicas (4 x 2 x 8) gives 64; "
          'set train_batch_size to "auto" or change micro_batch_size or gradient_accumulation_steps'),
         ({"gradient_clipping": 0.5},
          'gradient_clipping=0.5, but optim.max_grad_norm gives 1.0; set gradient_clipping to "auto" or change '

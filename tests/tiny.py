@@ -42,18 +42,11 @@ def tiny_model(
 ) -> torch.nn.Module:
     """A 2-layer model of any transformers architecture, from its config class."""
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(
-        model_type,
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=256,
-        **overrides,
-    )
+    settings = dict(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+    )  # fmt: skip
+    config = AutoConfig.for_model(model_type, **{**settings, **overrides})
     return AutoModelForCausalLM.from_config(config, attn_implementation=attention).eval()
 
 

@@ -1,0 +1,152 @@
+"""Sequence parallelism (DeepSpeed Ulysses, arXiv:2309.14509; Arctic Long Sequence Training, arXiv:2506.13996).
+
+Groups of `sequence_parallel_size` consecutive ranks share each micro-batch; rank r of a group runs the model on the
+contiguous slice [r T/SP, (r+1) T/SP) of every row. Everything outside attention works token by token, so it runs
+on the slice as it is; attention needs the whole row, and there DeepSpeed's `UlyssesSPAttentionHF` all-to-alls
+(T/SP tokens, all heads) -> (T tokens, heads/SP), runs the attention kernel, and all-to-alls back. Consecutive
+ranks sit on one node under the launchers' rank order, so the all-to-alls stay inside a node and only the
+data-parallel gradient reduction crosses nodes.
+
+What DeepSpeed's transformers wrapper (`register_with_transformers`) does not do for us: it throws 4D masks away
+and attends causally over the gathered row, which is wrong for prefix-shared and packed rows. Here the kernel
+after the all-to-all gets the structure of the WHOLE row instead (the dense mask, the FlexAttention BlockMask or,
+for the padded layout, plain causal attention), built once per batch by `PairLogpsModel` from the full layout that
+every rank of the group holds; the model's own mask-building step is told to build nothing.
+
+Costs per layer and rank (bytes, activations of dtype d): two all-to-alls forward of q, k, v and the attention
+output, each moving (SP-1)/SP of R x T/SP x heads x head_dim x d, and the same again in backward.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import deepspeed.runtime.sequence_parallel.parallel_state_sp as sequence_parallel_state
+import torch
+from deepspeed.module_inject.layers import RowParallel
+from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+from torch import nn
+
+from dpo_scale.config import ConfigError
+
+
+@dataclass(frozen=True)
+class SequenceGroup:
+    """This rank's place in its sequence-parallel group. `size` 1: no sequence parallelism (the whole row here)."""
+
+    size: int = 1
+    rank: int = 0
+    group: object = None
+
+    def bounds(self, length: int) -> tuple[int, int]:
+        """[start, stop) of this rank's slice of a row of `length` tokens (a multiple of `size`: see collate)."""
+        share = length // self.size
+        return self.rank * share, (self.rank + 1) * share
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The group's sum of `tensor` on every rank of the group. Autograd: the gradient flows back to this rank's
+        term unchanged (DeepSpeed's RowParallel: all-reduce forward, identity backward), since every rank computes
+        the same loss from the sum and DeepSpeed's reduction then adds the ranks' parameter gradients."""
+        if self.size == 1:
+            return tensor
+        return RowParallel.apply(self.group, tensor.clone(), False)
+
+
+def init_groups(size: int) -> SequenceGroup:
+    """Create the sequence-parallel groups (consecutive ranks) and DeepSpeed's data x sequence group; after
+    `distributed.init` (and TrainConfig.data_parallel_size's check that `size` divides the world), before any
+    engine. `size` 1 creates nothing."""
+    if size == 1:
+        return SequenceGroup()
+    sequence_parallel_state.initialize_sequence_parallel(size)
+    return SequenceGroup(
+        size, sequence_parallel_state.get_sequence_parallel_rank(), sequence_parallel_state.get_sequence_parallel_group()
+    )  # fmt: skip
+
+
+def engine_groups(sequence: SequenceGroup):
+    """What `deepspeed.initialize` takes as `mpu`: with it, ZeRO partitions and averages gradients over the data x
+    sequence group and divides by the data-parallel degree only. None without sequence parallelism."""
+    return sequence_parallel_state if sequence.size > 1 else None
+
+
+def release_groups() -> None:
+    """Forget the groups after the process group is destroyed (a later init in this process makes new ones)."""
+    sequence_parallel_state._release_sequence_parallel_groups()
+
+
+def check_heads(model: nn.Module, size: int) -> None:
+    """Ulysses hands each rank heads/SP query heads; KV heads split the same way or, fewer than SP, are replicated.
+    Refuse, when the run is built, a model whose head counts allow neither, naming the sizes that work."""
+    if size == 1:
+        return
+    config = model.config.get_text_config()
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if heads % size == 0 and (kv_heads % size == 0 or size % kv_heads == 0):
+        return
+    fits = [s for s in range(1, heads + 1) if heads % s == 0 and (kv_heads % s == 0 or s % kv_heads == 0)]
+    raise ConfigError(
+        f"sequence_parallel_size={size}: {type(model).__name__} has {heads} query heads and {kv_heads} key/value "
+        f"heads; Ulysses needs the query heads divisible by it and the key/value heads divisible by it or dividing it. "
+        f"Sizes that work for this model: {', '.join(map(str, fits))}"
+    )
+
+
+def _no_mask(*args, **kwargs) -> None:
+    """The model's own mask step under sequence parallelism: it would build a mask for the local slice, which is
+    never right after the all-to-all; the full row's structure comes in as the attention mask instead."""
+    return None
+
+
+class _UlyssesAttention:
+    """A transformers attention function: DeepSpeed's all-to-alls around the model's own kernel (`inner`), given
+    the attention mask the forward was called with: the whole row's structure."""
+
+    def __init__(self, model: nn.Module, inner: str, sequence: SequenceGroup):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        config = model.config.get_text_config()
+        self.kernel = None if inner == "eager" else ALL_ATTENTION_FUNCTIONS[inner]
+        self.ulysses = UlyssesSPAttentionHF(
+            attn=self._kernel, batch_size=1, attn_head_count=config.num_attention_heads,
+            attn_head_size=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+            kv_head_count=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            num_hidden_layers=config.num_hidden_layers, process_group=sequence.group, seq_length_is_variable=True,
+        )  # fmt: skip
+
+    def _kernel(self, module, query, key, value, attention_mask, *args, **kwargs):
+        # eager attention is each model's own function (Gemma's soft-capping, ...), found beside its attention class
+        kernel = self.kernel or sys.modules[type(module).__module__].eager_attention_forward
+        return kernel(module, query, key, value, attention_mask, *args, **kwargs)
+
+    def __call__(self, module, query, key, value, attention_mask, *args, **kwargs):
+        self._fit_rows(query.shape[0])
+        return self.ulysses(module, query, key, value, attention_mask, *args, **kwargs)
+
+    def _fit_rows(self, rows: int) -> None:
+        """DeepSpeed fixes the rows of a micro-batch when the module is built (its shape checks hold it in dim 1);
+        ours vary from batch to batch (packing, the padded layout's 2 rows per pair)."""
+        ulysses = self.ulysses
+        if ulysses.batch_size == rows:
+            return
+        ulysses.batch_size = rows
+        for name in ("required_query_shape", "required_key_value_shape", "required_context_shape"):
+            shape = list(getattr(ulysses, name))
+            shape[1] = rows
+            setattr(ulysses, name, torch.Size(shape))
+
+
+def install_ulysses(model: nn.Module, sequence: SequenceGroup) -> None:
+    """Route `model`'s attention through Ulysses over `sequence`'s group, keeping its kernel (sdpa, eager, flex,
+    flash): registered with transformers under a name of its own, so other models in the process are untouched."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    check_heads(model, sequence.size)
+    inner = model.config._attn_implementation
+    name = f"dpo_scale_ulysses_{inner}_{id(model)}"
+    AttentionInterface.register(name, _UlyssesAttention(model, inner, sequence))
+    AttentionMaskInterface.register(name, _no_mask)
+    model.set_attn_implementation(name)
