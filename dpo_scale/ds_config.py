@@ -88,6 +88,8 @@ def resolve_deepspeed_config(
     settle(resolved, "train_micro_batch_size_per_gpu", micro_batch_size, "micro_batch_size")
     settle(resolved, "gradient_accumulation_steps", gradient_accumulation_steps, "gradient_accumulation_steps")
     replicas = world_size // sequence_parallel_size
+    if sequence_parallel_size > 1:  # how DeepSpeed counts replicas where it has no groups object (zero.Init)
+        resolved["sequence_parallel_size"] = sequence_parallel_size
     settle(resolved, "train_batch_size", micro_batch_size * gradient_accumulation_steps * replicas,
            f"micro_batch_size x gradient_accumulation_steps x data-parallel replicas "
            f"({micro_batch_size} x {gradient_accumulation_steps} x {replicas})",

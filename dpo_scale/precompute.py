@@ -6,6 +6,9 @@ a shard already on disk is complete (see ref_cache.py), so a job killed at any p
 what is missing, and the finished cache is the same files.
 
 By default each rank holds the whole reference (plain data parallel, no communication). With
+`sequence_parallel_size` > 1, groups of that many consecutive ranks score each batch together, one slice of every
+row each (as training does): shards go to groups rather than ranks, and the group's first rank writes them; the
+values are those of one process (tests/test_sequence_parallel.py). With
 `reference.precompute_sharded` the reference is a ZeRO-3 inference engine split across the ranks, for one that does
 not fit a device: every forward then gathers each layer from all ranks, so all ranks must run the same number of
 forwards. A rank with fewer batches left runs throw-away forwards of one pair until the busiest rank is done.
@@ -27,7 +30,7 @@ from dpo_scale.config import ConfigError, LogpsConfig, TrainConfig
 from dpo_scale.data import Pair, load_prepared, load_tokenizer, padding_id, store_directory
 from dpo_scale.ds_config import AUTO, resolve_deepspeed_config
 from dpo_scale.io import atomic_open
-from dpo_scale.layout import collate
+from dpo_scale.layout import collate, sequence_parallel_multiple
 from dpo_scale.model import PairLogpsModel, load_causal_lm
 from dpo_scale.ref_cache import FIELDS, MANIFEST, differences, fingerprint, shard_name, write_manifest, write_shard
 from dpo_scale.tracking import ProgressBar, print0
@@ -50,6 +53,9 @@ def precompute(config: TrainConfig) -> Path:
 
 def _precompute(config: TrainConfig, world: distributed.World) -> Path:
     directory = Path(config.reference.cache_dir)
+    replicas = config.data_parallel_size(world.size)
+    sequence = distributed.init_groups(config.sequence_parallel_size)
+    replica = world.rank // sequence.size
     ds_config = _sharded_deepspeed_config(config, world) if config.reference.precompute_sharded else None
     tokenizer = load_tokenizer(config.data.tokenizer or config.model.path)
     data = load_prepared(config.data, tokenizer, store_directory(config.data, config.run_dir))
@@ -62,14 +68,15 @@ def _precompute(config: TrainConfig, world: distributed.World) -> Path:
     shard_size = config.reference.shard_size
     batch_size = config.reference.precompute_batch_size
     num_shards = math.ceil(len(data.pairs) / shard_size)
-    mine = [i for i in range(world.rank, num_shards, world.size) if not (directory / shard_name(i)).exists()]
+    mine = [i for i in range(replica, num_shards, replicas) if not (directory / shard_name(i)).exists()]
     print0(f"{num_shards} shards of up to {shard_size} pairs; {num_shards - _done(directory, num_shards)} to compute")
     scoring = _scoring(config.logps)
-    model = _reference(config, scoring, ds_config, world)
+    model, attention = _reference(config, scoring, ds_config, world, sequence)
     pad_token_id = padding_id(tokenizer)
+    length_multiple = sequence_parallel_multiple(sequence.size, attention)
 
     def score(pairs: list[Pair]) -> dict[str, torch.Tensor]:
-        out = model(collate(pairs, scoring, pad_token_id).to(world.device))
+        out = model(collate(pairs, scoring, pad_token_id, length_multiple).to(world.device))
         return {
             "chosen": out.chosen_logps.cpu(), "rejected": out.rejected_logps.cpu(),
             "chosen_shared": out.chosen_shared_logps.cpu(), "rejected_shared": out.rejected_shared_logps.cpu(),
@@ -81,7 +88,8 @@ def _precompute(config: TrainConfig, world: distributed.World) -> Path:
         for done, index in enumerate(mine, start=1):
             pairs = _shard(data.pairs, index, shard_size)
             scored = [score(pairs[start : start + batch_size]) for start in range(0, len(pairs), batch_size)]
-            write_shard(directory, index, pairs, {name: torch.cat([v[name] for v in scored]) for name in FIELDS})
+            if sequence.rank == 0:  # the group's ranks hold the same values
+                write_shard(directory, index, pairs, {name: torch.cat([v[name] for v in scored]) for name in FIELDS})
             progress.update(done, {})
         if ds_config is not None:
             for _ in range(_most_forwards(forwards, world.device) - forwards):
@@ -100,7 +108,8 @@ def _sharded_deepspeed_config(config: TrainConfig, world: distributed.World) -> 
     if section.config == AUTO:  # sharding is the point here, whatever the number of ranks
         section = dataclasses.replace(section, config="zero3")
     ds_config = resolve_deepspeed_config(
-        section, config.optim, config.reference.precompute_batch_size, 1, world.size, total_steps=1
+        section, config.optim, config.reference.precompute_batch_size, 1, world.size, total_steps=1,
+        sequence_parallel_size=config.sequence_parallel_size,
     )
     if ds_config.get("zero_optimization", {}).get("stage") != 3:
         raise ConfigError(
@@ -116,15 +125,23 @@ def _sharded_deepspeed_config(config: TrainConfig, world: distributed.World) -> 
     return ds_config
 
 
-def _reference(config: TrainConfig, scoring: LogpsConfig, ds_config: dict | None, world) -> torch.nn.Module:
+def _reference(
+    config: TrainConfig, scoring: LogpsConfig, ds_config: dict | None, world, sequence: distributed.SequenceGroup
+) -> tuple[torch.nn.Module, str]:
+    """The scoring module and the attention form it resolved (which sets the rows' length multiple)."""
     if ds_config is None:
-        return PairLogpsModel(load_causal_lm(config.model), scoring).to(world.device).eval()
-    reference = distributed.load_model(config.model, ds_config)
-    held, total = distributed.held_parameters(reference)
-    print(f"rank {world.rank}: holds {held:,} of the reference's {total:,} parameters", flush=True)
-    module = PairLogpsModel(reference, scoring)
+        reference = load_causal_lm(config.model)
+    else:
+        reference = distributed.load_model(config.model, ds_config)
+        held, total = distributed.held_parameters(reference)
+        print(f"rank {world.rank}: holds {held:,} of the reference's {total:,} parameters", flush=True)
+    module = PairLogpsModel(reference, scoring, sequence=sequence)
+    if sequence.size > 1:
+        distributed.install_ulysses(reference, sequence)
+    if ds_config is None:
+        return module.to(world.device).eval(), module.attention
     distributed.register_lm_head(module, reference)
-    return distributed.inference_engine(module, ds_config)
+    return distributed.inference_engine(module, ds_config, sequence), module.attention
 
 
 def _shard(pairs: Sequence[Pair], index: int, shard_size: int) -> list[Pair]:

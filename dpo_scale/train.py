@@ -193,7 +193,7 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
             if sequence.size > 1:
                 distributed.install_ulysses(reference_model, sequence)
             distributed.register_lm_head(reference_module, reference_model)
-            reference = FrozenCopy(distributed.inference_engine(reference_module, ds_config))
+            reference = FrozenCopy(distributed.inference_engine(reference_module, ds_config, sequence))
 
     state = Run(
         config=config, world=world, sequence=sequence, replica=replica, engine=engine, reference=reference,

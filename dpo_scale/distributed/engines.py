@@ -46,7 +46,7 @@ def register_lm_head(module: nn.Module, model: nn.Module) -> None:
     deepspeed.zero.register_external_parameter(module, model.get_output_embeddings().weight)
 
 
-def training_engine(module: nn.Module, ds_config: dict, sequence: SequenceGroup):
+def training_engine(module: nn.Module, ds_config: dict, sequence: SequenceGroup = SequenceGroup()):
     """The DeepSpeed engine (gradients averaged over the data-parallel degree under sequence parallelism), its optimizer at the schedule's first rate (the scheduler is built at iteration 0:
     ds_config.py, schedule timing; a resume then sets the saved iteration) and, without ZeRO, skipping updates
     whose gradients are not finite as ZeRO does."""
@@ -90,7 +90,7 @@ def backward(engine, loss: torch.Tensor) -> None:
         engine.backward(loss)
 
 
-def inference_engine(module: nn.Module, ds_config: dict, sequence: SequenceGroup):
+def inference_engine(module: nn.Module, ds_config: dict, sequence: SequenceGroup = SequenceGroup()):
     """A frozen model with no optimizer state: the reference copy. Sharded like the policy under ZeRO-3; under
     stages 1 and 2, which partition only optimizer state and gradients (and refuse an engine without an optimizer),
     it is held whole (stage 0), as those stages hold the policy's weights."""

@@ -149,8 +149,8 @@ def stream_parameter_state(engine, parameter: nn.Parameter, key: str, owner: int
         for source in range(dist.get_world_size()):
             part = local
             if source != rank:
-                if len(buffers) < 2:
-                    buffers.append(torch.empty_like(local))
+                if len(buffers) < 2:  # in front: the buffer made for the previous chunk may still be being written
+                    buffers.insert(0, torch.empty_like(local))
                 part = buffers[0]
                 buffers.reverse()  # the other buffer next time: the caller may still be writing this one
                 dist.recv(part, src=source)
