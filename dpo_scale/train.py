@@ -11,6 +11,7 @@ Stopping early on purpose (a scheduler's time limit): create run_dir/stop-reques
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import time
@@ -98,7 +99,8 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
     sequence = distributed.init_groups(config.sequence_parallel_size)
     replica = world.rank // config.sequence_parallel_size
     if sequence.size > 1:
-        print(f"rank {world.rank} on {socket.gethostname()}: sequence-parallel group {replica} "
+        node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()  # SLURM's name tells nodes of one host apart
+        print(f"rank {world.rank} on node {node}: sequence-parallel group {replica} "
               f"(ranks {replica * sequence.size}-{(replica + 1) * sequence.size - 1})", flush=True)  # fmt: skip
     _seed(config.seed)
     run_dir = Path(config.run_dir)

@@ -193,3 +193,24 @@ def test_sweep_array_runs_every_point_from_one_cache(cluster, material, tmp_path
     summary = (tmp_path / "sweep" / "summary.md").read_text()
     assert all(f"| beta={beta} | done | 3 |" in summary for beta in ("0.05", "0.1", "0.5"))
     assert (tmp_path / "sweep" / "sweep.png").exists()
+
+
+@pytest.mark.slow
+def test_sequence_parallel_groups_stay_inside_a_node(cluster, material, tmp_path):
+    """2 nodes x 2 ranks with sequence_parallel_size=2, one short launch: the launcher numbers ranks node by node, so
+    each group of 2 consecutive ranks sits on one node (its all-to-alls stay there) and only the data-parallel
+    reduction crosses nodes. Read from the groups each rank logs with its SLURM node name."""
+    config = _config(material, tmp_path, "sp", max_steps=2, sequence_parallel_size=2)
+    submit = ["sbatch", "--parsable", f"--output={tmp_path}/%x-%j.out", "slurm/train.sbatch", "--config", str(config)]
+    job_id = _run(submit, {**cluster, "NUM_GPUS": "2"}).strip()
+    _wait(job_id, cluster)
+    log = _log(f"dpo-train-{job_id}.out", tmp_path)
+    placed = re.findall(r"rank (\d) on node (\S+): sequence-parallel group (\d) \(ranks (\d)-(\d)\)", log)
+    assert sorted(int(rank) for rank, *_ in placed) == [0, 1, 2, 3], log[-2000:]
+    nodes_of_group: dict[str, set[str]] = {}
+    for rank, node, group, first, last in placed:
+        assert int(first) <= int(rank) <= int(last) and int(last) - int(first) == 1
+        nodes_of_group.setdefault(group, set()).add(node)
+    assert all(len(nodes) == 1 for nodes in nodes_of_group.values()), nodes_of_group
+    assert {node for nodes in nodes_of_group.values() for node in nodes} == {"node1", "node2"}
+    assert [r["step"] for r in train_metrics(tmp_path / "sp")] == [1, 2]
