@@ -169,11 +169,14 @@ class TokenStore:
     def _shard(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
         """(tokens, rows) of a shard, memory-mapped; its checksums are verified the first time."""
         if shard not in self._open:
-            for entry in self.manifest["shards"][shard]["files"]:
-                if sha256_file(self.directory / entry["name"]) != entry["sha256"]:
-                    raise ConfigError(self._damaged(entry["name"], "fails its checksum (damaged or changed)"))
+            self.verify_shard(shard)
             self._open[shard] = self.shard_arrays(shard)
         return self._open[shard]
+
+    def verify_shard(self, shard: int) -> None:
+        for entry in self.manifest["shards"][shard]["files"]:
+            if sha256_file(self.directory / entry["name"]) != entry["sha256"]:
+                raise ConfigError(self._damaged(entry["name"], "fails its checksum (damaged or changed)"))
 
     def shard_arrays(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
         """(tokens, rows) of a shard, memory-mapped, unchecked and not kept open: for one pass over every shard,
