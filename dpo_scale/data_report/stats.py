@@ -163,7 +163,7 @@ def findings(report: dict) -> list[str]:
         lines.append(f"{dropped:,} of {data['rows']:,} rows dropped ({', '.join(f'{r}: {n:,}' for r, n in data['dropped'].items())}).")
     for side, cut in data["truncated"].items():
         if cut["pairs"]:
-            lines.append(f"{cut['pairs']:,} pairs ({cut['share']:.1%}) have their {side} truncated ({cut['tokens_cut']:,} tokens cut): "
+            lines.append(f"{cut['pairs']:,} pairs ({cut['share']:.2%}) have their {side} truncated ({cut['tokens_cut']:,} tokens cut): "
                          "see the max_length table.")
     dup = report["duplicates"]
     if dup["duplicates"]["pairs"]:
@@ -178,8 +178,7 @@ def findings(report: dict) -> list[str]:
     if abs(_share(bias["chosen_longer"], unequal) - 0.5) > 0.05 or leaning:
         by = "; ".join(f"{b['chosen_longer_share']:.0%} at a difference of {b['difference']} tokens" for b in leaning)
         lines.append(f"The chosen completion is the longer one in {_share(bias['chosen_longer'], unequal):.1%} of the "
-                     f"pairs whose completions differ in length{f' ({by})' if by else ''}"
-                     f"{f' ({by})' if by else ''}: a label that follows length (see the length-bias table; "
+                     f"pairs whose completions differ in length{f' ({by})' if by else ''}: a label that follows length (see the length-bias table; "
                      "data.filters.max_length_ratio, loss.ld_alpha).")
     if "contamination" in report:
         c = report["contamination"]
