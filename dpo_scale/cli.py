@@ -118,6 +118,15 @@ def _prepare_data(args: argparse.Namespace) -> None:
     print0(f"token store {directory}: {data.summary()}")
 
 
+def _data_report(args: argparse.Namespace) -> None:
+    from dpo_scale.config import TrainConfig
+    from dpo_scale.data_report import run_report
+
+    report = run_report(build(TrainConfig, _config_tree(args, {})), args.out, args.eval)
+    print("\n".join(report["findings"]))
+    print(f"wrote {Path(args.out) / 'report.md'}, report.json and {', '.join(report['figures'])}")
+
+
 def _precompute_ref(args: argparse.Namespace) -> None:
     from dpo_scale.config import TrainConfig
     from dpo_scale.precompute import precompute
@@ -228,6 +237,19 @@ def main(argv: list[str] | None = None) -> int:
     _add_config_arguments(prepare_data, "of the training config (model or data.tokenizer, data, run_dir)",
                           "data.cache_dir=cache/hh-tokens")  # fmt: skip
     prepare_data.set_defaults(run=_prepare_data)
+
+    data_report = commands.add_parser(
+        "data-report",
+        help="what is in the training data: drops, truncation, lengths, length bias, duplicates, contradictions, "
+        "eval contamination, reference margins (from the token store and reference cache)",
+        description="Example: dpo-scale data-report --config run.yaml --out report/ --eval eval.jsonl",
+    )
+    _add_config_arguments(data_report, "of the training config (model or data.tokenizer, data, run_dir, reference)",
+                          "data.max_length=1024")  # fmt: skip
+    data_report.add_argument("--out", required=True, help="directory for report.md, report.json and the PNGs")
+    data_report.add_argument("--eval", help="eval preference file to check for contamination (default: the run's "
+                             "held-out pairs when eval.every > 0)")  # fmt: skip
+    data_report.set_defaults(run=_data_report)
 
     precompute_ref = commands.add_parser(
         "precompute-ref",

@@ -47,6 +47,56 @@ class ModelConfig:
 
 
 @dataclass
+class FilterConfig:
+    """Pairs dropped where pairs are prepared (the token store, and the in-memory path of `logps` / `eval`), each
+    counted under its own drop reason and recorded in the store's fingerprint. All off by default. Each filter looks
+    at the pairs that preparation kept; a pair several filters drop is counted under the first reason of
+    pairs.DROP_REASONS."""
+
+    drop_duplicates: bool = False
+    """Drop a pair whose prompt, chosen and rejected tokens equal an earlier pair's (the first one is kept)."""
+    drop_contradictory: bool = False
+    """Drop every pair of a prompt that also holds the reversed preference (chosen and rejected swapped): which
+    label is right is unknown, so both go."""
+    drop_contaminated: bool = False
+    """Drop a training pair whose prompt holds at least `ngram_threshold` of the distinct `ngram`-token n-grams of
+    some prompt of `eval_path` (or equals a prompt shorter than `ngram` tokens)."""
+    eval_path: str | None = None
+    """The evaluation preference file drop_contaminated checks against, read like data.path (its format and
+    columns), tokenized whole (no data.max_length)."""
+    ngram: int = 13
+    """n-gram length in tokens for contamination (the decontamination convention since GPT-3: 13)."""
+    ngram_threshold: float = 0.5
+    """Share of an eval prompt's distinct n-grams a training prompt must hold to count as contaminated, in (0, 1]."""
+    max_length_ratio: float | None = None
+    """Drop a pair whose longer completion has more than this many times the tokens of the shorter (either side
+    longer); None: off."""
+
+    def __post_init__(self) -> None:
+        if self.drop_contaminated and not self.eval_path:
+            raise ConfigError(
+                "data.filters.drop_contaminated=true needs data.filters.eval_path (the evaluation file to check "
+                "against); set it, or set drop_contaminated=false"
+            )
+        if self.ngram < 1:
+            raise ConfigError(f"data.filters.ngram={self.ngram}: must be at least 1 token (13 is the convention)")
+        if not 0.0 < self.ngram_threshold <= 1.0:
+            raise ConfigError(f"data.filters.ngram_threshold={self.ngram_threshold}: must be in (0, 1], e.g. 0.5")
+        if self.max_length_ratio is not None and self.max_length_ratio < 1.0:
+            raise ConfigError(
+                f"data.filters.max_length_ratio={self.max_length_ratio}: must be at least 1 (the longer completion "
+                "over the shorter), e.g. 3.0; or null for no limit"
+            )
+
+    @property
+    def any(self) -> bool:
+        return (
+            self.drop_duplicates or self.drop_contradictory or self.drop_contaminated
+            or self.max_length_ratio is not None
+        )  # fmt: skip
+
+
+@dataclass
 class DataConfig:
     path: str
     """A .jsonl / .jsonl.gz / .json / .parquet file, a `save_to_disk` directory, or a hub dataset id."""
@@ -75,6 +125,8 @@ class DataConfig:
     """Input rows per token-store shard: the unit of parallel work and of resumption when building it."""
     num_workers: int | None = None
     """Processes tokenizing while the store is built; None: this machine's cores divided by the ranks on it."""
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    """Pairs to drop for their content: duplicates, contradictions, eval contamination, length ratio."""
 
     def __post_init__(self) -> None:
         _check_choice(self, "data", "format", DataFormat)
@@ -91,8 +143,11 @@ class DataConfig:
             raise ConfigError("data.shard_rows and data.num_workers must be at least 1 (num_workers may be null)")
 
     def shaping_settings(self) -> dict[str, Any]:
-        """The settings that decide which tokens the pairs get (not where they are stored, nor how fast)."""
-        return {name: getattr(self, name) for name in ("split", "format", "columns", "max_length", "truncation_mode")}
+        """The settings that decide which pairs there are and which tokens they get (not where they are stored, nor
+        how fast); a filter as `filters.<name>`."""
+        names = ("split", "format", "columns", "max_length", "truncation_mode")
+        filters = {f"filters.{name}": value for name, value in dataclasses.asdict(self.filters).items()}
+        return {**{name: getattr(self, name) for name in names}, **filters}
 
 
 @dataclass

@@ -192,6 +192,21 @@ class CacheReader:
                 "`dpo-scale precompute-ref`"
             )
 
+    def in_order(self, name: str) -> np.ndarray:
+        """(N,) float32: field `name` of every cached pair, in the prepared order the cache was written in."""
+        self.require((name,))
+        return np.concatenate([handle.get_tensor(name).numpy() for handle in self._handles])
+
+    def keys_in_order(self, positions: np.ndarray) -> np.ndarray:
+        """The keys of the cached pairs at `positions` of that order (KEY_DTYPE)."""
+        sizes = np.cumsum([0] + [handle.get_slice("keys").get_shape()[0] for handle in self._handles])
+        found = []
+        for position in positions.tolist():
+            shard = int(np.searchsorted(sizes, position, side="right")) - 1
+            row = self._handles[shard].get_slice("keys")[position - sizes[shard] : position - sizes[shard] + 1]
+            found.append(row.numpy().tobytes())
+        return np.array(found, dtype=KEY_DTYPE)
+
     def lookup(self, pairs: list[Pair], fields: tuple[str, ...] = ("chosen", "rejected")) -> tuple[torch.Tensor, ...]:
         """One (B,) fp32 tensor per name in `fields` for `pairs`: by default the reference log-prob sums of chosen
         and rejected."""

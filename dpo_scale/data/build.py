@@ -41,12 +41,13 @@ from dpo_scale.config import ConfigError, DataConfig
 from dpo_scale.data.fingerprint import (
     chat_template_digest, data_files, describe_files, fingerprint_differences, tokenizer_digest,
 )
+from dpo_scale.data.filters import filter_store
 from dpo_scale.data.formats import Format, input_format, normalise
-from dpo_scale.data.pairs import PreparedData
+from dpo_scale.data.pairs import SIGNAL_REASONS, PreparedData
 from dpo_scale.data.prepare import check_not_empty, no_signal_error, prepare, prepare_examples
 from dpo_scale.data.sources import Row, read_rows
 from dpo_scale.data.store import (
-    BUILD_CLAIM, TokenStore, read_manifest, shard_done, source_prefix, token_dtype,
+    BUILD_CLAIM, TokenStore, filtered_name, read_manifest, rows_name, shard_done, source_prefix, token_dtype,
     write_manifest, write_shard,
 )  # fmt: skip
 from dpo_scale.io import atomic_open
@@ -68,8 +69,8 @@ def load_prepared(
         return prepare(config, tokenizer)
     store = open_or_build(config, tokenizer, Path(directory))
     check_not_empty(config, store.summary(), len(store.pairs))
-    if config.strict and sum(store.drop_counts().values()):
-        first = store.dropped[0]
+    if config.strict and any(store.drop_counts().get(reason) for reason in SIGNAL_REASONS):
+        first = next(d for d in store.dropped if d.reason in SIGNAL_REASONS)
         raise no_signal_error(first.source, first.reason, config.max_length)
     return store
 
@@ -85,12 +86,15 @@ def store_fingerprint(
     """Everything that decides the stored tokens, one key per setting so a refusal can name the one that differs."""
     files = data_files(config.path)
     root = Path(config.path)
+    eval_path = config.filters.eval_path if config.filters.drop_contaminated else None
+    eval_files = data_files(eval_path) if eval_path else []
     return {
         "data_files": describe_files(files, root, known_files) if files else f"hub:{config.path}",
         "tokenizer": tokenizer_digest(tokenizer),
         "chat_template": chat_template_digest(tokenizer),
         "dpo_scale_version": __version__,
         **{f"data.{name}": value for name, value in config.shaping_settings().items()},
+        **({"data.filters.eval_files": describe_files(eval_files, Path(eval_path))} if eval_files else {}),
     }
 
 
@@ -236,7 +240,11 @@ def _build(config: DataConfig, tokenizer, directory: Path, launch: Launch) -> No
     print(f"token store {directory}: rank {launch.rank} built {builder.built} of {num_shards} shards", flush=True)
     if launch.is_main and read_manifest(directory) is None:
         build = {key: claim[key] for key in ("shard_rows", "token_dtype", "source_prefix")}
-        write_manifest(directory, claim["fingerprint"], build, num_shards)
+        rows_file = rows_name
+        if config.filters.any:
+            filter_store(config, tokenizer, directory, num_shards)
+            rows_file = filtered_name
+        write_manifest(directory, claim["fingerprint"], build, num_shards, rows_file)
 
 
 def _default_workers(total_rows: int | None, shard_rows: int, launch: Launch) -> int:
@@ -278,8 +286,8 @@ class ShardWriter:
 
     def __call__(self, shard: int, rows: list[Row]) -> int:
         examples = [normalise(row, self.fmt, self.config.columns) for row in rows]
-        pairs, dropped = prepare_examples(examples, self.config, self.tokenizer)
-        write_shard(self.directory, shard, pairs, dropped, self.dtype)
+        pairs, dropped, cut = prepare_examples(examples, self.config, self.tokenizer)
+        write_shard(self.directory, shard, pairs, dropped, cut, self.dtype)
         return len(rows)
 
 

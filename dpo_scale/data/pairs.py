@@ -11,8 +11,11 @@ from typing import overload
 import numpy as np
 
 DropReason = str
-"""`empty_completion` (nothing left to score after truncation) or `identical_completions` (chosen == rejected)."""
-DROP_REASONS: tuple[DropReason, ...] = ("empty_completion", "identical_completions")
+"""`empty_completion` (nothing left to score after truncation) or `identical_completions` (chosen == rejected): no
+signal; or a filter of data.filters: `contradictory`, `duplicate`, `contaminated`, `length_ratio`."""
+SIGNAL_REASONS: tuple[DropReason, ...] = ("empty_completion", "identical_completions")
+FILTER_REASONS: tuple[DropReason, ...] = ("contradictory", "duplicate", "contaminated", "length_ratio")
+DROP_REASONS: tuple[DropReason, ...] = SIGNAL_REASONS + FILTER_REASONS
 
 
 @dataclass(frozen=True)

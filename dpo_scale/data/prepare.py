@@ -13,6 +13,7 @@ import numpy as np
 
 from dpo_scale.config import DataConfig
 from dpo_scale.data.errors import DataError
+from dpo_scale.data.filters import filter_pairs
 from dpo_scale.data.formats import Example, read_examples
 from dpo_scale.data.pairs import Dropped, DropReason, Pair, PreparedData
 from dpo_scale.data.tokenize import tokenize_examples
@@ -23,16 +24,19 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+SIDES = ("prompt_ids", "chosen_ids", "rejected_ids")
 # Examples tokenized per call: large enough for a fast tokenizer's parallel batch encoding to pay off.
 BATCH_SIZE = 1024
 
 
 def prepare(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
-    """Tokenized pairs of `config.path`, in input order, and the pairs dropped for having no signal, in memory.
+    """Tokenized pairs of `config.path`, in input order, and the pairs dropped for having no signal or by
+    `config.filters`, in memory.
 
-    Raises DataError on bad input, on a dropped pair when `config.strict`, and when no pair is left.
+    Raises DataError on bad input, on a pair without signal when `config.strict`, and when no pair is left.
     """
-    prepared = PreparedData(*prepare_examples(read_examples(config), config, tokenizer))
+    pairs, dropped, _ = prepare_examples(read_examples(config), config, tokenizer)
+    prepared = PreparedData(*filter_pairs(pairs, dropped, config, tokenizer))
     check_not_empty(config, prepared.summary(), len(prepared.pairs))
     logger.info("%s: %s", config.path, prepared.summary())
     return prepared
@@ -40,21 +44,25 @@ def prepare(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> PreparedD
 
 def prepare_examples(
     examples: Iterable[Example], config: DataConfig, tokenizer: PreTrainedTokenizerBase
-) -> tuple[list[Pair], list[Dropped]]:
-    """Tokenize, truncate and drop-and-count: (kept pairs, dropped pairs), both in input order."""
+) -> tuple[list[Pair], list[Dropped], list[tuple[int, int, int]]]:
+    """Tokenize, truncate and drop-and-count: (kept pairs, dropped pairs, the prompt, chosen and rejected tokens
+    truncation cut from each kept pair), in input order. `config.filters` are not applied: they look at every
+    pair at once (filters.py)."""
     pairs: list[Pair] = []
     dropped: list[Dropped] = []
+    cut: list[tuple[int, int, int]] = []
     for batch in _batches(examples, BATCH_SIZE):
-        for pair in tokenize_examples(batch, tokenizer):
-            pair = truncate(pair, config.max_length, config.truncation_mode)
+        for whole in tokenize_examples(batch, tokenizer):
+            pair = truncate(whole, config.max_length, config.truncation_mode)
             reason = missing_signal(pair)
             if reason is None:
                 pairs.append(pair)
+                cut.append(tuple(len(getattr(whole, side)) - len(getattr(pair, side)) for side in SIDES))
             elif config.strict:
                 raise no_signal_error(pair.source, reason, config.max_length)
             else:
                 dropped.append(Dropped(pair.index, pair.source, reason))
-    return pairs, dropped
+    return pairs, dropped, cut
 
 
 def check_not_empty(config: DataConfig, summary: str, kept: int) -> None:

@@ -3,8 +3,9 @@
     cache_dir/
         build.json                what the shards in this directory are being built for (refuses mixing)
         shard-00000.tokens.npy    (T,) uint16 or int32: prompt | chosen | rejected ids of each kept pair, concatenated
-        shard-00000.rows.npy      (rows, 7) int64, one line per input row (ROW_FIELDS): the kept pairs first, in
+        shard-00000.rows.npy      (rows, 10) int64, one line per input row (ROW_FIELDS): the kept pairs first, in
                                   input order, then the dropped rows with their reason
+        shard-00000.filtered.npy  only with data.filters: the rows file with the filters' drops (filters.py)
         ...
         manifest.json             fingerprint, counts, and every file's size and sha256: written last
 
@@ -35,9 +36,11 @@ from dpo_scale.io import atomic_open
 
 MANIFEST = "manifest.json"
 BUILD_CLAIM = "build.json"
-ROW_FIELDS = ("index", "location", "reason", "start", "prompt", "chosen", "rejected")
+ROW_FIELDS = ("index", "location", "reason", "start", "prompt", "chosen", "rejected", "prompt_cut", "chosen_cut",
+              "rejected_cut")  # fmt: skip
 """index: position of the row in the input; location: the number in its source (`line 12`); reason: 0 for a kept
-pair, else 1 + its position in DROP_REASONS; start: offset of its tokens in the shard; then the three lengths."""
+pair, else 1 + its position in DROP_REASONS; start: offset of its tokens in the shard; then the three lengths, and
+the tokens truncation cut from each (for `data-report`)."""
 KEPT = 0
 
 
@@ -49,6 +52,10 @@ def rows_name(shard: int) -> str:
     return f"shard-{shard:05d}.rows.npy"
 
 
+def filtered_name(shard: int) -> str:
+    return f"shard-{shard:05d}.filtered.npy"
+
+
 def shard_done(directory: Path, shard: int) -> bool:
     return (directory / rows_name(shard)).exists()
 
@@ -58,9 +65,13 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.int32)
 
 
-def write_shard(directory: Path, shard: int, pairs: list[Pair], dropped: list[Dropped], dtype: np.dtype) -> None:
+def write_shard(
+    directory: Path, shard: int, pairs: list[Pair], dropped: list[Dropped], cut: list[tuple[int, int, int]],
+    dtype: np.dtype,
+) -> None:
     """The shard's two files, each written aside and renamed; the rows file last, so it marks the shard complete.
-    Equal inputs give byte-identical files, whichever process writes them."""
+    `cut`: the tokens truncation removed from each pair's prompt, chosen and rejected. Equal inputs give
+    byte-identical files, whichever process writes them."""
     lengths = np.array([[len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)] for p in pairs], np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths.sum(axis=1))[:-1]]).astype(np.int64)
     sequences = (ids for p in pairs for ids in (p.prompt_ids, p.chosen_ids, p.rejected_ids))
@@ -70,7 +81,8 @@ def write_shard(directory: Path, shard: int, pairs: list[Pair], dropped: list[Dr
     rows[: len(pairs), 0] = [p.index for p in pairs]
     rows[: len(pairs), 1] = [_location(p.source) for p in pairs]
     rows[: len(pairs), 3] = starts
-    rows[: len(pairs), 4:] = lengths.reshape(-1, 3)
+    rows[: len(pairs), 4:7] = lengths.reshape(-1, 3)
+    rows[: len(pairs), 7:] = np.array(cut, np.int64).reshape(-1, 3)
     rows[len(pairs) :, 0] = [d.index for d in dropped]
     rows[len(pairs) :, 1] = [_location(d.source) for d in dropped]
     rows[len(pairs) :, 2] = [1 + DROP_REASONS.index(d.reason) for d in dropped]
@@ -89,18 +101,21 @@ def _location(source: str) -> int:
     return int(source.rpartition(" ")[2])
 
 
-def write_manifest(directory: Path, fingerprint: dict[str, Any], build: dict[str, Any], num_shards: int) -> dict:
+def write_manifest(
+    directory: Path, fingerprint: dict[str, Any], build: dict[str, Any], num_shards: int, rows_file=rows_name
+) -> dict:
     """Counts and checksums of every shard, then the manifest that makes the store visible. Reads every shard once
     (the checksums); written by one process per job, and identical whoever writes it. `build` holds the settings
-    of the build itself (shard_rows, token dtype, the sources' common prefix)."""
+    of the build itself (shard_rows, token dtype, the sources' common prefix); `rows_file` names the rows file
+    readers use (`filtered_name` when filters dropped pairs)."""
     shards = []
     for shard in range(num_shards):
-        rows = np.load(directory / rows_name(shard), mmap_mode="r", allow_pickle=False)
+        rows = np.load(directory / rows_file(shard), mmap_mode="r", allow_pickle=False)
         reasons = np.bincount(np.asarray(rows[:, 2]), minlength=1 + len(DROP_REASONS))
         shards.append({
             "rows": len(rows), "pairs": int(reasons[KEPT]),
             "dropped": {reason: int(n) for reason, n in zip(DROP_REASONS, reasons[1:])},
-            "files": [_describe(directory / name) for name in (tokens_name(shard), rows_name(shard))],
+            "files": [_describe(directory / name) for name in (tokens_name(shard), rows_file(shard))],
         })  # fmt: skip
     manifest = {**build, "fingerprint": fingerprint, "shards": shards}
     with atomic_open(directory / MANIFEST) as handle:
@@ -154,21 +169,31 @@ class TokenStore:
     def _shard(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
         """(tokens, rows) of a shard, memory-mapped; its checksums are verified the first time."""
         if shard not in self._open:
-            for entry in self.manifest["shards"][shard]["files"]:
-                if sha256_file(self.directory / entry["name"]) != entry["sha256"]:
-                    raise ConfigError(self._damaged(entry["name"], "fails its checksum (damaged or changed)"))
-            # allow_pickle=False: a store from elsewhere can hold only plain arrays, never code
-            self._open[shard] = tuple(  # type: ignore[assignment]
-                np.load(self.directory / name(shard), mmap_mode="r", allow_pickle=False)
-                for name in (tokens_name, rows_name)
-            )
+            self.verify_shard(shard)
+            self._open[shard] = self.shard_arrays(shard)
         return self._open[shard]
+
+    def verify_shard(self, shard: int) -> None:
+        for entry in self.manifest["shards"][shard]["files"]:
+            if sha256_file(self.directory / entry["name"]) != entry["sha256"]:
+                raise ConfigError(self._damaged(entry["name"], "fails its checksum (damaged or changed)"))
+
+    def shard_arrays(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, rows) of a shard, memory-mapped, unchecked and not kept open: for one pass over every shard,
+        whose mapped pages are released with the arrays."""
+        # allow_pickle=False: a store from elsewhere can hold only plain arrays, never code
+        return tuple(  # type: ignore[return-value]
+            np.load(self.directory / entry["name"], mmap_mode="r", allow_pickle=False)
+            for entry in self.manifest["shards"][shard]["files"]
+        )
 
     def pair(self, position: int) -> Pair:
         """The kept pair at `position` (0 <= position < len(pairs)) in input order."""
         shard = int(np.searchsorted(self._first_pair, position, side="right")) - 1
         tokens, rows = self._shard(shard)
-        index, location, _, start, prompt, chosen, rejected = (int(v) for v in rows[position - self._first_pair[shard]])
+        index, location, _, start, prompt, chosen, rejected = (
+            int(v) for v in rows[position - self._first_pair[shard], :7]
+        )
         ids = tokens[start : start + prompt + chosen + rejected].tolist()
         return Pair(
             index=index,

@@ -1,0 +1,182 @@
+"""data.filters drop exactly the planted pairs, the same in memory and in the token store, counted by reason; a
+store built with other filters is refused; the span hashes and n-gram shares equal what plain Python computes."""
+
+import json
+
+import numpy as np
+import pytest
+
+from dpo_scale.cli import main
+from dpo_scale.config import ConfigError, DataConfig, FilterConfig
+from dpo_scale.data import load_prepared, prepare
+from dpo_scale.data.contamination import EvalPrompts
+from dpo_scale.data.spans import ngram_hashes, span_hashes
+from dpo_scale.demo import write_demo_material
+
+PARAGRAPH = "the committee met on a rainy tuesday to weigh the harbour plan"  # 62 bytes: 50 byte 13-grams
+ROWS = 80
+DUPLICATES = {20: 10, 30: 10}  # row: the earlier row it copies
+CONTRADICTS = {40: 5}  # row: the row whose preference it reverses
+LONG = 50  # chosen 12x longer than rejected
+WHOLE, INSIDE = 60, 70  # prompt equal to an eval prompt; an eval prompt as a paragraph inside a longer prompt
+
+
+def _rows() -> list[dict]:
+    rows = [{"prompt": f"question {i} about cats", "chosen": f"answer {i}", "rejected": f"wrong {i}"} for i in range(ROWS)]
+    for row, earlier in DUPLICATES.items():
+        rows[row] = dict(rows[earlier])
+    for row, other in CONTRADICTS.items():
+        rows[row] = {**rows[other], "chosen": rows[other]["rejected"], "rejected": rows[other]["chosen"]}
+    rows[LONG]["chosen"] = "a long winded answer that goes on" * 3
+    rows[INSIDE]["prompt"] = f"Read this. {PARAGRAPH} What was decided there?"
+    return rows
+
+
+EVAL = [
+    {"prompt": f"question {WHOLE} about cats", "chosen": "x", "rejected": "y"},  # short: 23 bytes, matched whole
+    {"prompt": PARAGRAPH, "chosen": "x", "rejected": "y"},
+    {"prompt": "a question nobody asked in training at all", "chosen": "x", "rejected": "y"},
+]
+EXPECTED = {
+    "contradictory": {5, 40},
+    "duplicate": set(DUPLICATES),
+    "contaminated": {WHOLE, INSIDE},
+    "length_ratio": {LONG},
+}
+SETTINGS = {
+    "contradictory": {"drop_contradictory": True},
+    "duplicate": {"drop_duplicates": True},
+    "contaminated": {"drop_contaminated": True},
+    "length_ratio": {"max_length_ratio": 3.0},
+}
+
+
+@pytest.fixture
+def files(tmp_path):
+    data, evaluation = tmp_path / "pairs.jsonl", tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in _rows()))
+    evaluation.write_text("".join(json.dumps(row) + "\n" for row in EVAL))
+    return data, evaluation
+
+
+def _config(files, **filters) -> DataConfig:
+    data, evaluation = files
+    return DataConfig(str(data), shard_rows=16, num_workers=1, filters=FilterConfig(eval_path=str(evaluation), **filters))
+
+
+def _dropped_by_reason(prepared) -> dict[str, set[int]]:
+    found: dict[str, set[int]] = {}
+    for drop in prepared.dropped:
+        found.setdefault(drop.reason, set()).add(drop.index)
+    return found
+
+
+@pytest.mark.parametrize("reason", list(SETTINGS))
+def test_each_filter_drops_exactly_its_planted_pairs_in_memory_and_in_the_store(files, byte_tokenizer, tmp_path, reason):
+    config = _config(files, **SETTINGS[reason])
+    memory = prepare(config, byte_tokenizer)
+    assert _dropped_by_reason(memory) == {reason: EXPECTED[reason]}
+    assert memory.drop_counts() == {reason: len(EXPECTED[reason])}
+    store = load_prepared(config, byte_tokenizer, tmp_path / "store")
+    assert store.dropped == memory.dropped and list(store.pairs) == memory.pairs
+    assert store.summary() == memory.summary() == f"{ROWS} rows: {ROWS - len(EXPECTED[reason])} pairs kept, " \
+        f"{len(EXPECTED[reason])} dropped ({reason}: {len(EXPECTED[reason])})"
+
+
+def test_all_filters_at_once_count_each_pair_under_one_reason(files, byte_tokenizer, tmp_path):
+    """Row 10 is kept (the first of its copies); a pair two filters drop is counted once, under the first reason."""
+    config = _config(files, **{k: v for settings in SETTINGS.values() for k, v in settings.items()})
+    memory = prepare(config, byte_tokenizer)
+    assert _dropped_by_reason(memory) == EXPECTED
+    assert 10 in {p.index for p in memory.pairs}
+    store = load_prepared(config, byte_tokenizer, tmp_path / "store")
+    assert store.dropped == memory.dropped and list(store.pairs) == memory.pairs
+    assert [d.index for d in store.dropped] == sorted(set().union(*EXPECTED.values()))  # input order
+
+
+def test_filters_off_drop_nothing(files, byte_tokenizer):
+    assert prepare(_config(files), byte_tokenizer).dropped == []
+
+
+def test_a_store_built_with_other_filters_is_refused_naming_the_filter_and_both_values(files, byte_tokenizer, tmp_path):
+    load_prepared(_config(files, drop_duplicates=True), byte_tokenizer, tmp_path / "store")
+    with pytest.raises(ConfigError, match=r"data.filters.drop_duplicates: store true, this run false"):
+        load_prepared(_config(files), byte_tokenizer, tmp_path / "store")
+    with pytest.raises(ConfigError, match=r"data.filters.max_length_ratio: store null, this run 3.0"):
+        load_prepared(_config(files, drop_duplicates=True, max_length_ratio=3.0), byte_tokenizer, tmp_path / "store")
+
+
+def test_a_changed_eval_file_is_refused_naming_it(files, byte_tokenizer, tmp_path):
+    config = _config(files, drop_contaminated=True)
+    load_prepared(config, byte_tokenizer, tmp_path / "store")
+    files[1].write_text(files[1].read_text().replace("nobody", "anyone"))
+    with pytest.raises(ConfigError, match=r"data.filters.eval file eval.jsonl: its content differs"):
+        load_prepared(config, byte_tokenizer, tmp_path / "store")
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"drop_contaminated": True}, "drop_contaminated=true needs data.filters.eval_path"),
+        ({"ngram": 0}, "data.filters.ngram=0: must be at least 1"),
+        ({"ngram_threshold": 1.5}, r"data.filters.ngram_threshold=1.5: must be in \(0, 1\]"),
+        ({"max_length_ratio": 0.5}, "data.filters.max_length_ratio=0.5: must be at least 1"),
+    ],
+)
+def test_invalid_filters_are_refused_on_creation(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        FilterConfig(**settings)
+
+
+def test_logps_lists_the_filtered_pairs_with_their_reason(tmp_path):
+    model_dir, data_path = write_demo_material(tmp_path / "demo", rows=8)
+    lines = data_path.read_text().splitlines()[:6]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(lines + [lines[2]]) + "\n")
+    out = tmp_path / "logps.jsonl"
+    args = ["logps", "--model", str(model_dir), "--data", str(data), "--out", str(out), "data.filters.drop_duplicates=true"]
+    assert main(args) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert records[6] == {"index": 6, "source": f"{data} line 7", "dropped": "duplicate"}
+    assert all("chosen_logps" in r for r in records[:6])
+
+
+def test_span_hashes_are_equal_exactly_for_equal_token_spans():
+    """Over random spans of a small alphabet (many equal spans), equal hashes match equal tuples, one to one."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 3, 5_000).astype(np.uint16)
+    starts, lengths = rng.integers(0, 4_990, 3_000), rng.integers(0, 6, 3_000)
+    hashes = span_hashes(tokens, starts, lengths)
+    spans = [tuple(tokens[s : s + n].tolist()) for s, n in zip(starts, lengths)]
+    assert len(set(zip(spans, hashes.tolist()))) == len(set(spans)) == len(set(hashes.tolist()))
+
+
+def test_ngram_shares_equal_set_arithmetic():
+    """The share of each eval prompt's distinct n-grams a training prompt holds, against Python sets of tuples."""
+    rng = np.random.default_rng(1)
+    train = [rng.integers(0, 4, rng.integers(0, 40)).tolist() for _ in range(60)]
+    evals = [rng.integers(0, 4, rng.integers(0, 20)).tolist() for _ in range(15)] + [train[3][5:25]]
+    n = 4
+
+    def flat(spans):
+        lengths = np.array([len(s) for s in spans])
+        return np.array(sum(spans, []), np.int64), np.r_[0, np.cumsum(lengths)[:-1]], lengths
+
+    def grams(ids):
+        return {tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)}
+
+    prompts = EvalPrompts.from_tokens(*flat(evals), n)
+    found_train, found_eval, shares = prompts.shares(prompts.hits(*flat(train)), len(train))
+    got = {(t, e): s for t, e, s in zip(found_train.tolist(), found_eval.tolist(), shares.tolist())}
+    expected = {}
+    for t, ids in enumerate(train):
+        for e, eval_ids in enumerate(evals):
+            if len(eval_ids) < n:
+                if ids == eval_ids:
+                    expected[(t, e)] = 1.0
+            elif common := grams(eval_ids) & grams(ids):
+                expected[(t, e)] = len(common) / len(grams(eval_ids))
+    assert got == pytest.approx(expected)
+    assert got[(3, len(evals) - 1)] == 1.0
+    hashes, owners = ngram_hashes(*flat(train), n)
+    assert len(hashes) == sum(max(len(t) - n + 1, 0) for t in train)
