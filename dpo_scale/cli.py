@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from dpo_scale.config import ConfigError, LogpsRunConfig, build, load_yaml, merge, parse_overrides
 from dpo_scale.data.errors import DataError
@@ -108,12 +107,12 @@ def _sweep(args: argparse.Namespace) -> None:
 
 def _prepare_data(args: argparse.Namespace) -> None:
     from dpo_scale.config import TrainConfig
-    from dpo_scale.data import load_prepared, load_tokenizer, store_directory
+    from dpo_scale.data import load_prepared, run_tokenizer, store_directory
     from dpo_scale.tracking import print0
 
     config = build(TrainConfig, _config_tree(args, {}))
     directory = store_directory(config.data, config.run_dir)
-    data = load_prepared(config.data, load_tokenizer(config.data.tokenizer or config.model.path), directory)
+    data = load_prepared(config.data, run_tokenizer(config.data, config.model.path), directory)
     data.verify()
     print0(f"token store {directory}: {data.summary()}")
 
@@ -141,14 +140,14 @@ def _ref_drift(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from dpo_scale.config import EvalRunConfig
-    from dpo_scale.evaluate import run_eval
+    from dpo_scale.evaluate import run_eval, samples_path
 
     config = build(EvalRunConfig, _config_tree(args, {"policy": "policy", "data": "data.path", "out": "out"}))
     result = run_eval(config)
     rows = [("pairs", result["preference"])] + ([("generations", result["generation"])] if "generation" in result else [])
     for title, metrics in rows:
         print(f"{title}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
-    print(f"wrote {config.out} and {Path(config.out).with_suffix('.samples.md')}")
+    print(f"wrote {config.out} and {samples_path(config.out)}")
 
 
 def _plot(args: argparse.Namespace) -> None:
@@ -259,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     evaluate.add_argument("--policy", help="run directory (latest checkpoint) or model directory (policy)")
     evaluate.add_argument("--data", help="held-out preference pairs (data.path); default: the run's held-out pairs")
-    evaluate.add_argument("--out", help="output JSON; samples go beside it as .samples.md (out)")
+    evaluate.add_argument("--out", help="output JSON; the samples go beside it, eval.json -> eval.samples.md (out)")
     _add_config_arguments(evaluate, "of dpo_scale.config.EvalRunConfig", "generation.temperature=0.7 num_pairs=256")
     evaluate.set_defaults(run=_eval)
 

@@ -538,7 +538,7 @@ class EvalRunConfig:
     """A run directory (its latest checkpoint), one checkpoint (run_dir/checkpoints/step-N) or a model directory
     (e.g. from `dpo-scale export`)."""
     out: str
-    """Output JSON, written atomically; the samples go beside it as <out>.samples.md."""
+    """Output JSON, written atomically; the samples go beside it, its suffix replaced (eval.json -> eval.samples.md)."""
     reference: str | None = None
     """The reference model directory; default: the run's model.path (required when policy is a model directory)."""
     reference_cache: str | None = None

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from dpo_scale.config import ConfigError, DataConfig, LogpsConfig, ModelConfig
-from dpo_scale.data import Pair, load_prepared, load_tokenizer, padding_id
+from dpo_scale.data import Pair, load_prepared, padding_id, run_tokenizer
 from dpo_scale.io import atomic_open
 from dpo_scale.layout import collate
 from dpo_scale.loss import PairLogps
@@ -148,7 +148,7 @@ def run_drift(
         raise ConfigError(f"num_pairs={num_pairs}, batch_size={batch_size}: both must be at least 1")
     model_config = ModelConfig(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
     logps_config = logps_config or LogpsConfig()
-    tokenizer = load_tokenizer(data_config.tokenizer or model_path)
+    tokenizer = run_tokenizer(data_config, model_path)
     data = load_prepared(data_config, tokenizer, data_config.cache_dir)
     print(data.summary(), flush=True)
     pairs = data.pairs[:num_pairs]

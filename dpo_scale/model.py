@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from dpo_scale.config import ConfigError, LogpsConfig, LoraConfig, ModelConfig
+from dpo_scale.hub import check_model_source
 from dpo_scale.layout import PairBatch, block_mask, dense_mask, padding_mask
 from dpo_scale.logps import (
     LMHead,
@@ -26,6 +27,7 @@ def load_causal_lm(config: ModelConfig) -> nn.Module:
     """`from_pretrained` with safetensors only (no pickle from a shared cluster) and remote code off by default."""
     from transformers import AutoModelForCausalLM
 
+    check_model_source(config.path, "model.path", "point model.path at a model directory or a hub id")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             config.path,

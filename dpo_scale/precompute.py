@@ -24,7 +24,7 @@ import torch
 
 from dpo_scale import distributed
 from dpo_scale.config import ConfigError, LogpsConfig, TrainConfig
-from dpo_scale.data import Pair, load_prepared, load_tokenizer, padding_id, store_directory
+from dpo_scale.data import Pair, load_prepared, padding_id, run_tokenizer, store_directory
 from dpo_scale.ds_config import AUTO, resolve_deepspeed_config
 from dpo_scale.io import atomic_open
 from dpo_scale.layout import collate
@@ -51,7 +51,7 @@ def precompute(config: TrainConfig) -> Path:
 def _precompute(config: TrainConfig, world: distributed.World) -> Path:
     directory = Path(config.reference.cache_dir)
     ds_config = _sharded_deepspeed_config(config, world) if config.reference.precompute_sharded else None
-    tokenizer = load_tokenizer(config.data.tokenizer or config.model.path)
+    tokenizer = run_tokenizer(config.data, config.model.path)
     data = load_prepared(config.data, tokenizer, store_directory(config.data, config.run_dir))
     print0(data.summary())
     made_for = fingerprint(config.model, config.data, tokenizer)

@@ -21,7 +21,7 @@ import torch
 
 from dpo_scale import checkpoint, distributed
 from dpo_scale.config import ConfigError, GenerationConfig, TrainConfig, to_dict
-from dpo_scale.data import Pair, PairView, load_prepared, load_tokenizer, padding_id, split_held_out, store_directory
+from dpo_scale.data import Pair, PairView, load_prepared, padding_id, run_tokenizer, split_held_out, store_directory
 from dpo_scale.ds_config import AUTO, resolve_deepspeed_config, shipped_config_for, single_process_advice
 from dpo_scale.io import atomic_open
 from dpo_scale.layout import collate
@@ -89,7 +89,7 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
     config = config.for_world(world.size)
     _seed(config.seed)
     run_dir = Path(config.run_dir)
-    tokenizer = load_tokenizer(config.data.tokenizer or config.model.path)
+    tokenizer = run_tokenizer(config.data, config.model.path)
     data = load_prepared(config.data, tokenizer, store_directory(config.data, run_dir))
     print0(data.summary())
     train_positions, eval_positions = split_held_out(

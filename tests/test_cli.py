@@ -127,3 +127,14 @@ def test_every_command_stops_the_tqdm_monitor_before_it_runs(monkeypatch):
     monkeypatch.setattr(cli, "_config", lambda args: calls.append("command"))
     assert main(["config", "--get", "run_dir"]) == 0
     assert calls == ["tqdm", "command"]
+
+
+def test_missing_model_directory_is_named_as_model_path(demo, tmp_path, capsys):
+    """The tokenizer is read from model.path unless data.tokenizer is set: a missing model directory is reported as
+    model.path, in one line."""
+    missing = tmp_path / "no-model"
+    args = ["prepare-data", f"model.path={missing}", f"data.path={demo[1]}", f"run_dir={tmp_path / 'run'}"]
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"dpo-scale prepare-data: error: model.path={missing}: no such file or directory")
+    assert len(error.splitlines()) == 1

@@ -172,6 +172,13 @@ def test_export_loads_and_gives_the_trained_log_probs(material, tmp_path):
         start_logps = PairLogpsModel(start, config)(collate(held_out, config, tokenizer.pad_token_id))
     assert (start_logps.chosen_logps - logps.chosen_logps).abs().max() > 1e-3  # the export is the trained model
 
+    merged = tmp_path / "merged"
+    result = subprocess.run([DPO_SCALE, "export", str(tmp_path / "run"), "--out", str(merged), "--merge-lora"],
+                            capture_output=True, text=True)  # fmt: skip
+    _ok(result)
+    assert "is not a LoRA run (lora.enabled=false): there was nothing to merge" in result.stdout
+    assert (merged / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
 
 @pytest.mark.slow
 def test_bf16_run_with_wandb_offline(material, tmp_path):
