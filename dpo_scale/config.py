@@ -363,7 +363,7 @@ class CheckpointConfig:
     """Complete checkpoints kept; older ones are deleted once a newer one is complete."""
     resume: Literal["auto", "never"] = "auto"
     """auto: continue from the latest complete checkpoint in run_dir if there is one, on any number of ranks and any
-    ZeRO stage."""
+    ZeRO stage. never: start afresh, an earlier run's files in run_dir first moved to run_dir/previous-runs/N."""
     allow_new_global_batch: bool = False
     """Resume with another global batch (micro_batch_size x gradient_accumulation_steps x ranks) than the
     checkpoint's: refused unless true, since the data order then differs from the step it resumes at."""

@@ -32,14 +32,11 @@ from dpo_scale.model import PairLogpsModel, add_lora, enable_activation_checkpoi
 from dpo_scale.nf4 import NF4Reference, load_nf4_reference, nf4_memory
 from dpo_scale.ref_cache import open_cache
 from dpo_scale.reference import AdaptersDisabled, CachedReference, FrozenCopy, ReferenceSource
+from dpo_scale.run_files import STOP_REQUEST, set_aside_earlier_run
 from dpo_scale.sampler import StepSampler
 from dpo_scale.tracking import MetricsLog, ProgressBar, build_tracker, print0
 from dpo_scale.watch import FailureSigns
 
-
-# Created in run_dir (by a job script on its walltime warning, or by hand): every rank finishes its step, a checkpoint
-# is saved, the file is removed and the run exits 0; the same command resumes from that checkpoint.
-STOP_REQUEST = "stop-requested"
 
 
 class NonFiniteError(RuntimeError):
@@ -132,6 +129,9 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
     if advice:
         print0(advice)
     if world.is_main:
+        earlier = set_aside_earlier_run(run_dir) if config.checkpoint.resume == "never" else None
+        if earlier is not None:
+            print0(f"checkpoint.resume=never: {run_dir} held an earlier run; its files are now in {earlier}")
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_yaml(run_dir / "config.yaml", to_dict(config))
         _write_json(run_dir / "deepspeed.json", ds_config)
@@ -187,9 +187,9 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
     if latest is not None:
         state.start_step = checkpoint.restore(engine, latest, world)
         state.skipped_steps = engine.skipped_steps
-        if world.is_main:
-            state.metrics_log.truncate_after(state.start_step)
         print0(f"resumed from {latest} at step {state.start_step}")
+    if world.is_main:  # from step 0 too: rows of a run killed before its first checkpoint are logged again
+        state.metrics_log.truncate_after(state.start_step)
     return state
 
 
