@@ -115,10 +115,11 @@ class LogpsConfig:
 
     attention: Literal["auto", "dense", "flex", "varlen"] = "auto"
     """How the layout reaches the attention kernel. dense: a (rows, 1, T, T) mask for sdpa / eager (the padded
-    layout: its 2D mask); flex: a FlexAttention BlockMask built from the units (no T x T tensor; CUDA for training,
-    torch on CPU runs its forward only); varlen: no mask, position ids restarting per unit, as transformers'
-    padding-free path and flash-attention take it (not with prefix sharing: rejected would see chosen). auto: dense
-    on CPU; on CUDA flex where the model supports it, varlen for flash-attention models without prefix sharing."""
+    layout: its 2D mask); flex: a FlexAttention BlockMask built from the units (no T x T tensor; CUDA only, refused
+    by every command elsewhere: model.check_attention_device); varlen: no mask, position ids restarting per unit,
+    as transformers' padding-free path and flash-attention take it (not with prefix sharing: rejected would see
+    chosen). auto: dense on CPU; on CUDA flex where the model supports it, varlen for flash-attention models without
+    prefix sharing."""
 
     def __post_init__(self) -> None:
         _check_choice(self, "logps", "attention", Literal["auto", "dense", "flex", "varlen"])

@@ -34,7 +34,7 @@ from dpo_scale.hub import check_model_source
 from dpo_scale.io import atomic_open
 from dpo_scale.layout import collate
 from dpo_scale.loss import build_preference_loss, preference_metrics
-from dpo_scale.model import PairLogpsModel, load_causal_lm
+from dpo_scale.model import PairLogpsModel, check_attention_device, load_causal_lm
 from dpo_scale.ref_cache import open_cache
 from dpo_scale.reference import CachedReference
 
@@ -44,6 +44,7 @@ RewardFn = Callable[[list[str], list[str]], list[float]]
 def run_eval(config: EvalRunConfig) -> dict:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device)
     dtype = getattr(torch, config.dtype)
+    check_attention_device(config.logps, device)
     check_model_source(config.policy, "policy", "give a run directory, one of its checkpoints or a model directory")
     if config.reference:
         check_model_source(config.reference, "reference", "give the model directory or hub id the policy started from")

@@ -106,6 +106,19 @@ _MASKABLE_ATTENTION = ("sdpa", "eager")
 _VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "sdpa", "eager")
 
 
+def check_attention_device(config: LogpsConfig, device: torch.device) -> None:
+    """Refuse logps.attention=flex off CUDA, before any model is loaded. transformers runs FlexAttention through
+    torch.compile, whose CPU kernel does not build for some inputs (torch 2.13: inductor's C++ fails with
+    `'cur_kvSplitSize8' was not declared` for a Llama at Phi-3's vocabulary on 32 Chinese ShareGPT pairs, a
+    1,300-line traceback; the demo model compiles) and whose backward needs a GPU. dense gives the same log-probs
+    (tests/test_attention.py)."""
+    if config.attention == "flex" and device.type != "cuda":
+        raise ConfigError(
+            f"logps.attention=flex runs on CUDA only, and this command computes on {device.type}: use "
+            "logps.attention=dense (the same log-probs) or auto"
+        )
+
+
 def resolve_attention(config: LogpsConfig, model: nn.Module, cuda: bool) -> str:
     """logps.attention for this model and device: "padded" (the padded layout's 2D mask), "dense", "flex" or
     "varlen". Refuses a choice the model's attention implementation cannot run, when the run is built."""

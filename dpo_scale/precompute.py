@@ -28,7 +28,7 @@ from dpo_scale.data import Pair, load_prepared, padding_id, run_tokenizer, store
 from dpo_scale.ds_config import AUTO, resolve_deepspeed_config
 from dpo_scale.io import atomic_open
 from dpo_scale.layout import collate
-from dpo_scale.model import PairLogpsModel, load_causal_lm
+from dpo_scale.model import PairLogpsModel, check_attention_device, load_causal_lm
 from dpo_scale.ref_cache import FIELDS, MANIFEST, differences, fingerprint, shard_name, write_manifest, write_shard
 from dpo_scale.tracking import ProgressBar, print0
 
@@ -49,6 +49,7 @@ def precompute(config: TrainConfig) -> Path:
 
 
 def _precompute(config: TrainConfig, world: distributed.World) -> Path:
+    check_attention_device(config.logps, world.device)
     directory = Path(config.reference.cache_dir)
     ds_config = _sharded_deepspeed_config(config, world) if config.reference.precompute_sharded else None
     tokenizer = run_tokenizer(config.data, config.model.path)

@@ -28,7 +28,7 @@ from dpo_scale.layout import collate
 from dpo_scale.drift import concatenate, drift_statistics
 from dpo_scale.evaluate import distinct_n, generate
 from dpo_scale.loss import build_preference_loss, preference_metrics
-from dpo_scale.model import PairLogpsModel, add_lora, enable_activation_checkpointing
+from dpo_scale.model import PairLogpsModel, add_lora, check_attention_device, enable_activation_checkpointing
 from dpo_scale.nf4 import NF4Reference, load_nf4_reference, nf4_memory
 from dpo_scale.ref_cache import open_cache
 from dpo_scale.reference import AdaptersDisabled, CachedReference, FrozenCopy, ReferenceSource
@@ -84,6 +84,7 @@ def run(config: TrainConfig) -> list[dict]:
 
 def build(config: TrainConfig, world: distributed.World) -> Run:
     config = config.for_world(world.size)
+    check_attention_device(config.logps, world.device)
     _seed(config.seed)
     run_dir = Path(config.run_dir)
     tokenizer = run_tokenizer(config.data, config.model.path)
@@ -146,11 +147,6 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
     held, total = distributed.held_parameters(policy)
     print(f"rank {world.rank}: holds {held:,} of the policy's {total:,} parameters", flush=True)
     policy_module = PairLogpsModel(policy, config.logps, weighting=config.loss.use_weighting)
-    if policy_module.attention == "flex" and world.device.type != "cuda":
-        raise ConfigError(
-            "logps.attention=flex trains only on CUDA: torch runs FlexAttention's backward on GPUs only. On this CPU "
-            "use logps.attention=auto or dense (precompute-ref and eval may use flex: they need no gradients)"
-        )
     distributed.register_lm_head(policy_module, policy)
     engine = distributed.training_engine(policy_module, ds_config)
     distributed.check_portable_state(engine)
