@@ -110,9 +110,15 @@ def _prepare_data(args: argparse.Namespace) -> None:
     from dpo_scale.data import load_prepared, run_tokenizer, store_directory
     from dpo_scale.tracking import print0
 
+    if args.list:
+        from dpo_scale.data.cache import list_stores
+
+        print(list_stores())
+        return
     config = build(TrainConfig, _config_tree(args, {}))
-    directory = store_directory(config.data, config.run_dir)
-    data = load_prepared(config.data, run_tokenizer(config.data, config.model.path), directory)
+    tokenizer = run_tokenizer(config.data, config.model.path)
+    directory = store_directory(config.data, tokenizer, config.run_dir)
+    data = load_prepared(config.data, tokenizer, directory)
     data.verify()
     print0(f"token store {directory}: {data.summary()}")
 
@@ -219,11 +225,13 @@ def main(argv: list[str] | None = None) -> int:
 
     prepare_data = commands.add_parser(
         "prepare-data",
-        help="tokenize the training data once into its token store (data.cache_dir), which train, precompute-ref, "
-        "eval and sweep then read",
+        help="tokenize the training data once into its token store (under $DPO_SCALE_CACHE, or data.cache_dir), which "
+        "train, precompute-ref, eval and sweep then read; --list shows the stores",
         description="Example: dpo-scale prepare-data --config run.yaml data.num_workers=16 (one process using every "
-        "core), or under the deepspeed launcher / srun, where the ranks split the rows",
+        "core), or under the deepspeed launcher / srun, where the ranks split the rows. dpo-scale prepare-data --list "
+        "shows the stores under the cache root; remove one with rm -r when no job is reading it",
     )
+    prepare_data.add_argument("--list", action="store_true", help="list the token stores under the cache root and exit")
     _add_config_arguments(prepare_data, "of the training config (model or data.tokenizer, data, run_dir)",
                           "data.cache_dir=cache/hh-tokens")  # fmt: skip
     prepare_data.set_defaults(run=_prepare_data)

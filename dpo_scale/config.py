@@ -66,9 +66,11 @@ class DataConfig:
     """Raise on a pair without signal (empty completion after truncation, identical chosen and rejected)
     instead of dropping and counting it."""
     cache_dir: str | None = None
-    """The token store: the prepared pairs, tokenized once and memory-mapped by every rank, restart and sweep point
-    (see dpo_scale/data/store.py). None: `run_dir/token-store` for train and precompute-ref, the sweep's
-    `run_dir/token-store` for its points; `eval`, `logps` and `ref-drift` on their own data prepare in memory."""
+    """The token store: the prepared pairs, tokenized once and memory-mapped by every rank, restart, run and sweep
+    point (see dpo_scale/data/store.py). None: for train, precompute-ref, sweep and eval of a run, a directory named
+    by the data and settings under the cache root ($DPO_SCALE_CACHE, else HF_HOME/dpo_scale; dpo_scale/data/cache.py),
+    shared by every run with the same data and settings; `eval`, `logps` and `ref-drift` on their own data prepare
+    in memory. Set, a store there made for other data or settings is refused, naming what differs."""
     rebuild: bool = False
     """Replace a token store made for other data or settings (or damaged) instead of refusing it."""
     shard_rows: int = 8192

@@ -101,7 +101,8 @@ def _held_out_pairs(config: EvalRunConfig, run, tokenizer) -> list[Pair]:
     if config.data is not None:
         pairs = load_prepared(config.data, tokenizer, config.data.cache_dir).pairs
     elif run is not None and run.eval.every and run.eval.fraction:
-        stored = load_prepared(run.data, tokenizer, store_directory(run.data, run.run_dir)).pairs  # the run's store
+        directory = store_directory(run.data, tokenizer, run.run_dir)  # the run's store: its config records it
+        stored = load_prepared(run.data, tokenizer, directory).pairs
         pairs = PairView(stored, split_held_out(len(stored), run.eval.fraction, run.seed)[1])
     else:
         raise ConfigError(

@@ -53,7 +53,7 @@ def _precompute(config: TrainConfig, world: distributed.World) -> Path:
     directory = Path(config.reference.cache_dir)
     ds_config = _sharded_deepspeed_config(config, world) if config.reference.precompute_sharded else None
     tokenizer = run_tokenizer(config.data, config.model.path)
-    data = load_prepared(config.data, tokenizer, store_directory(config.data, config.run_dir))
+    data = load_prepared(config.data, tokenizer, store_directory(config.data, tokenizer, config.run_dir))
     print0(data.summary())
     made_for = fingerprint(config.model, config.data, tokenizer)
     if world.is_main:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -87,8 +87,11 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
     check_attention_device(config.logps, world.device)
     _seed(config.seed)
     run_dir = Path(config.run_dir)
+    latest = checkpoint.latest(run_dir) if config.checkpoint.resume == "auto" else None
     tokenizer = run_tokenizer(config.data, config.model.path)
-    data = load_prepared(config.data, tokenizer, store_directory(config.data, run_dir))
+    store = _token_store(config, tokenizer, latest)
+    config = replace(config, data=replace(config.data, cache_dir=str(store)))  # the saved config names the store read
+    data = load_prepared(config.data, tokenizer, store)
     print0(data.summary())
     train_positions, eval_positions = split_held_out(
         len(data.pairs), config.eval.fraction if config.eval.every else 0.0, config.seed
@@ -120,7 +123,6 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
         config.deepspeed, config.optim, config.micro_batch_size, config.gradient_accumulation_steps, world.size,
         total_steps,
     )  # fmt: skip
-    latest = checkpoint.latest(run_dir) if config.checkpoint.resume == "auto" else None
     if latest is not None:  # before any model is loaded: a refused resume costs seconds, not a model load
         checkpoint.check_resumable(latest, config, world, (ds_config.get("zero_optimization") or {}).get("stage", 0))
     if config.deepspeed.config == AUTO:
@@ -136,6 +138,7 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_yaml(run_dir / "config.yaml", to_dict(config))
         _write_json(run_dir / "deepspeed.json", ds_config)
+        _write_json(run_dir / "token-store.json", {"path": str(store), "fingerprint": data.manifest["fingerprint"]})
 
     policy = distributed.load_model(config.model, ds_config)
     peft_model = None
@@ -187,6 +190,16 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
     if world.is_main:  # from step 0 too: rows of a run killed before its first checkpoint are logged again
         state.metrics_log.truncate_after(state.start_step)
     return state
+
+
+def _token_store(config: TrainConfig, tokenizer, latest: Path | None) -> Path:
+    """data.cache_dir; when resuming without it, the store the checkpoint's run read (so a resumed run is refused,
+    not silently moved, when its data file has changed since); else the store's place under the cache root."""
+    if latest is not None and not config.data.cache_dir:
+        recorded = checkpoint.saved_config(latest)["data"].get("cache_dir")
+        if recorded:
+            return Path(recorded)
+    return store_directory(config.data, tokenizer, config.run_dir)
 
 
 def train(state: Run) -> None:

@@ -5,7 +5,8 @@ Importing this package loads neither transformers nor datasets; they are importe
 
 from dpo_scale.data.errors import DataError
 from dpo_scale.data.formats import Example, normalise, read_examples, split_transcripts
-from dpo_scale.data.build import load_prepared, store_directory
+from dpo_scale.data.build import load_prepared
+from dpo_scale.data.cache import store_directory
 from dpo_scale.data.pairs import Dropped, Pair, PairView, PreparedData
 from dpo_scale.data.prepare import prepare, split_held_out
 from dpo_scale.data.sources import Row, read_rows
