@@ -3,7 +3,7 @@ memory per rank, disk per pair and random access; with --train, `dpo-scale train
 
     python bench/bench_data_scale.py --sizes 10000 100000 1000000
     git worktree add /tmp/bench_ds/before 7d04e0a       # the commit before the store, for --before
-    python bench/bench_data_scale.py --train --train-pairs 100000 --before /tmp/bench_ds/before
+    python bench/bench_data_scale.py --train --train-pairs 10000 100000 --before /tmp/bench_ds/before
 
 Pairs: HH-RLHF's four test splits cycled, each transcript prefixed with "\\n\\nHuman: [i]" so that every row is
 unique; the GPT-2 tokenizer, max_length 512. Every measured step is its own child process under `/usr/bin/time -v`
@@ -29,11 +29,12 @@ whatever the data, is in it and shown apart); (4) disk bytes per pair; (5) the f
 first reads (the store checks a shard's checksum at its first read) and 1,000 more. Files are in the page cache
 throughout (just written): this compares formats, not disks.
 
---train: `dpo-scale train max_steps=1` on --train-pairs pairs with a 2-layer, 64-wide Llama at GPT-2's vocabulary
-(so that the model is not what is measured), zero0, copy reference, launched twice into the same run_dir
-(checkpoint.resume=never, so the second launch trains step 1 again). After: the second launch reuses the store the
-first built. Before (--before, a worktree of 7d04e0a run as `python -m dpo_scale.cli` with PYTHONPATH): every
-launch tokenizes in memory.
+--train: `dpo-scale train max_steps=1` at each size of --train-pairs with a 2-layer, 64-wide Llama at GPT-2's
+vocabulary (so that the model is not what is measured), zero0, copy reference, launched twice per size, the second
+launch in a NEW run_dir (another experiment on the same data), with a fresh DPO_SCALE_CACHE per side. After: the
+second launch finds the store the first built under the cache root. Before (--before, a checkout of an earlier
+commit run as `python -m dpo_scale.cli` with PYTHONPATH): what that commit did (7d04e0a tokenizes in memory at
+every launch; 972b71f builds a store in each run_dir/token-store).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def main() -> None:
     parser.add_argument("--num-proc", type=int, help="num_proc of the datasets map (default: map's, one process)")
     parser.add_argument("--reads", type=int, default=1000, help="random pairs read per round in the format check")
     parser.add_argument("--train", action="store_true", help="time `dpo-scale train max_steps=1` instead")
-    parser.add_argument("--train-pairs", type=int, default=100_000)
+    parser.add_argument("--train-pairs", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--before", type=Path, help="a worktree of the code before the store (git worktree add)")
     parser.add_argument("--work", type=Path, help="scratch directory (default: a temporary one, removed after)")
     parser.add_argument("--keep", action="store_true", help="keep each size's stores and caches")
@@ -246,11 +247,6 @@ def _bench_train(args, work: Path, tokenizer_dir: Path) -> list[dict]:
     import yaml
 
     model_dir = _write_model(work / "model", tokenizer_dir)
-    data = _synthetic_pairs(work, args.train_pairs)
-    run_yaml = work / "run.yaml"
-    run = {"model": {"path": str(model_dir)}, "data": {"path": str(data), "max_length": MAX_LENGTH},
-           "run_dir": str(work / "run")}  # fmt: skip
-    run_yaml.write_text(yaml.safe_dump(run))
     sides = [("after", [str(Path(sys.executable).parent / "dpo-scale")], {})]
     if args.before:
         before = args.before.resolve()
@@ -268,16 +264,22 @@ def _bench_train(args, work: Path, tokenizer_dir: Path) -> list[dict]:
         sides.append((f"before ({commit})", [sys.executable, "-m", "dpo_scale.cli"], env))
     rows = []
     for side, (name, launcher, env) in enumerate(sides):
-        run_dir = work / f"run-{side}"
-        command = [*launcher, "train", "--config", str(run_yaml), *TRAIN_OVERRIDES, f"run_dir={run_dir}"]
-        for launch in ("first", "second"):
-            log = work / f"train-{side}-{launch}.log"
-            measured = _measure(command, log, env={**os.environ, **env}, cwd=work)
-            text = log.read_text()
-            data_step = ("store reused" if "reusing it" in text else "store built" if "tokenizing" in text
-                         else "tokenized in memory")  # fmt: skip
-            rows.append({"side": name, "launch": launch, "data": data_step, "command": shlex.join(command), **measured})
-            print(f"{name}, {launch} launch: {measured['wall_s']:.0f} s", file=sys.stderr, flush=True)
+        env = {**os.environ, **env, "DPO_SCALE_CACHE": str(work / f"cache-{side}")}
+        for pairs in args.train_pairs:
+            run_yaml = work / f"run-{pairs}.yaml"
+            data = {"path": str(_synthetic_pairs(work, pairs)), "max_length": MAX_LENGTH}
+            run_yaml.write_text(yaml.safe_dump({"model": {"path": str(model_dir)}, "data": data, "run_dir": "unused"}))
+            for launch in ("first", "second"):
+                run_dir = work / f"run-{side}-{pairs}-{launch}"  # a new run directory for each launch
+                command = [*launcher, "train", "--config", str(run_yaml), *TRAIN_OVERRIDES, f"run_dir={run_dir}"]
+                log = work / f"train-{side}-{pairs}-{launch}.log"
+                measured = _measure(command, log, env=env, cwd=work)
+                text = log.read_text()
+                data_step = ("store reused" if "reusing it" in text else "store built" if "tokenizing" in text
+                             else "tokenized in memory")  # fmt: skip
+                rows.append({"side": name, "pairs": pairs, "launch": launch, "data": data_step,
+                             "command": shlex.join(command), **measured})  # fmt: skip
+                print(f"{name}, {pairs} pairs, {launch} launch: {measured['wall_s']:.0f} s", file=sys.stderr, flush=True)
     return rows
 
 
@@ -525,12 +527,18 @@ def _report_sizes(results: dict[int, dict], args) -> None:
 
 
 def _report_train(rows: list[dict], args) -> None:
-    print(f"`dpo-scale train max_steps=1` on {args.train_pairs:,} pairs (max_length {MAX_LENGTH}), 2-layer 64-wide "
-          "Llama at GPT-2's vocabulary, launched twice into one run_dir\n")  # fmt: skip
-    print("| code | launch | data | wall s | CPU s | peak RSS MiB | tree PSS MiB |\n|---|---|---|---|---|---|---|")
+    print(f"`dpo-scale train max_steps=1` (max_length {MAX_LENGTH}), 2-layer 64-wide Llama at GPT-2's vocabulary, "
+          "launched twice per size, each launch in a new run_dir\n")  # fmt: skip
+    print("| code | pairs | launch | data | wall s | CPU s | peak RSS MiB | tree PSS MiB |\n"
+          "|---|---|---|---|---|---|---|---|")  # fmt: skip
     for row in rows:
-        print(f"| {row['side']} | {row['launch']} | {row['data']} | {row['wall_s']:.1f} | {row['cpu_s']:.1f} "
-              f"| {row['peak_rss_mib']:,.0f} | {row['tree_pss_mib']:,.0f} |")
+        print(f"| {row['side']} | {row['pairs']:,} | {row['launch']} | {row['data']} | {row['wall_s']:.1f} "
+              f"| {row['cpu_s']:.1f} | {row['peak_rss_mib']:,.0f} | {row['tree_pss_mib']:,.0f} |")
+    for side in dict.fromkeys(row["side"] for row in rows):
+        second = {row["pairs"]: row for row in rows if row["side"] == side and row["launch"] == "second"}
+        low, high = second[min(second)], second[max(second)]
+        print(f"\n{side}: second launch at {high['pairs']:,} pairs / at {low['pairs']:,}: "
+              f"{high['wall_s'] / low['wall_s']:.2f}x wall, {high['peak_rss_mib'] / low['peak_rss_mib']:.2f}x peak RSS")
     print("\ncommands (under /usr/bin/time -v):")
     for command in dict.fromkeys(row["command"] for row in rows):
         print(f"    {command}")

@@ -108,12 +108,18 @@ def _sweep(args: argparse.Namespace) -> None:
 
 def _prepare_data(args: argparse.Namespace) -> None:
     from dpo_scale.config import TrainConfig
-    from dpo_scale.data import load_prepared, load_tokenizer, store_directory
+    from dpo_scale.data import load_prepared, run_tokenizer, store_directory
     from dpo_scale.tracking import print0
 
+    if args.list:
+        from dpo_scale.data.cache import list_stores
+
+        print(list_stores())
+        return
     config = build(TrainConfig, _config_tree(args, {}))
-    directory = store_directory(config.data, config.run_dir)
-    data = load_prepared(config.data, load_tokenizer(config.data.tokenizer or config.model.path), directory)
+    tokenizer = run_tokenizer(config.data, config.model.path)
+    directory = store_directory(config.data, tokenizer, config.run_dir)
+    data = load_prepared(config.data, tokenizer, directory)
     data.verify()
     print0(f"token store {directory}: {data.summary()}")
 
@@ -150,14 +156,14 @@ def _ref_drift(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from dpo_scale.config import EvalRunConfig
-    from dpo_scale.evaluate import run_eval
+    from dpo_scale.evaluate import run_eval, samples_path
 
     config = build(EvalRunConfig, _config_tree(args, {"policy": "policy", "data": "data.path", "out": "out"}))
     result = run_eval(config)
     rows = [("pairs", result["preference"])] + ([("generations", result["generation"])] if "generation" in result else [])
     for title, metrics in rows:
         print(f"{title}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
-    print(f"wrote {config.out} and {Path(config.out).with_suffix('.samples.md')}")
+    print(f"wrote {config.out} and {samples_path(config.out)}")
 
 
 def _plot(args: argparse.Namespace) -> None:
@@ -229,11 +235,13 @@ def main(argv: list[str] | None = None) -> int:
 
     prepare_data = commands.add_parser(
         "prepare-data",
-        help="tokenize the training data once into its token store (data.cache_dir), which train, precompute-ref, "
-        "eval and sweep then read",
+        help="tokenize the training data once into its token store (under $DPO_SCALE_CACHE, or data.cache_dir), which "
+        "train, precompute-ref, eval and sweep then read; --list shows the stores",
         description="Example: dpo-scale prepare-data --config run.yaml data.num_workers=16 (one process using every "
-        "core), or under the deepspeed launcher / srun, where the ranks split the rows",
+        "core), or under the deepspeed launcher / srun, where the ranks split the rows. dpo-scale prepare-data --list "
+        "shows the stores under the cache root; remove one with rm -r when no job is reading it",
     )
+    prepare_data.add_argument("--list", action="store_true", help="list the token stores under the cache root and exit")
     _add_config_arguments(prepare_data, "of the training config (model or data.tokenizer, data, run_dir)",
                           "data.cache_dir=cache/hh-tokens")  # fmt: skip
     prepare_data.set_defaults(run=_prepare_data)
@@ -281,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     evaluate.add_argument("--policy", help="run directory (latest checkpoint) or model directory (policy)")
     evaluate.add_argument("--data", help="held-out preference pairs (data.path); default: the run's held-out pairs")
-    evaluate.add_argument("--out", help="output JSON; samples go beside it as .samples.md (out)")
+    evaluate.add_argument("--out", help="output JSON; the samples go beside it, eval.json -> eval.samples.md (out)")
     _add_config_arguments(evaluate, "of dpo_scale.config.EvalRunConfig", "generation.temperature=0.7 num_pairs=256")
     evaluate.set_defaults(run=_eval)
 

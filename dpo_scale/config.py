@@ -116,9 +116,11 @@ class DataConfig:
     """Raise on a pair without signal (empty completion after truncation, identical chosen and rejected)
     instead of dropping and counting it."""
     cache_dir: str | None = None
-    """The token store: the prepared pairs, tokenized once and memory-mapped by every rank, restart and sweep point
-    (see dpo_scale/data/store.py). None: `run_dir/token-store` for train and precompute-ref, the sweep's
-    `run_dir/token-store` for its points; `eval`, `logps` and `ref-drift` on their own data prepare in memory."""
+    """The token store: the prepared pairs, tokenized once and memory-mapped by every rank, restart, run and sweep
+    point (see dpo_scale/data/store.py). None: for train, precompute-ref, sweep and eval of a run, a directory named
+    by the data and settings under the cache root ($DPO_SCALE_CACHE, else HF_HOME/dpo_scale; dpo_scale/data/cache.py),
+    shared by every run with the same data and settings; `eval`, `logps` and `ref-drift` on their own data prepare
+    in memory. Set, a store there made for other data or settings is refused, naming what differs."""
     rebuild: bool = False
     """Replace a token store made for other data or settings (or damaged) instead of refusing it."""
     shard_rows: int = 8192
@@ -170,10 +172,11 @@ class LogpsConfig:
 
     attention: Literal["auto", "dense", "flex", "varlen"] = "auto"
     """How the layout reaches the attention kernel. dense: a (rows, 1, T, T) mask for sdpa / eager (the padded
-    layout: its 2D mask); flex: a FlexAttention BlockMask built from the units (no T x T tensor; CUDA for training,
-    torch on CPU runs its forward only); varlen: no mask, position ids restarting per unit, as transformers'
-    padding-free path and flash-attention take it (not with prefix sharing: rejected would see chosen). auto: dense
-    on CPU; on CUDA flex where the model supports it, varlen for flash-attention models without prefix sharing."""
+    layout: its 2D mask); flex: a FlexAttention BlockMask built from the units (no T x T tensor; CUDA only, refused
+    by every command elsewhere: model.check_attention_device); varlen: no mask, position ids restarting per unit,
+    as transformers' padding-free path and flash-attention take it (not with prefix sharing: rejected would see
+    chosen). auto: dense on CPU; on CUDA flex where the model supports it, varlen for flash-attention models without
+    prefix sharing."""
 
     def __post_init__(self) -> None:
         _check_choice(self, "logps", "attention", Literal["auto", "dense", "flex", "varlen"])
@@ -418,7 +421,7 @@ class CheckpointConfig:
     """Complete checkpoints kept; older ones are deleted once a newer one is complete."""
     resume: Literal["auto", "never"] = "auto"
     """auto: continue from the latest complete checkpoint in run_dir if there is one, on any number of ranks and any
-    ZeRO stage."""
+    ZeRO stage. never: start afresh, an earlier run's files in run_dir first moved to run_dir/previous-runs/N."""
     allow_new_global_batch: bool = False
     """Resume with another global batch (micro_batch_size x gradient_accumulation_steps x ranks) than the
     checkpoint's: refused unless true, since the data order then differs from the step it resumes at."""
@@ -622,7 +625,7 @@ class EvalRunConfig:
     """A run directory (its latest checkpoint), one checkpoint (run_dir/checkpoints/step-N) or a model directory
     (e.g. from `dpo-scale export`)."""
     out: str
-    """Output JSON, written atomically; the samples go beside it as <out>.samples.md."""
+    """Output JSON, written atomically; the samples go beside it, its suffix replaced (eval.json -> eval.samples.md)."""
     reference: str | None = None
     """The reference model directory; default: the run's model.path (required when policy is a model directory)."""
     reference_cache: str | None = None

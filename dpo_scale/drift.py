@@ -27,11 +27,11 @@ import torch
 from torch import nn
 
 from dpo_scale.config import ConfigError, DataConfig, LogpsConfig, ModelConfig
-from dpo_scale.data import Pair, load_prepared, load_tokenizer, padding_id
+from dpo_scale.data import Pair, load_prepared, padding_id, run_tokenizer
 from dpo_scale.io import atomic_open
 from dpo_scale.layout import collate
 from dpo_scale.loss import PairLogps
-from dpo_scale.model import PairLogpsModel, load_causal_lm
+from dpo_scale.model import PairLogpsModel, check_attention_device, load_causal_lm
 from dpo_scale.nf4 import NF4Reference, default_device, load_nf4_reference, nf4_memory
 
 
@@ -148,7 +148,9 @@ def run_drift(
         raise ConfigError(f"num_pairs={num_pairs}, batch_size={batch_size}: both must be at least 1")
     model_config = ModelConfig(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
     logps_config = logps_config or LogpsConfig()
-    tokenizer = load_tokenizer(data_config.tokenizer or model_path)
+    device = default_device()
+    check_attention_device(logps_config, device)
+    tokenizer = run_tokenizer(data_config, model_path)
     data = load_prepared(data_config, tokenizer, data_config.cache_dir)
     print(data.summary(), flush=True)
     pairs = data.pairs[:num_pairs]
@@ -156,7 +158,6 @@ def run_drift(
         raise ConfigError(f"data.path={data_config.path}: no pairs left after preparation to measure drift on")
     pad_token_id = padding_id(tokenizer)
 
-    device = default_device()
     full = load_causal_lm(model_config).to(device).eval()
     nf4 = load_nf4_reference(model_config, double_quant, compute_dtype, device)
     memory = nf4_memory(nf4)  # before the first forward: bitsandbytes may repack weights there

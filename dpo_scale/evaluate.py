@@ -27,11 +27,14 @@ import torch
 
 from dpo_scale.checkpoint import is_checkpoint
 from dpo_scale.config import ConfigError, EvalRunConfig, GenerationConfig, LossConfig, ModelConfig
-from dpo_scale.data import Pair, PairView, load_prepared, load_tokenizer, padding_id, split_held_out, store_directory
+from dpo_scale.data import (
+    Pair, PairView, load_prepared, load_tokenizer, padding_id, run_tokenizer, split_held_out, store_directory,
+)  # fmt: skip
+from dpo_scale.hub import check_model_source
 from dpo_scale.io import atomic_open
 from dpo_scale.layout import collate
 from dpo_scale.loss import build_preference_loss, preference_metrics
-from dpo_scale.model import PairLogpsModel, load_causal_lm
+from dpo_scale.model import PairLogpsModel, check_attention_device, load_causal_lm
 from dpo_scale.ref_cache import open_cache
 from dpo_scale.reference import CachedReference
 
@@ -41,11 +44,15 @@ RewardFn = Callable[[list[str], list[str]], list[float]]
 def run_eval(config: EvalRunConfig) -> dict:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device)
     dtype = getattr(torch, config.dtype)
+    check_attention_device(config.logps, device)
+    check_model_source(config.policy, "policy", "give a run directory, one of its checkpoints or a model directory")
+    if config.reference:
+        check_model_source(config.reference, "reference", "give the model directory or hub id the policy started from")
     policy, run = _load_policy(config.policy)
     reference_path = config.reference or (run.model.path if run else None)
     if reference_path is None:
         raise ConfigError(f"policy={config.policy} is a model directory: set reference=DIR (the model it started from)")
-    tokenizer = load_tokenizer((run.data.tokenizer or run.model.path) if run else config.policy)
+    tokenizer = run_tokenizer(run.data, run.model.path) if run else load_tokenizer(config.policy, "policy")
     reward_fn = load_reward_fn(config.generation.reward_fn) if config.generation.reward_fn else None
     pairs = _held_out_pairs(config, run, tokenizer)
     loss_config = config.loss or (run.loss if run else LossConfig())
@@ -71,9 +78,14 @@ def run_eval(config: EvalRunConfig) -> dict:
     out = Path(config.out)
     with atomic_open(out) as handle:
         json.dump(result, handle, indent=2)
-    with atomic_open(out.with_suffix(".samples.md")) as handle:
+    with atomic_open(samples_path(out)) as handle:
         handle.write(samples_table(samples))
     return result
+
+
+def samples_path(out: str | Path) -> Path:
+    """The samples table beside the output JSON: its suffix replaced (eval/hh.json -> eval/hh.samples.md)."""
+    return Path(out).with_suffix(".samples.md")
 
 
 def _load_policy(path: str) -> tuple[torch.nn.Module, object]:
@@ -89,7 +101,8 @@ def _held_out_pairs(config: EvalRunConfig, run, tokenizer) -> list[Pair]:
     if config.data is not None:
         pairs = load_prepared(config.data, tokenizer, config.data.cache_dir).pairs
     elif run is not None and run.eval.every and run.eval.fraction:
-        stored = load_prepared(run.data, tokenizer, store_directory(run.data, run.run_dir)).pairs  # the run's store
+        directory = store_directory(run.data, tokenizer, run.run_dir)  # the run's store: its config records it
+        stored = load_prepared(run.data, tokenizer, directory).pairs
         pairs = PairView(stored, split_held_out(len(stored), run.eval.fraction, run.seed)[1])
     else:
         raise ConfigError(

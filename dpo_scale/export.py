@@ -18,14 +18,17 @@ from dpo_scale.model import add_lora
 
 
 def export(run_dir: str | Path, out: str | Path, merge_lora: bool = False) -> Path:
-    from dpo_scale.data import load_tokenizer
+    from dpo_scale.data import run_tokenizer
 
     model, config = load_trained_policy(run_dir, merge_lora=merge_lora)
+    if merge_lora and not config.lora.enabled:
+        print(f"export: {run_dir} is not a LoRA run (lora.enabled=false): there was nothing to merge, so --merge-lora "
+              "changed nothing; writing its full weights", flush=True)  # fmt: skip
     out = Path(out)
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True)
-    load_tokenizer(config.data.tokenizer or config.model.path).save_pretrained(staging)
+    run_tokenizer(config.data, config.model.path).save_pretrained(staging)
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     return out

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from dpo_scale.config import ConfigError, LogpsConfig, LoraConfig, ModelConfig
+from dpo_scale.hub import check_model_source
 from dpo_scale.layout import PairBatch, block_mask, dense_mask, padding_mask
 from dpo_scale.logps import (
     LMHead,
@@ -28,6 +29,7 @@ def load_causal_lm(config: ModelConfig) -> nn.Module:
     """`from_pretrained` with safetensors only (no pickle from a shared cluster) and remote code off by default."""
     from transformers import AutoModelForCausalLM
 
+    check_model_source(config.path, "model.path", "point model.path at a model directory or a hub id")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             config.path,
@@ -104,6 +106,19 @@ _MASKABLE_ATTENTION = ("sdpa", "eager")
 # ... and those that take packed units as position ids restarting per unit, with no mask: flash-attention's varlen
 # kernels; sdpa and eager build the equivalent mask inside transformers (masking_utils.find_packed_sequence_indices).
 _VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "sdpa", "eager")
+
+
+def check_attention_device(config: LogpsConfig, device: torch.device) -> None:
+    """Refuse logps.attention=flex off CUDA, before any model is loaded. transformers runs FlexAttention through
+    torch.compile, whose CPU kernel does not build for some inputs (torch 2.13: inductor's C++ fails with
+    `'cur_kvSplitSize8' was not declared` for a Llama at Phi-3's vocabulary on 32 Chinese ShareGPT pairs, a
+    1,300-line traceback; the demo model compiles) and whose backward needs a GPU. dense gives the same log-probs
+    (tests/test_attention.py)."""
+    if config.attention == "flex" and device.type != "cuda":
+        raise ConfigError(
+            f"logps.attention=flex runs on CUDA only, and this command computes on {device.type}: use "
+            "logps.attention=dense (the same log-probs) or auto"
+        )
 
 
 def resolve_attention(config: LogpsConfig, model: nn.Module, cuda: bool) -> str:

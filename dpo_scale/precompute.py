@@ -27,11 +27,11 @@ import torch
 
 from dpo_scale import distributed
 from dpo_scale.config import ConfigError, LogpsConfig, TrainConfig
-from dpo_scale.data import Pair, load_prepared, load_tokenizer, padding_id, store_directory
+from dpo_scale.data import Pair, load_prepared, padding_id, run_tokenizer, store_directory
 from dpo_scale.ds_config import AUTO, resolve_deepspeed_config
 from dpo_scale.io import atomic_open
 from dpo_scale.layout import collate, sequence_parallel_multiple
-from dpo_scale.model import PairLogpsModel, load_causal_lm
+from dpo_scale.model import PairLogpsModel, check_attention_device, load_causal_lm
 from dpo_scale.ref_cache import FIELDS, MANIFEST, differences, fingerprint, shard_name, write_manifest, write_shard
 from dpo_scale.tracking import ProgressBar, print0
 
@@ -52,13 +52,14 @@ def precompute(config: TrainConfig) -> Path:
 
 
 def _precompute(config: TrainConfig, world: distributed.World) -> Path:
+    check_attention_device(config.logps, world.device)
     directory = Path(config.reference.cache_dir)
     replicas = config.data_parallel_size(world.size)
     sequence = distributed.init_groups(config.sequence_parallel_size)
     replica = world.rank // sequence.size
     ds_config = _sharded_deepspeed_config(config, world) if config.reference.precompute_sharded else None
-    tokenizer = load_tokenizer(config.data.tokenizer or config.model.path)
-    data = load_prepared(config.data, tokenizer, store_directory(config.data, config.run_dir))
+    tokenizer = run_tokenizer(config.data, config.model.path)
+    data = load_prepared(config.data, tokenizer, store_directory(config.data, tokenizer, config.run_dir))
     print0(data.summary())
     made_for = fingerprint(config.model, config.data, tokenizer)
     if world.is_main:

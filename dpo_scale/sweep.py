@@ -8,7 +8,7 @@
 A grid key is a dotted config key, or a field name found once in the config (beta -> loss.beta, lr -> optim.lr).
 Point K is the K-th combination, the first key varying slowest; it trains in run_dir/<name=value_...>. Every point
 is checked (built as a config) before anything runs. The points share everything else, e.g. one reference cache,
-and one token store (`data.cache_dir`, by default run_dir/token-store of the sweep): the first point builds it.
+and one token store (under the cache root, data/cache.py, or data.cache_dir): the first point builds it.
 After a local run, or with --summarize, run_dir/summary.csv and summary.md hold each point's final and best metrics,
 best first, and run_dir/sweep.png overlays the points' curves.
 """
@@ -92,8 +92,6 @@ def expand(tree: dict, grid: dict[str, list[str]]) -> list[Point]:
         overrides = [f"{key}={value}" for key, value in zip(grid, values)]
         run_dir = Path(base.run_dir) / name
         overrides.append(f"run_dir={run_dir}")
-        if not base.data.cache_dir:  # one token store for every point, beside them, instead of one per point
-            overrides.append(f"data.cache_dir={Path(base.run_dir) / 'token-store'}")
         try:
             build(TrainConfig, merge(tree, parse_overrides(overrides)))
         except ConfigError as error:

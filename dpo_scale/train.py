@@ -16,32 +16,29 @@ import random
 import socket
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from dpo_scale import checkpoint, distributed
 from dpo_scale.config import ConfigError, GenerationConfig, TrainConfig, to_dict
-from dpo_scale.data import Pair, PairView, load_prepared, load_tokenizer, padding_id, split_held_out, store_directory
+from dpo_scale.data import Pair, PairView, load_prepared, padding_id, run_tokenizer, split_held_out, store_directory
 from dpo_scale.ds_config import AUTO, resolve_deepspeed_config, shipped_config_for, single_process_advice
 from dpo_scale.io import atomic_open
 from dpo_scale.layout import collate, sequence_parallel_multiple
 from dpo_scale.drift import concatenate, drift_statistics
 from dpo_scale.evaluate import distinct_n, generate
 from dpo_scale.loss import build_preference_loss, preference_metrics
-from dpo_scale.model import PairLogpsModel, add_lora, enable_activation_checkpointing
+from dpo_scale.model import PairLogpsModel, add_lora, check_attention_device, enable_activation_checkpointing
 from dpo_scale.nf4 import NF4Reference, load_nf4_reference, nf4_memory
 from dpo_scale.ref_cache import open_cache
 from dpo_scale.reference import AdaptersDisabled, CachedReference, FrozenCopy, ReferenceSource
+from dpo_scale.run_files import STOP_REQUEST, set_aside_earlier_run
 from dpo_scale.sampler import StepSampler
 from dpo_scale.tracking import MetricsLog, ProgressBar, build_tracker, print0
 from dpo_scale.watch import FailureSigns
 
-
-# Created in run_dir (by a job script on its walltime warning, or by hand): every rank finishes its step, a checkpoint
-# is saved, the file is removed and the run exits 0; the same command resumes from that checkpoint.
-STOP_REQUEST = "stop-requested"
 
 
 class NonFiniteError(RuntimeError):
@@ -95,6 +92,7 @@ def run(config: TrainConfig) -> list[dict]:
 
 def build(config: TrainConfig, world: distributed.World) -> Run:
     config = config.for_world(world.size)
+    check_attention_device(config.logps, world.device)
     replicas = config.data_parallel_size(world.size)  # groups of sequence_parallel_size ranks share a micro-batch
     sequence = distributed.init_groups(config.sequence_parallel_size)
     replica = world.rank // config.sequence_parallel_size
@@ -104,8 +102,11 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
               f"(ranks {replica * sequence.size}-{(replica + 1) * sequence.size - 1})", flush=True)  # fmt: skip
     _seed(config.seed)
     run_dir = Path(config.run_dir)
-    tokenizer = load_tokenizer(config.data.tokenizer or config.model.path)
-    data = load_prepared(config.data, tokenizer, store_directory(config.data, run_dir))
+    latest = checkpoint.latest(run_dir) if config.checkpoint.resume == "auto" else None
+    tokenizer = run_tokenizer(config.data, config.model.path)
+    store = _token_store(config, tokenizer, latest)
+    config = replace(config, data=replace(config.data, cache_dir=str(store)))  # the saved config names the store read
+    data = load_prepared(config.data, tokenizer, store)
     print0(data.summary())
     train_positions, eval_positions = split_held_out(
         len(data.pairs), config.eval.fraction if config.eval.every else 0.0, config.seed
@@ -138,7 +139,6 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
         config.deepspeed, config.optim, config.micro_batch_size, config.gradient_accumulation_steps, world.size,
         total_steps, config.sequence_parallel_size,
     )  # fmt: skip
-    latest = checkpoint.latest(run_dir) if config.checkpoint.resume == "auto" else None
     if latest is not None:  # before any model is loaded: a refused resume costs seconds, not a model load
         checkpoint.check_resumable(latest, config, world, (ds_config.get("zero_optimization") or {}).get("stage", 0))
     if config.deepspeed.config == AUTO:
@@ -148,9 +148,13 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
     if advice:
         print0(advice)
     if world.is_main:
+        earlier = set_aside_earlier_run(run_dir) if config.checkpoint.resume == "never" else None
+        if earlier is not None:
+            print0(f"checkpoint.resume=never: {run_dir} held an earlier run; its files are now in {earlier}")
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_yaml(run_dir / "config.yaml", to_dict(config))
         _write_json(run_dir / "deepspeed.json", ds_config)
+        _write_json(run_dir / "token-store.json", {"path": str(store), "fingerprint": data.manifest["fingerprint"]})
 
     policy = distributed.load_model(config.model, ds_config)
     peft_model = None
@@ -164,11 +168,6 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
     policy_module = PairLogpsModel(policy, config.logps, weighting=config.loss.use_weighting, sequence=sequence)
     if sequence.size > 1:
         distributed.install_ulysses(policy, sequence)
-    if policy_module.attention == "flex" and world.device.type != "cuda":
-        raise ConfigError(
-            "logps.attention=flex trains only on CUDA: torch runs FlexAttention's backward on GPUs only. On this CPU "
-            "use logps.attention=auto or dense (precompute-ref and eval may use flex: they need no gradients)"
-        )
     distributed.register_lm_head(policy_module, policy)
     engine = distributed.training_engine(policy_module, ds_config, sequence)
     distributed.check_portable_state(engine)
@@ -210,10 +209,20 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
     if latest is not None:
         state.start_step = checkpoint.restore(engine, latest, world)
         state.skipped_steps = engine.skipped_steps
-        if world.is_main:
-            state.metrics_log.truncate_after(state.start_step)
         print0(f"resumed from {latest} at step {state.start_step}")
+    if world.is_main:  # from step 0 too: rows of a run killed before its first checkpoint are logged again
+        state.metrics_log.truncate_after(state.start_step)
     return state
+
+
+def _token_store(config: TrainConfig, tokenizer, latest: Path | None) -> Path:
+    """data.cache_dir; when resuming without it, the store the checkpoint's run read (so a resumed run is refused,
+    not silently moved, when its data file has changed since); else the store's place under the cache root."""
+    if latest is not None and not config.data.cache_dir:
+        recorded = checkpoint.saved_config(latest)["data"].get("cache_dir")
+        if recorded:
+            return Path(recorded)
+    return store_directory(config.data, tokenizer, config.run_dir)
 
 
 def train(state: Run) -> None:

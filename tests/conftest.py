@@ -8,10 +8,16 @@ full run. `python -m pytest -q -m "not slow" tests` is the edit-test loop (454 t
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests build or read everything locally; never wait on a hub
+if "DPO_SCALE_CACHE" not in os.environ:  # token stores of this session (train subprocesses too), not the user's cache
+    os.environ["DPO_SCALE_CACHE"] = tempfile.mkdtemp(prefix="dpo_scale-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["DPO_SCALE_CACHE"], True)
 # Many tests launch 2 CPU ranks on a 2-core machine, and each rank's torch would start one OpenMP thread per core:
 # oversubscribed, they spin against each other (a 2-rank, 20-step demo run: 18.2 s with the default, 15.0 s with
 # a core's share each; one process: 7.6 s vs 7.9 s). torchrun makes the same choice for its ranks.

@@ -127,3 +127,31 @@ def test_every_command_stops_the_tqdm_monitor_before_it_runs(monkeypatch):
     monkeypatch.setattr(cli, "_config", lambda args: calls.append("command"))
     assert main(["config", "--get", "run_dir"]) == 0
     assert calls == ["tqdm", "command"]
+
+
+def test_missing_model_directory_is_named_as_model_path(demo, tmp_path, capsys):
+    """The tokenizer is read from model.path unless data.tokenizer is set: a missing model directory is reported as
+    model.path, in one line."""
+    missing = tmp_path / "no-model"
+    args = ["prepare-data", f"model.path={missing}", f"data.path={demo[1]}", f"run_dir={tmp_path / 'run'}"]
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"dpo-scale prepare-data: error: model.path={missing}: no such file or directory")
+    assert len(error.splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["logps", "eval"])
+def test_flex_attention_off_cuda_is_refused_up_front(demo, tmp_path, capsys, command):
+    """On a CPU, logps.attention=flex would fail after a minute in torch.compile's C++ build: refused in one line
+    naming the choice that works, before any model is loaded, and nothing written."""
+    model_dir, data_path = demo
+    out = tmp_path / "out.json"
+    if command == "logps":
+        args = ["logps", "--model", str(model_dir), "--data", str(data_path), "--out", str(out)]
+    else:
+        args = ["eval", "--policy", str(model_dir), "--data", str(data_path), "--out", str(out), f"reference={model_dir}"]
+    assert main([*args, "logps.attention=flex"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == (f"dpo-scale {command}: error: logps.attention=flex runs on CUDA only, and this command computes "
+                     "on cpu: use logps.attention=dense (the same log-probs) or auto")  # fmt: skip
+    assert not out.exists()

@@ -1,6 +1,7 @@
 """Building the token store as users run it: `dpo-scale prepare-data`, killed and restarted, two jobs at once, and a
 2-rank `deepspeed` launch whose store a second launch and a sweep reuse without tokenizing."""
 
+import json
 import os
 import re
 import signal
@@ -124,19 +125,33 @@ def test_a_two_rank_launch_builds_once_and_a_second_launch_and_a_sweep_reuse_it(
 
 
 @pytest.mark.slow
-def test_a_sweep_shares_one_store_beside_its_points(material, tmp_path):
-    """Without data.cache_dir, the sweep's points read run_dir/token-store of the sweep: the first point builds it,
-    the second reuses it."""
-    tree = base_config(material, tmp_path / "sweep", data={"path": str(material[1]), "shard_rows": 4096}, max_steps=1)
+def test_runs_and_sweep_points_share_one_store_under_the_cache_root(material, tmp_path):
+    """Without data.cache_dir, a run builds the store under the cache root ($DPO_SCALE_CACHE), named for the data,
+    and records it (path in config.yaml, path and fingerprint in token-store.json); the points of a sweep, in other
+    run directories, find it and tokenize nothing."""
+    cache = tmp_path / "cache"
+    data = {"path": str(material[1]), "shard_rows": 4096}
+    tree = base_config(material, tmp_path / "first", data=data, max_steps=1)
+    first = train(tree, env_extra={"DPO_SCALE_CACHE": str(cache)})
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert _built(first.stdout) == 3, first.stdout
+    (store,) = cache.iterdir()
+    assert store.name.startswith("preferences.jsonl-")
+    assert yaml.safe_load((tmp_path / "first" / "config.yaml").read_text())["data"]["cache_dir"] == str(store)
+    fingerprint = json.loads((store / "manifest.json").read_text())["fingerprint"]
+    recorded = json.loads((tmp_path / "first" / "token-store.json").read_text())
+    assert recorded == {"path": str(store), "fingerprint": fingerprint}
+
     config = tmp_path / "sweep.yaml"
-    config.write_text(yaml.safe_dump(tree))
+    config.write_text(yaml.safe_dump(base_config(material, tmp_path / "sweep", data=data, max_steps=1)))
     sweep = subprocess.run(
         [DPO_SCALE, "sweep", "--config", str(config), "--grid", "beta=0.1,0.2"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "DPO_SCALE_CACHE": str(cache)},
     )  # fmt: skip
     assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
-    assert _built(sweep.stdout) == 3 and sweep.stdout.count("reusing it") == 1, sweep.stdout
-    assert (tmp_path / "sweep" / "token-store" / "manifest.json").exists()
+    assert _built(sweep.stdout) == 0 and sweep.stdout.count(f"token store {store}: reusing it") == 2, sweep.stdout
+    assert list(cache.iterdir()) == [store]
 
 
 @pytest.mark.slow

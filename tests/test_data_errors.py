@@ -4,12 +4,13 @@ No raw KeyError, UnicodeDecodeError or JSONDecodeError escapes, and none is chai
 """
 
 import json
+import shutil
 from dataclasses import dataclass, field
 
 import pytest
 
 from dpo_scale.config import DataConfig
-from dpo_scale.data import DataError, load_tokenizer, prepare
+from dpo_scale.data import DataError, load_tokenizer, prepare, run_tokenizer
 
 OK = {"prompt": "Q:", "chosen": " a", "rejected": " b"}
 SAME = {**OK, "rejected": OK["chosen"]}
@@ -142,8 +143,21 @@ def test_broken_tokenizer_names_the_bad_line(shared_data):
 
 
 def test_missing_tokenizer(tmp_path):
-    with pytest.raises(DataError, match=r"tokenizer .*nowhere: no such file or directory\. Fix: give a tokenizer"):
+    with pytest.raises(DataError, match=r"tokenizer .*nowhere: no such file or directory \(not a hub id either\)\. "
+                                        r"Fix: give a tokenizer"):  # fmt: skip
         load_tokenizer(str(tmp_path / "nowhere"))
+
+
+def test_missing_model_path_is_named_as_the_tokenizer_source(tmp_path, byte_tokenizer):
+    """Without data.tokenizer the tokenizer is read from model.path: a missing model directory is named by that key;
+    data.tokenizer is named only when it is what was set."""
+    missing = str(tmp_path / "no-model")
+    with pytest.raises(DataError, match=r"^model\.path=.*no-model: no such file or directory .*Fix: point model\.path"):
+        run_tokenizer(DataConfig(path="d.jsonl"), missing)
+    with pytest.raises(DataError, match=r"^data\.tokenizer=.*no-tokenizer: no such file"):
+        run_tokenizer(DataConfig(path="d.jsonl", tokenizer=str(tmp_path / "no-tokenizer")), missing)
+    byte_tokenizer.save_pretrained(tmp_path / "tok")
+    assert run_tokenizer(DataConfig(path="d.jsonl", tokenizer=str(tmp_path / "tok")), missing).eos_token == "</s>"
 
 
 def test_bare_gpt2_tokenizer_json_has_no_eos_for_plain_text(shared_data, tmp_path):
@@ -151,5 +165,17 @@ def test_bare_gpt2_tokenizer_json_has_no_eos_for_plain_text(shared_data, tmp_pat
     tokenizer = load_tokenizer(str(shared_data / "tokenizers" / "gpt2" / "tokenizer.json"))
     path = tmp_path / "pairs.jsonl"
     path.write_bytes(jsonl(OK))
-    with pytest.raises(DataError, match=r"pairs.jsonl line 1, field 'chosen': .* has none\. Fix: "):
+    with pytest.raises(DataError, match=r"pairs.jsonl line 1, field 'chosen': .* has none\. Fix: point data\.tok"):
         prepare(DataConfig(path=str(path)), tokenizer)
+
+
+def test_the_no_eos_fix_works(shared_data, tmp_path):
+    """The message's second fix, followed: tokenizer_config.json naming eos_token beside the bare tokenizer.json."""
+    directory = tmp_path / "gpt2"
+    directory.mkdir()
+    shutil.copy(shared_data / "tokenizers" / "gpt2" / "tokenizer.json", directory / "tokenizer.json")
+    (directory / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>"}')
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(jsonl(OK))
+    pair = prepare(DataConfig(path=str(path)), load_tokenizer(str(directory))).pairs[0]
+    assert pair.chosen_ids[-1] == pair.rejected_ids[-1] == 50256  # GPT-2's <|endoftext|>

@@ -24,7 +24,6 @@ def test_grid_keys_resolve_and_points_are_the_product():
     assert points[0].name == "beta=0.05_lr=5e-7_loss_type=sigmoid"
     assert points[-1].overrides == [
         "loss.beta=0.5", "optim.lr=1e-6", "loss.loss_type=ipo", "run_dir=runs/sweep/beta=0.5_lr=1e-6_loss_type=ipo",
-        "data.cache_dir=runs/sweep/token-store",
     ]  # fmt: skip
 
 
@@ -55,7 +54,7 @@ def test_print_point_gives_train_arguments(tmp_path, capsys):
     assert main([*args, "--count"]) == 0
     assert capsys.readouterr().out == "4\n"
     assert main([*args, "--print-point", "1"]) == 0
-    point = ["loss.beta=0.1", "optim.lr=2e-6", "run_dir=runs/s/beta=0.1_lr=2e-6", "data.cache_dir=runs/s/token-store"]
+    point = ["loss.beta=0.1", "optim.lr=2e-6", "run_dir=runs/s/beta=0.1_lr=2e-6"]
     expected = ["--config", str(config), "max_steps=3", *point]
     assert capsys.readouterr().out.splitlines() == expected
     assert main([*args, "--print-point", "4"]) == 2

@@ -146,6 +146,25 @@ def test_stop_request_checkpoints_exits_and_resumes_bitwise(material, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_new_run_in_an_old_run_directory_moves_the_old_files_aside(material, tmp_path):
+    """checkpoint.resume=never where an earlier run finished: the earlier run's files go to previous-runs/1 (the
+    output says so), and the new run's metrics.jsonl holds each of its steps once, none of the earlier run's."""
+    tree = base_config(material, tmp_path / "run", max_steps=3, micro_batch_size=4)
+    _ok(train(tree))
+    earlier = train_metrics(tmp_path / "run")
+    tree["loss"] = {"beta": 0.5}
+    second = train(tree, overrides=("checkpoint.resume=never",))
+    _ok(second)
+    moved = tmp_path / "run" / "previous-runs" / "1"
+    assert f"held an earlier run; its files are now in {moved}" in second.stdout
+    assert train_metrics(moved) == earlier
+    assert (moved / "checkpoints" / "latest").read_text().strip() == "step-00000003"
+    assert [r["step"] for r in train_metrics(tmp_path / "run")] == [1, 2, 3]
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["loss"]["beta"] == 0.5
+    assert yaml.safe_load((moved / "config.yaml").read_text())["loss"]["beta"] == 0.1
+
+
+@pytest.mark.slow
 def test_export_loads_and_gives_the_trained_log_probs(material, tmp_path):
     """The exported directory loads with from_pretrained; its log-probs on the held-out pairs equal the run's final
     evaluation (taken after the last update), up to fp32 reordering between ZeRO-3 and a plain forward (1e-5)."""
@@ -171,6 +190,13 @@ def test_export_loads_and_gives_the_trained_log_probs(material, tmp_path):
     with torch.no_grad():
         start_logps = PairLogpsModel(start, config)(collate(held_out, config, tokenizer.pad_token_id))
     assert (start_logps.chosen_logps - logps.chosen_logps).abs().max() > 1e-3  # the export is the trained model
+
+    merged = tmp_path / "merged"
+    result = subprocess.run([DPO_SCALE, "export", str(tmp_path / "run"), "--out", str(merged), "--merge-lora"],
+                            capture_output=True, text=True)  # fmt: skip
+    _ok(result)
+    assert "is not a LoRA run (lora.enabled=false): there was nothing to merge" in result.stdout
+    assert (merged / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
 
 
 @pytest.mark.slow

@@ -5,11 +5,12 @@ Importing this package loads neither transformers nor datasets; they are importe
 
 from dpo_scale.data.errors import DataError
 from dpo_scale.data.formats import Example, normalise, read_examples, split_transcripts
-from dpo_scale.data.build import load_prepared, store_directory
+from dpo_scale.data.build import load_prepared
+from dpo_scale.data.cache import store_directory
 from dpo_scale.data.pairs import Dropped, Pair, PairView, PreparedData
 from dpo_scale.data.prepare import prepare, split_held_out
 from dpo_scale.data.sources import Row, read_rows
-from dpo_scale.data.tokenizer import load_tokenizer, padding_id
+from dpo_scale.data.tokenizer import load_tokenizer, padding_id, run_tokenizer
 
 __all__ = [
     "DataError",
@@ -26,6 +27,7 @@ __all__ = [
     "prepare",
     "read_examples",
     "read_rows",
+    "run_tokenizer",
     "split_held_out",
     "split_transcripts",
     "store_directory",

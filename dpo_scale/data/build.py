@@ -47,8 +47,8 @@ from dpo_scale.data.pairs import SIGNAL_REASONS, PreparedData
 from dpo_scale.data.prepare import check_not_empty, no_signal_error, prepare, prepare_examples
 from dpo_scale.data.sources import Row, read_rows
 from dpo_scale.data.store import (
-    BUILD_CLAIM, TokenStore, filtered_name, read_manifest, rows_name, shard_done, source_prefix, token_dtype,
-    write_manifest, write_shard,
+    BUILD_CLAIM, TokenStore, filtered_name, mark_used, read_manifest, rows_name, shard_done, source_prefix,
+    token_dtype, write_manifest, write_shard,
 )  # fmt: skip
 from dpo_scale.io import atomic_open
 
@@ -75,21 +75,30 @@ def load_prepared(
     return store
 
 
-def store_directory(config: DataConfig, run_dir: str | Path) -> Path:
-    """data.cache_dir, or the run's own `run_dir/token-store`."""
-    return Path(config.cache_dir) if config.cache_dir else Path(run_dir) / "token-store"
-
-
 def store_fingerprint(
     config: DataConfig, tokenizer: PreTrainedTokenizerBase, known_files: list[dict] | None = None
 ) -> dict[str, Any]:
     """Everything that decides the stored tokens, one key per setting so a refusal can name the one that differs."""
     files = data_files(config.path)
     root = Path(config.path)
+    return {
+        "data_files": describe_files(files, root, known_files) if files else f"hub:{config.path}",
+        **tokenizing_settings(config, tokenizer),
+    }
+
+
+def data_location(path: str) -> str:
+    """The data as the store's listing shows it: a local path made absolute, a hub id as given."""
+    local = Path(path)
+    return str(local.resolve()) if local.exists() else path
+
+
+def tokenizing_settings(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """The store fingerprint's fields apart from the data: the tokenizer, the code's version, the data settings
+    (with the evaluation file that data.filters.drop_contaminated compares against)."""
     eval_path = config.filters.eval_path if config.filters.drop_contaminated else None
     eval_files = data_files(eval_path) if eval_path else []
     return {
-        "data_files": describe_files(files, root, known_files) if files else f"hub:{config.path}",
         "tokenizer": tokenizer_digest(tokenizer),
         "chat_template": chat_template_digest(tokenizer),
         "dpo_scale_version": __version__,
@@ -149,6 +158,8 @@ def open_or_build(
         )
     if launch.is_main and not built_now:
         print(f"token store {directory}: reusing it (built earlier for this data and these settings)", flush=True)
+    if launch.is_main:
+        mark_used(directory)
     return TokenStore(directory, manifest)
 
 
@@ -217,6 +228,7 @@ def _build(config: DataConfig, tokenizer, directory: Path, launch: Launch) -> No
     claim = {
         "fingerprint": store_fingerprint(config, tokenizer), "shard_rows": config.shard_rows,
         "token_dtype": token_dtype(len(tokenizer)).name, "source_prefix": source_prefix(first.source),
+        "data_path": data_location(config.path),
     }  # fmt: skip
     _claim(directory, claim)
     writer = ShardWriter(config, fmt, tokenizer, directory, np.dtype(claim["token_dtype"]))
@@ -239,7 +251,7 @@ def _build(config: DataConfig, tokenizer, directory: Path, launch: Launch) -> No
         progress.close()
     print(f"token store {directory}: rank {launch.rank} built {builder.built} of {num_shards} shards", flush=True)
     if launch.is_main and read_manifest(directory) is None:
-        build = {key: claim[key] for key in ("shard_rows", "token_dtype", "source_prefix")}
+        build = {key: claim[key] for key in ("shard_rows", "token_dtype", "source_prefix", "data_path")}
         rows_file = rows_name
         if config.filters.any:
             filter_store(config, tokenizer, directory, num_shards)

@@ -8,6 +8,7 @@
         shard-00000.filtered.npy  only with data.filters: the rows file with the filters' drops (filters.py)
         ...
         manifest.json             fingerprint, counts, and every file's size and sha256: written last
+        last-used                 empty; touched whenever a process opens the store (for the listing)
 
 Shard k holds input rows [k * shard_rows, (k + 1) * shard_rows), so the files depend only on the data and the
 settings, never on how many processes built them or whether the build was interrupted. Each file appears only
@@ -36,6 +37,7 @@ from dpo_scale.io import atomic_open
 
 MANIFEST = "manifest.json"
 BUILD_CLAIM = "build.json"
+LAST_USED = "last-used"
 ROW_FIELDS = ("index", "location", "reason", "start", "prompt", "chosen", "rejected", "prompt_cut", "chosen_cut",
               "rejected_cut")  # fmt: skip
 """index: position of the row in the input; location: the number in its source (`line 12`); reason: 0 for a kept
@@ -125,6 +127,15 @@ def write_manifest(
 
 def _describe(path: Path) -> dict:
     return {"name": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def mark_used(directory: Path) -> None:
+    """Touch the store's LAST_USED file, which the listing (`prepare-data --list`) reads. Best effort: a store on a
+    read-only file system is still read."""
+    try:
+        (directory / LAST_USED).touch()
+    except OSError:
+        pass
 
 
 def read_manifest(directory: Path) -> dict | None:

@@ -64,8 +64,9 @@ def _encode_text(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase
         raise DataError(
             f"{examples[0].source}, field 'chosen': plain-text completions end with the tokenizer's eos_token, "
             f"but tokenizer {_name(tokenizer)} has none. "
-            "Fix: use a tokenizer directory whose tokenizer_config.json sets eos_token "
-            "(a bare tokenizer.json does not), or set tokenizer.eos_token before preparing the data"
+            "Fix: point data.tokenizer at a tokenizer directory whose tokenizer_config.json names its eos_token (the "
+            "model's directory usually does; a bare tokenizer.json names none), or add \"eos_token\": \"<its "
+            "end-of-text token>\" to the tokenizer_config.json beside that tokenizer.json"
         )
     prompts = [example.prompt for example in examples]
     prompt_chosen = [example.prompt + _end_with(example.chosen, eos) for example in examples]

@@ -5,31 +5,48 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dpo_scale.config import DataConfig
 from dpo_scale.data.errors import DataError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
-def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    """A tokenizer directory (read with AutoTokenizer, local files only, no remote code) or a tokenizer.json file."""
+def load_tokenizer(path: str, setting: str | None = None) -> PreTrainedTokenizerBase:
+    """A tokenizer directory (read with AutoTokenizer, no remote code), a tokenizer.json file, or a hub id. `setting`
+    names the config key `path` came from, for the messages."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    from dpo_scale.hub import not_on_hub
+
     local = Path(path)
-    if not local.exists():
-        raise DataError(
-            f"tokenizer {path}: no such file or directory. "
-            "Fix: give a tokenizer directory (tokenizer.json + tokenizer_config.json) or a tokenizer.json file"
-        )
+    name = f"{setting}={path}" if setting else f"tokenizer {path}"
+    why = None if local.exists() else not_on_hub(path)
+    if why is not None:
+        raise DataError(f"{name}: no such file or directory ({why}). Fix: {_missing_fix(setting)}")
     try:
         if local.is_file():
             return PreTrainedTokenizerFast(tokenizer_file=str(local))
-        return AutoTokenizer.from_pretrained(str(local), trust_remote_code=False, local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(local), trust_remote_code=False, local_files_only=local.exists())
     except Exception as error:  # tokenizers and transformers raise many unrelated types for a bad file
         raise DataError(
-            f"tokenizer {path}: does not load ({_reason(local, error)}). "
+            f"{name}: does not load ({_reason(local, error)}). "
             "Fix: replace it with an intact copy of the model's tokenizer files, or point data.tokenizer elsewhere"
         ) from None
+
+
+def run_tokenizer(data: DataConfig, model_path: str) -> PreTrainedTokenizerBase:
+    """The tokenizer a run prepares its data with: data.tokenizer when set, else the model's (model.path)."""
+    if data.tokenizer:
+        return load_tokenizer(data.tokenizer, "data.tokenizer")
+    return load_tokenizer(model_path, "model.path")
+
+
+def _missing_fix(setting: str | None) -> str:
+    if setting == "model.path":
+        return ("point model.path at a model directory (config.json, *.safetensors and its tokenizer files) or a hub "
+                "id; set data.tokenizer to read the tokenizer from elsewhere")  # fmt: skip
+    return "give a tokenizer directory (tokenizer.json + tokenizer_config.json) or a tokenizer.json file"
 
 
 def _reason(local: Path, error: Exception) -> str:

@@ -29,11 +29,11 @@ def run_report(config: TrainConfig, out: str | Path, eval_path: str | None = Non
     """Build or reuse the run's token store exactly as `train` does, then write the report into `out`. The eval
     set: `eval_path`, else the run's held-out pairs (eval.every > 0), else none."""
     from dpo_scale.config import ConfigError
-    from dpo_scale.data import load_prepared, load_tokenizer, split_held_out, store_directory
+    from dpo_scale.data import load_prepared, run_tokenizer, split_held_out, store_directory
     from dpo_scale.data.filters import read_eval_prompts
 
-    tokenizer = load_tokenizer(config.data.tokenizer or config.model.path)
-    store = load_prepared(config.data, tokenizer, store_directory(config.data, config.run_dir))
+    tokenizer = run_tokenizer(config.data, config.model.path)
+    store = load_prepared(config.data, tokenizer, store_directory(config.data, tokenizer, config.run_dir))
     if not isinstance(store, TokenStore):
         raise ConfigError("data-report reads a token store: set data.cache_dir or run_dir")
     filters = config.data.filters
