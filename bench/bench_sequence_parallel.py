@@ -3,6 +3,7 @@
     python bench/bench_sequence_parallel.py                          # 512, 8k, 16k tokens; SP 1, 2, 4; both layouts
     python bench/bench_sequence_parallel.py --lengths 512 4096 --sizes 1 2
     python bench/bench_sequence_parallel.py --layouts padded --lengths 512 24576 --sizes 2   # a predicted length
+    BENCH=sequence_parallel bash bench/gpu.sh   # GPUs: 32k and 64k tokens, SP 2/4/8, flex, bf16 (see gpu.sh)
 
 A wide, shallow Llama (hidden 1,024, 16 heads of 64, 2 layers, intermediate 2,048, a 68-word vocabulary: 18.9M
 parameters, almost all of them in the decoder) is generated here with a word-level tokenizer, one token a word, so
@@ -12,7 +13,8 @@ rank) with world = SP (data-parallel degree 1, so every run trains the same glob
 every SP (`deepspeed.config=zero3`, SP=1 included, so the sizes compare like for like), fp32, the default reference
 (a frozen copy), 2 optimizer steps, no checkpoints, under `/usr/bin/time -v`.
 
-Each rank reports its own peak resident set (VmHWM at exit) and the bytes it sent through
+Each rank reports its own peak resident set (VmHWM at exit; on a GPU also torch.cuda.max_memory_allocated) and the
+bytes it sent through
 `torch.distributed.all_to_all_single`: this file is the script the launcher starts on every rank (`--rank`), which
 installs both hooks and then runs `dpo_scale.cli.main` unchanged; the library has no benchmark hooks.
 Context memory = peak RSS at L tokens minus the same configuration's peak RSS at 512 tokens.
@@ -50,6 +52,7 @@ PAIRS = 4  # more pairs than steps: one pair a step, DP=1
 
 def rank_main(argv: list[str]) -> None:
     """On every rank the launcher starts: count all-to-all bytes, record VmHWM at exit, run `dpo-scale` as is."""
+    import torch
     import torch.distributed as dist
 
     sent = {"calls": 0, "bytes": 0}
@@ -69,8 +72,9 @@ def rank_main(argv: list[str]) -> None:
         status = Path("/proc/self/status").read_text()
         peak_kib = int(re.search(r"VmHWM:\s+(\d+)", status).group(1))
         rank = os.environ.get("RANK", "0")
+        gpu = {"peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20} if torch.cuda.is_available() else {}
         Path(os.environ["SP_BENCH_OUT"], f"rank{rank}.json").write_text(
-            json.dumps({"rank": int(rank), "peak_rss_mib": peak_kib / 1024, **sent})
+            json.dumps({"rank": int(rank), "peak_rss_mib": peak_kib / 1024, **gpu, **sent})
         )
 
     atexit.register(report)
@@ -90,7 +94,8 @@ def prepare(work: Path, lengths: list[int]) -> None:
     tokenizer = write_tokenizer(model_dir, WORDS)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), **SHAPE, num_key_value_heads=SHAPE["num_attention_heads"],
-                         max_position_embeddings=max(lengths), bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+                         max_position_embeddings=max(lengths), bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0)  # fmt: skip
     LlamaForCausalLM(config).save_pretrained(model_dir)
     rng = random.Random(0)
     for length in lengths:
@@ -109,7 +114,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run(work: Path, layout: str, length: int, size: int) -> dict:
+def run(work: Path, layout: str, length: int, size: int, overrides: list[str]) -> dict:
     """`dpo-scale train` on `size` ranks (through this file's --rank hook) under /usr/bin/time -v."""
     name = f"{layout}-{length}-sp{size}"
     out = work / name
@@ -120,9 +125,11 @@ def run(work: Path, layout: str, length: int, size: int) -> dict:
         "/usr/bin/time", "-v", str(bin_dir / "deepspeed"), "--num_gpus", str(size), "--master_port", str(free_port()),
         __file__, "--rank", "train", "--config", str(work / "run.yaml"), f"data.path={work}/pairs-{length}.jsonl",
         f"data.max_length={length}", f"run_dir={out}/run", f"sequence_parallel_size={size}", *LAYOUTS[layout],
+        *overrides,
     ]  # fmt: skip
+    repo = str(Path(__file__).resolve().parents[1])  # the ranks import this checkout's dpo_scale
     env = {**os.environ, "SP_BENCH_OUT": str(out), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+           "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}  # fmt: skip
     finished = subprocess.run(command, env=env, capture_output=True, text=True)
     (out / "stderr.log").write_text(finished.stderr)
     (out / "stdout.log").write_text(finished.stdout)
@@ -136,6 +143,7 @@ def run(work: Path, layout: str, length: int, size: int) -> dict:
     wall = re.search(r"Elapsed \(wall clock\) time.*: (\S+)", finished.stderr).group(1)
     result.update(
         peak_rss_mib=max(r["peak_rss_mib"] for r in ranks), peak_rss_by_rank=[r["peak_rss_mib"] for r in ranks],
+        peak_gpu_mib=max((r.get("peak_gpu_mib", 0.0) for r in ranks), default=0.0),
         all_to_all_calls=ranks[0]["calls"], all_to_all_bytes=ranks[0]["bytes"],
         losses=[row["loss"] for row in train], seconds_per_step=[row["seconds_per_step"] for row in train], wall=wall,
     )  # fmt: skip
@@ -162,6 +170,9 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 8192, 16384])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
+    parser.add_argument("--overrides", nargs="*", default=[],
+                        help="more `dpo-scale train` overrides for every run, e.g. logps.attention=flex "
+                             "deepspeed.precision=bf16 (the GPU command in bench/gpu.sh)")  # fmt: skip
     parser.add_argument("--work", help="keep the material and run outputs here (default: a temporary directory)")
     parser.add_argument("--json", help="also write every result here")
     args = parser.parse_args()
@@ -180,7 +191,7 @@ def main() -> None:
     for layout in args.layouts:
         for length in args.lengths:
             for size in args.sizes:
-                result = run(work, layout, length, size)
+                result = run(work, layout, length, size, args.overrides)
                 results.append(result)
                 print(json.dumps({k: v for k, v in result.items() if k != "command"}), file=sys.stderr, flush=True)
                 if args.json:
@@ -189,8 +200,11 @@ def main() -> None:
 
 
 def report(results: list[dict], base_length: int) -> None:
-    base = {(r["layout"], r["sp"]): r.get("peak_rss_mib") for r in results if r["length"] == base_length}
-    print("| layout | tokens | SP | peak RSS per rank (MiB) | context memory (MiB) | vs SP=1 | s/step | "
+    """Context memory from the peak RSS on a CPU, from the peak GPU memory allocated where the runs had GPUs."""
+    peak = "peak_gpu_mib" if any(r.get("peak_gpu_mib") for r in results) else "peak_rss_mib"
+    base = {(r["layout"], r["sp"]): r.get(peak) for r in results if r["length"] == base_length}
+    what = "peak GPU allocated" if peak == "peak_gpu_mib" else "peak RSS"
+    print(f"| layout | tokens | SP | {what} per rank (MiB) | context memory (MiB) | vs SP=1 | s/step | "
           "all-to-all MiB per rank and step: counted / formula | losses |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
     context = {}
@@ -199,16 +213,17 @@ def report(results: list[dict], base_length: int) -> None:
         if "error" in r:
             print(f"| {r['layout']} | {r['length']:,} | {r['sp']} | failed: {r['error'][:200]!r} | | | | | |")
             continue
-        extra = r["peak_rss_mib"] - base[(r["layout"], r["sp"])] if base.get((r["layout"], r["sp"])) else None
+        extra = r[peak] - base[(r["layout"], r["sp"])] if base.get((r["layout"], r["sp"])) else None
         context[key] = extra
         one = context.get((r["layout"], r["length"], 1))
         ratio = f"{extra / one:.2f}x" if extra is not None and one and r["length"] != base_length else ""
         formula = expected_all_to_all_bytes(r["layout"], r["length"], r["sp"])
         counted = r["all_to_all_bytes"] / STEPS
-        print(f"| {r['layout']} | {r['length']:,} | {r['sp']} | {r['peak_rss_mib']:,.0f} | "
+        print(f"| {r['layout']} | {r['length']:,} | {r['sp']} | {r[peak]:,.0f} | "
               f"{'' if extra is None or r['length'] == base_length else f'{extra:,.0f}'} | {ratio} | "
               f"{', '.join(f'{s:.1f}' for s in r['seconds_per_step'])} | "
-              f"{counted / 2**20:,.1f} / {formula / 2**20:,.1f} | {', '.join(f'{x:.6f}' for x in r['losses'])} |")  # fmt: skip
+              f"{counted / 2**20:,.1f} / {formula / 2**20:,.1f} | "
+              f"{', '.join(f'{x:.6f}' for x in r['losses'])} |")  # fmt: skip
 
 
 if __name__ == "__main__":
