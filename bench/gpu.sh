@@ -10,9 +10,19 @@
 #   SIDES="dpo_scale_dense dpo_scale_flex dpo_scale_varlen trl" BATCH=2 PROMPT_TOKENS=1024 COMPLETION_TOKENS=1024 bash bench/gpu.sh
 #   SIDES="dpo_scale_dense dpo_scale_flex dpo_scale_varlen trl" BATCH=1 PROMPT_TOKENS=4096 COMPLETION_TOKENS=4096 bash bench/gpu.sh
 #
-# Environment: STEPS (20 timed steps), WARMUP (3), BATCH (8 pairs per step), SIDES ("dpo_scale trl"),
+# Sequence parallelism (issue 21) on one node with 8 GPUs: per-rank peak GPU memory and step time for one pair of
+# 32k and 64k tokens (512 as the base the context memory is measured from), SP=2, 4 and 8 ranks (world = SP),
+# the prefix-shared default layout through FlexAttention, bf16, ZeRO-3 (about 10-20 minutes: 9 launches):
+#   BENCH=sequence_parallel bash bench/gpu.sh
+# which runs
+#   python bench/bench_sequence_parallel.py --layouts prefix_shared --lengths 512 32768 65536 --sizes 2 4 8 \
+#     --overrides logps.attention=flex deepspeed.precision=bf16
+#
+# Environment: BENCH (bench_gpu: the 1B dpo_scale vs TRL run, the default; sequence_parallel: the command above),
+# STEPS (20 timed steps), WARMUP (3), BATCH (8 pairs per step), SIDES ("dpo_scale trl"),
 # PROMPT_TOKENS (256), COMPLETION_TOKENS (256),
-# GPU_PEAK_TFLOPS (the dense bf16 peak, when the GPU's name is not in bench/bench_gpu.py's table), LIMIT_S (450),
+# GPU_PEAK_TFLOPS (the dense bf16 peak, when the GPU's name is not in bench/bench_gpu.py's table), LIMIT_S (450; 1800
+# for BENCH=sequence_parallel),
 # OUT (where the table and JSON are written; default runs/gpu-bench). Everything else is in bench/bench_gpu.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +43,13 @@ for pair in deepspeed:deepspeed hjson:hjson ninja:ninja cpuinfo:py_cpuinfo msgpa
   fi
 done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+
+if [[ ${BENCH:-bench_gpu} == sequence_parallel ]]; then
+  timeout "${LIMIT_S:-1800}" "$PYTHON" bench/bench_sequence_parallel.py --layouts prefix_shared \
+    --lengths 512 32768 65536 --sizes 2 4 8 --overrides logps.attention=flex deepspeed.precision=bf16 \
+    --json "$OUT/sequence-parallel.json" | tee "$OUT/sequence-parallel.md"
+  exit
+fi
 
 read -ra sides <<< "${SIDES:-dpo_scale trl}"
 timeout "${LIMIT_S:-450}" "$PYTHON" bench/bench_gpu.py --work "$(mktemp -d)" --steps "${STEPS:-20}" \
