@@ -10,6 +10,7 @@ from dpo_scale.cli import main
 from dpo_scale.config import ConfigError, DataConfig, FilterConfig
 from dpo_scale.data import load_prepared, prepare
 from dpo_scale.data.contamination import EvalPrompts
+from dpo_scale.data import spans
 from dpo_scale.data.spans import ngram_hashes, span_hashes
 from dpo_scale.demo import write_demo_material
 
@@ -180,3 +181,31 @@ def test_ngram_shares_equal_set_arithmetic():
     assert got[(3, len(evals) - 1)] == 1.0
     hashes, owners = ngram_hashes(*flat(train), n)
     assert len(hashes) == sum(max(len(t) - n + 1, 0) for t in train)
+
+
+def test_span_hashes_of_uint16_ids_equal_those_of_the_same_ids_as_int64():
+    """The store's uint16 tokens hash through mix's lookup table, eval prompts in memory (int64) through mix itself:
+    the two must agree bit for bit, or contamination would find nothing. Chunks smaller than the data cross spans."""
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(0, 2**16, 50_000).astype(np.uint16)
+    starts, lengths = rng.integers(0, 49_000, 4_000), rng.integers(0, 1_000, 4_000)
+    expected = span_hashes(tokens.astype(np.int64), starts, lengths)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(spans, "CHUNK_TOKENS", 4_096)
+        np.testing.assert_array_equal(span_hashes(tokens, starts, lengths), expected)
+    np.testing.assert_array_equal(span_hashes(tokens, starts, lengths), expected)
+    for n in (1, 13):
+        spans_ = starts[:50], lengths[:50], n
+        for got, want in zip(ngram_hashes(tokens, *spans_), ngram_hashes(tokens.astype(np.int64), *spans_)):
+            np.testing.assert_array_equal(got, want)
+
+    def mixed(z: int) -> int:  # splitmix64's finaliser on Python ints
+        z = (z + 0x9E3779B97F4A7C15) % 2**64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+        return z ^ (z >> 31)
+
+    for i in range(20):  # the module docstring's formula, h = finish(sum_k mix(x_k) * B**k, L), in Python ints
+        ids = tokens[starts[i] : starts[i] + lengths[i]].tolist()
+        total = sum(mixed(x) * int(spans.B) ** k for k, x in enumerate(ids)) % 2**64
+        assert mixed(total ^ (len(ids) * int(spans.LENGTH_SALT)) % 2**64) == int(expected[i])
