@@ -10,6 +10,7 @@ from dpo_scale.cli import main
 from dpo_scale.config import ConfigError, DataConfig, FilterConfig
 from dpo_scale.data import load_prepared, prepare
 from dpo_scale.data.contamination import EvalPrompts
+from dpo_scale.data import spans
 from dpo_scale.data.spans import ngram_hashes, span_hashes
 from dpo_scale.demo import write_demo_material
 
@@ -180,3 +181,104 @@ def test_ngram_shares_equal_set_arithmetic():
     assert got[(3, len(evals) - 1)] == 1.0
     hashes, owners = ngram_hashes(*flat(train), n)
     assert len(hashes) == sum(max(len(t) - n + 1, 0) for t in train)
+
+
+def _formula(ids: list[int]) -> int:
+    """The spans module docstring's hash, h = finish(sum_k mix(x_k) * B**k, L), in Python ints."""
+
+    def mixed(z: int) -> int:  # splitmix64's finaliser
+        z = (z + 0x9E3779B97F4A7C15) % 2**64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+        return z ^ (z >> 31)
+
+    total = sum(mixed(x) * int(spans.B) ** k for k, x in enumerate(ids)) % 2**64
+    return mixed(total ^ (len(ids) * int(spans.LENGTH_SALT)) % 2**64)
+
+
+@pytest.mark.parametrize("layout", ["random", "store"])
+@pytest.mark.parametrize("chunk", [4_096, spans.CHUNK_TOKENS])
+def test_span_hashes_equal_the_formula_whatever_the_path(layout, chunk, monkeypatch):
+    """Every path gives the formula's hash: uint16 ids through mix's table and int64 ids through mix itself (the
+    store's tokens and eval prompts in memory must agree bit for bit, or contamination finds nothing); spans laid end
+    to end as a store lays pairs, with some pointing back at earlier tokens (hashed in place, the others gathered),
+    and random spans (gathered, or in place where they overlap); chunks smaller than the data and larger."""
+    monkeypatch.setattr(spans, "CHUNK_TOKENS", chunk)
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(0, 2**16, 60_000).astype(np.uint16)
+    lengths = rng.integers(0, 600, 3_000)
+    if layout == "store":
+        lengths = lengths[np.cumsum(lengths) < 55_000]
+        starts = np.r_[0, np.cumsum(lengths)[:-1]] + (np.arange(len(lengths)) > 40) * 7  # and a small gap
+        back = rng.choice(np.arange(1, len(lengths)), 20, replace=False)
+        starts[back], lengths[back] = starts[back - 1], lengths[back - 1]  # a copy of the span before
+    else:
+        starts = rng.integers(0, 59_000, 3_000)
+        lengths = np.minimum(lengths, 60_000 - starts)
+    got = span_hashes(tokens, starts, lengths)
+    np.testing.assert_array_equal(got, span_hashes(tokens.astype(np.int64), starts, lengths))
+    for i in rng.choice(len(starts), 25, replace=False).tolist() + [len(starts) - 1]:
+        assert int(got[i]) == _formula(tokens[starts[i] : starts[i] + lengths[i]].tolist())
+    for n in (1, 13):
+        spans_ = starts[:50], lengths[:50], n
+        for got_grams, want in zip(ngram_hashes(tokens, *spans_), ngram_hashes(tokens.astype(np.int64), *spans_)):
+            np.testing.assert_array_equal(got_grams, want)
+
+
+def test_ngram_shares_equal_set_arithmetic():
+    """The share of each eval prompt's distinct n-grams a training prompt holds, against Python sets of tuples."""
+    rng = np.random.default_rng(1)
+    train = [rng.integers(0, 4, rng.integers(0, 40)).tolist() for _ in range(60)]
+    evals = [rng.integers(0, 4, rng.integers(0, 20)).tolist() for _ in range(15)] + [train[3][5:25]]
+    n = 4
+
+    def flat(spans):
+        lengths = np.array([len(s) for s in spans])
+        return np.array(sum(spans, []), np.int64), np.r_[0, np.cumsum(lengths)[:-1]], lengths
+
+    def grams(ids):
+        return {tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)}
+
+    prompts = EvalPrompts.from_tokens(*flat(evals), n)
+    found_train, found_eval, shares = prompts.shares(prompts.hits(*flat(train)), len(train))
+    got = {(t, e): s for t, e, s in zip(found_train.tolist(), found_eval.tolist(), shares.tolist())}
+    expected = {}
+    for t, ids in enumerate(train):
+        for e, eval_ids in enumerate(evals):
+            if len(eval_ids) < n:
+                if ids == eval_ids:
+                    expected[(t, e)] = 1.0
+            elif common := grams(eval_ids) & grams(ids):
+                expected[(t, e)] = len(common) / len(grams(eval_ids))
+    assert got == pytest.approx(expected)
+    assert got[(3, len(evals) - 1)] == 1.0
+    hashes, owners = ngram_hashes(*flat(train), n)
+    assert len(hashes) == sum(max(len(t) - n + 1, 0) for t in train)
+
+
+def test_span_hashes_of_uint16_ids_equal_those_of_the_same_ids_as_int64():
+    """The store's uint16 tokens hash through mix's lookup table, eval prompts in memory (int64) through mix itself:
+    the two must agree bit for bit, or contamination would find nothing. Chunks smaller than the data cross spans."""
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(0, 2**16, 50_000).astype(np.uint16)
+    starts, lengths = rng.integers(0, 49_000, 4_000), rng.integers(0, 1_000, 4_000)
+    expected = span_hashes(tokens.astype(np.int64), starts, lengths)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(spans, "CHUNK_TOKENS", 4_096)
+        np.testing.assert_array_equal(span_hashes(tokens, starts, lengths), expected)
+    np.testing.assert_array_equal(span_hashes(tokens, starts, lengths), expected)
+    for n in (1, 13):
+        spans_ = starts[:50], lengths[:50], n
+        for got, want in zip(ngram_hashes(tokens, *spans_), ngram_hashes(tokens.astype(np.int64), *spans_)):
+            np.testing.assert_array_equal(got, want)
+
+    def mixed(z: int) -> int:  # splitmix64's finaliser on Python ints
+        z = (z + 0x9E3779B97F4A7C15) % 2**64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+        return z ^ (z >> 31)
+
+    for i in range(20):  # the module docstring's formula, h = finish(sum_k mix(x_k) * B**k, L), in Python ints
+        ids = tokens[starts[i] : starts[i] + lengths[i]].tolist()
+        total = sum(mixed(x) * int(spans.B) ** k for k, x in enumerate(ids)) % 2**64
+        assert mixed(total ^ (len(ids) * int(spans.LENGTH_SALT)) % 2**64) == int(expected[i])

@@ -43,17 +43,43 @@ def pair_keys(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return key(hashes[:, 0], hashes[:, 1], hashes[:, 2]), key(hashes[:, 0], hashes[:, 2], hashes[:, 1])
 
 
-def duplicate_mask(keys: np.ndarray) -> np.ndarray:
+@dataclasses.dataclass(frozen=True)
+class KeyIndex:
+    """Keys sorted once, stably (equal keys keep their input order), shared by the duplicate and contradiction masks
+    and the report's groups: one argsort where each of them would otherwise sort the keys again."""
+
+    order: np.ndarray  # (n,) int64 positions, by key
+    ordered: np.ndarray  # (n,) uint64 keys[order]
+
+    @classmethod
+    def of(cls, keys: np.ndarray) -> KeyIndex:
+        order = np.argsort(keys, kind="stable")
+        return cls(order, keys[order])
+
+    def starts(self) -> np.ndarray:
+        """(n,) bool over sorted places: True where a key differs from the one before (the first of its group)."""
+        starts = np.ones(len(self.ordered), bool)
+        np.not_equal(self.ordered[1:], self.ordered[:-1], out=starts[1:])
+        return starts
+
+    def find(self, wanted: np.ndarray) -> np.ndarray:
+        """(m,) the first position whose key is wanted[i], or -1 where no key is."""
+        if not len(self.ordered):
+            return np.full(len(wanted), -1, np.int64)
+        place = np.minimum(np.searchsorted(self.ordered, wanted), len(self.ordered) - 1)
+        return np.where(self.ordered[place] == wanted, self.order[place], -1)
+
+
+def duplicate_mask(index: KeyIndex) -> np.ndarray:
     """True for every pair whose key an earlier pair has (the first of each kept)."""
-    _, first = np.unique(keys, return_index=True)
-    repeated = np.ones(len(keys), bool)
-    repeated[first] = False
+    repeated = np.empty(len(index.order), bool)
+    repeated[index.order] = ~index.starts()
     return repeated
 
 
-def contradictory_mask(keys: np.ndarray, reversed_keys: np.ndarray) -> np.ndarray:
+def contradictory_mask(index: KeyIndex, reversed_keys: np.ndarray) -> np.ndarray:
     """True for every pair whose reversed preference is also in the data."""
-    return np.isin(reversed_keys, keys)
+    return index.find(reversed_keys) >= 0
 
 
 def length_ratio_mask(lengths: np.ndarray, max_ratio: float) -> np.ndarray:
@@ -67,9 +93,10 @@ def filter_reasons(hashes: np.ndarray, lengths: np.ndarray, contaminated: np.nda
     input order: their (n, 3) span hashes and lengths and whether each prompt is contaminated. A pair several
     filters drop gets the first reason in DROP_REASONS' order."""
     keys, reversed_keys = pair_keys(hashes)
+    index = KeyIndex.of(keys)
     masks = [
-        (CONTRADICTORY, filters.drop_contradictory and contradictory_mask(keys, reversed_keys)),
-        (DUPLICATE, filters.drop_duplicates and duplicate_mask(keys)),
+        (CONTRADICTORY, filters.drop_contradictory and contradictory_mask(index, reversed_keys)),
+        (DUPLICATE, filters.drop_duplicates and duplicate_mask(index)),
         (CONTAMINATED, filters.drop_contaminated and contaminated),
         (LENGTH_RATIO, filters.max_length_ratio is not None and length_ratio_mask(lengths, filters.max_length_ratio)),
     ]

@@ -1,8 +1,9 @@
 """One streaming pass over a token store: per kept pair, the few numbers the report needs (lengths, tokens cut,
 span hashes, where it came from), and the eval prompts' n-grams found in the training prompts.
 
-A shard at a time, memory-mapped and released after use, so resident memory is the per-pair arrays (64 bytes a
-pair: 64 MB at a million pairs) plus one shard's pages and the hashing's fixed-size chunks.
+A shard at a time, memory-mapped and released after use, so resident memory is the per-pair arrays (56 bytes a
+pair: 56 MB at a million pairs, allocated once at their full size and filled shard by shard, never concatenated)
+plus one shard's pages and the hashing's fixed-size chunks.
 """
 
 from __future__ import annotations
@@ -20,14 +21,18 @@ from dpo_scale.data.store import TokenStore
 class PairTable:
     """Every kept pair of the store, in input (= prepared) order."""
 
-    index: np.ndarray  # (n,) row in the input
-    location: np.ndarray  # (n,) line (or row) number in its source
+    location: np.ndarray  # (n,) int64 line (or row) number in its source
     lengths: np.ndarray  # (n, 3) int32 prompt, chosen, rejected tokens as stored
     cut: np.ndarray  # (n, 3) int32 tokens truncation removed
     hashes: np.ndarray  # (n, 3) uint64
 
+    @classmethod
+    def empty(cls, n: int) -> PairTable:
+        """Arrays for n pairs, filled by the scan."""
+        return cls(np.empty(n, np.int64), *(np.empty((n, 3), dtype) for dtype in (np.int32, np.int32, np.uint64)))
+
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.location)
 
 
 @dataclass
@@ -44,7 +49,7 @@ def scan(store: TokenStore, evals: EvalPrompts | None, held_out: np.ndarray | No
     """`held_out`: positions of pairs that are the eval set themselves (not training), or None."""
     from tqdm import tqdm
 
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in ("index", "location", "lengths", "cut", "hashes")}
+    table = PairTable.empty(len(store.pairs))
     overlap = None
     if evals is not None:
         overlap = Overlap(np.zeros(len(evals.ngram_hash), bool), np.zeros(len(evals)), np.full(len(evals), -1))
@@ -58,18 +63,17 @@ def scan(store: TokenStore, evals: EvalPrompts | None, held_out: np.ndarray | No
             store.verify_shard(shard)
             tokens, rows = store.shard_arrays(shard)
             kept = np.asarray(rows[: entry["pairs"]])
-            parts["index"].append(kept[:, 0])
-            parts["location"].append(kept[:, 1])
-            parts["lengths"].append(kept[:, 4:7].astype(np.int32))
-            parts["cut"].append(kept[:, 7:10].astype(np.int32))
-            parts["hashes"].append(block_hashes(tokens, kept[:, 3], kept[:, 4:7]))
+            block = slice(first, first + len(kept))
+            table.location[block] = kept[:, 1]
+            table.lengths[block] = kept[:, 4:7]
+            table.cut[block] = kept[:, 7:10]
+            table.hashes[block] = block_hashes(tokens, kept[:, 3], kept[:, 4:7])
             if overlap is not None:
                 training = np.flatnonzero(~is_held[first : first + len(kept)])
                 _overlap_block(evals, overlap, tokens, kept[training], first + training)
             first += len(kept)
             progress.update(len(kept))
             del tokens, rows, kept  # unmaps the shard before the next one is read
-    table = PairTable(**{name: np.concatenate(values) for name, values in parts.items()})
     return table, overlap
 
 

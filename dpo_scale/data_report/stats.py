@@ -10,7 +10,7 @@ from collections.abc import Callable
 import numpy as np
 
 from dpo_scale.data.contamination import EvalPrompts
-from dpo_scale.data.filters import contradictory_mask, duplicate_mask, pair_keys
+from dpo_scale.data.filters import KeyIndex, duplicate_mask, pair_keys
 from dpo_scale.data_report.scan import Overlap, PairTable
 
 SIDES = ("prompt", "chosen", "rejected")
@@ -44,8 +44,9 @@ def counts(table: PairTable, drops: dict[str, int]) -> dict:
 def lengths(table: PairTable, max_length: int | None) -> dict:
     """Token lengths per side as stored, and how many pairs a data.max_length would keep whole (from the lengths
     before truncation: stored + cut)."""
-    whole = (table.lengths + table.cut).astype(np.int64)
+    whole = table.lengths + table.cut  # (n, 3) int32, as the scan keeps them: no int64 copies of the table
     longest = whole[:, 0] + whole[:, 1:].max(axis=1)
+    del whole
     limits = sorted({*MAX_LENGTHS, *([max_length] if max_length else [])})
     return {
         **{side: _percentiles(table.lengths[:, i]) for i, side in enumerate(SIDES)},
@@ -59,12 +60,12 @@ def lengths(table: PairTable, max_length: int | None) -> dict:
 
 def length_bias(table: PairTable) -> dict:
     """Is the chosen completion just the longer one? Shares overall and by the size of the length difference."""
-    chosen, rejected = table.lengths[:, 1].astype(np.int64), table.lengths[:, 2].astype(np.int64)
-    difference = chosen - rejected
+    chosen, rejected = table.lengths[:, 1], table.lengths[:, 2]
+    difference = chosen - rejected  # (n,) int32
     ratio = chosen / np.maximum(rejected, 1)
+    size = np.abs(difference)
     buckets = []
     for low, high in DIFFERENCE_BUCKETS:
-        size = np.abs(difference)
         inside = (size >= low) & (size <= high if high is not None else True)
         label = f"{low}" if low == high else f"{low}-{high}" if high else f">{low - 1}"
         buckets.append({"difference": label, "pairs": int(inside.sum()),
@@ -76,42 +77,50 @@ def length_bias(table: PairTable) -> dict:
     }  # fmt: skip
 
 
-def _groups(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(order sorting keys stably, each sorted position's group id, the size of each group)."""
-    order = np.argsort(keys, kind="stable")
-    starts = np.ones(len(keys), bool)
-    starts[1:] = keys[order][1:] != keys[order][:-1]
-    group = np.cumsum(starts) - 1
-    return order, group, np.bincount(group)
+def _groups(index: KeyIndex) -> tuple[np.ndarray, np.ndarray]:
+    """(each group's first place in index.order, each group's size), groups in key order."""
+    firsts = np.flatnonzero(index.starts())
+    return firsts, np.diff(np.append(firsts, len(index.order)))
 
 
 def duplicates(table: PairTable, where: Where) -> dict:
     """Exact duplicate pairs (the same prompt, chosen and rejected tokens); prompts with several pairs;
-    contradictory pairs (the same prompt and completions, the preference reversed)."""
+    contradictory pairs (the same prompt and completions, the preference reversed). One stable sort of the pair
+    keys serves the first and the last (positions of equal keys come out in input order), one of the prompts the
+    second; each is freed before the next is made (at a million pairs a sort holds about 16 MB)."""
     keys, reversed_keys = pair_keys(table.hashes)
-    repeated = duplicate_mask(keys)
-    order, group, sizes = _groups(keys)
-    examples = []
-    for g in np.flatnonzero(sizes > 1)[:EXAMPLES]:
-        examples.append([where(int(p)) for p in np.sort(order[group == g])[:5]])
-    prompt_order, prompt_group, prompt_sizes = _groups(table.hashes[:, 0])
+    index = KeyIndex.of(keys)
+    del keys
+    repeated = int(duplicate_mask(index).sum())
+    partner = index.find(reversed_keys)  # (n,) the first pair with this pair's preference reversed, or -1
+    del reversed_keys
+    firsts, sizes = _groups(index)
+    examples = [[where(int(p)) for p in index.order[firsts[g] : firsts[g] + sizes[g]][:5]]
+                for g in np.flatnonzero(sizes > 1)[:EXAMPLES]]  # fmt: skip
+    groups = int((sizes > 1).sum())
+    del index, firsts, sizes
+    contradictory = partner >= 0
+    examples_reversed = [[where(p), where(int(partner[p]))]
+                         for p in np.flatnonzero(contradictory)[: EXAMPLES * 2].tolist() if p < partner[p]]  # fmt: skip
+    contradicting_prompts = len(np.unique(table.hashes[contradictory, 0]))
+    del partner
+
+    prompts = KeyIndex.of(table.hashes[:, 0])
+    prompt_firsts, prompt_sizes = _groups(prompts)
     histogram = np.bincount(prompt_sizes)
-    biggest = prompt_order[prompt_group == int(np.argmax(prompt_sizes))] if len(prompt_sizes) else np.empty(0, int)
-    contradictory = contradictory_mask(keys, reversed_keys)
-    examples_reversed = []
-    for position in np.flatnonzero(contradictory)[: EXAMPLES * 2].tolist():
-        partner = int(np.flatnonzero(keys == reversed_keys[position])[0])
-        if position < partner:
-            examples_reversed.append([where(position), where(partner)])
+    most = {"pairs": 0, "example": None}
+    if len(prompt_sizes):
+        biggest = int(np.argmax(prompt_sizes))
+        most = {"pairs": int(prompt_sizes[biggest]), "example": where(int(prompts.order[prompt_firsts[biggest]]))}
     return {
-        "duplicates": {"pairs": int(repeated.sum()), "share": _share(int(repeated.sum()), len(table)),
-                       "groups": int((sizes > 1).sum()), "examples": examples},
+        "duplicates": {"pairs": repeated, "share": _share(repeated, len(table)), "groups": groups,
+                       "examples": examples},
         "prompts": {"distinct": len(prompt_sizes), "with_several_pairs": int((prompt_sizes > 1).sum()),
                     "pairs_in_them": int(prompt_sizes[prompt_sizes > 1].sum()),
                     "pairs_per_prompt": {str(k): int(v) for k, v in enumerate(histogram) if k and v},
-                    "most_pairs": {"pairs": int(len(biggest)), "example": where(int(biggest.min())) if len(biggest) else None}},
+                    "most_pairs": most},
         "contradictions": {"pairs": int(contradictory.sum()), "share": _share(int(contradictory.sum()), len(table)),
-                           "prompts": len(np.unique(table.hashes[contradictory, 0])), "examples": examples_reversed[:EXAMPLES]},
+                           "prompts": contradicting_prompts, "examples": examples_reversed[:EXAMPLES]},
     }  # fmt: skip
 
 
