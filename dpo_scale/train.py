@@ -94,12 +94,7 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
     config = config.for_world(world.size)
     check_attention_device(config.logps, world.device)
     replicas = config.data_parallel_size(world.size)  # groups of sequence_parallel_size ranks share a micro-batch
-    sequence = distributed.init_groups(config.sequence_parallel_size)
     replica = world.rank // config.sequence_parallel_size
-    if sequence.size > 1:
-        node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()  # SLURM's name tells nodes of one host apart
-        print(f"rank {world.rank} on node {node}: sequence-parallel group {replica} "
-              f"(ranks {replica * sequence.size}-{(replica + 1) * sequence.size - 1})", flush=True)  # fmt: skip
     _seed(config.seed)
     run_dir = Path(config.run_dir)
     latest = checkpoint.latest(run_dir) if config.checkpoint.resume == "auto" else None
@@ -139,6 +134,11 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
         config.deepspeed, config.optim, config.micro_batch_size, config.gradient_accumulation_steps, world.size,
         total_steps, config.sequence_parallel_size,
     )  # fmt: skip
+    sequence = distributed.init_groups(config.sequence_parallel_size, ds_config)
+    if sequence.size > 1:
+        node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()  # SLURM's name tells nodes of one host apart
+        print(f"rank {world.rank} on node {node}: sequence-parallel group {replica} "
+              f"(ranks {replica * sequence.size}-{(replica + 1) * sequence.size - 1})", flush=True)  # fmt: skip
     if latest is not None:  # before any model is loaded: a refused resume costs seconds, not a model load
         checkpoint.check_resumable(latest, config, world, (ds_config.get("zero_optimization") or {}).get("stage", 0))
     if config.deepspeed.config == AUTO:

@@ -133,6 +133,24 @@ def _final(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_weights(run_dir / "checkpoints" / f"step-{STEPS:08d}")
 
 
+def _moments(run_dir: Path) -> dict[str, torch.Tensor]:
+    """AdamW's moments of every trainable parameter at the last step, by name (all ranks' state files)."""
+    state = {}
+    for file in sorted((run_dir / "checkpoints" / f"step-{STEPS:08d}" / "state").glob("*.safetensors")):
+        state.update({k: v for k, v in load_file(file).items() if k.endswith(("exp_avg", "exp_avg_sq"))})
+    return state
+
+
+def _assert_same_moments(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    """Adam's update is blind to the gradients' scale (a gradient SP times too small trains the same weights), its
+    moments are not: exp_avg scales with the gradient and exp_avg_sq with its square. Within 1e-3 of each tensor's
+    largest value (fp32 order noise is ~1e-6 of it; a wrong scale is off by 50% or more)."""
+    assert set(got) == set(want) and want
+    for name in want:
+        scale = want[name].abs().max().item()
+        assert (got[name] - want[name]).abs().max().item() <= 1e-3 * scale, name
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("setting", ["copy", "lora_nf4", "cache"])
 def test_sequence_parallel_trains_as_data_parallel(runs, setting):
@@ -152,6 +170,7 @@ def test_sequence_parallel_trains_as_data_parallel(runs, setting):
         # order noise there an update difference of a few % of lr (2.2e-5 seen); every other weight as above
         tolerance = 5e-5 if "lora_A" in name else 1e-5
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=tolerance, msg=name)
+    _assert_same_moments(_moments(sliced_dir), _moments(plain_dir))
 
 
 @pytest.mark.slow
@@ -179,6 +198,7 @@ def test_resume_across_sequence_parallel_sizes(runs):
     a, b = _final(straight), _final(resumed)
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5, msg=name)
+    _assert_same_moments(_moments(resumed), _moments(straight))
 
 
 def _config(**top) -> TrainConfig:

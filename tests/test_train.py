@@ -1,11 +1,13 @@
 """Training end to end, through the command users run (one process, or the real deepspeed launcher on 2 CPU ranks)."""
 
+import dataclasses
 import json
 import math
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,7 +83,9 @@ def test_two_ranks_match_one(material, tmp_path):
     _ok(train(torchrun, ranks=2, launcher="torchrun"))
     assert [r["loss"] for r in train_metrics(tmp_path / "torchrun")] == losses_two
     saved = build(TrainConfig, yaml.safe_load((tmp_path / "two" / "config.yaml").read_text()))
-    assert saved == build(TrainConfig, two)  # the resolved config is saved in the run directory
+    # the resolved config is saved in the run directory, naming the token store it read (under the cache root)
+    assert dataclasses.replace(saved, data=dataclasses.replace(saved.data, cache_dir=None)) == build(TrainConfig, two)
+    assert (Path(saved.data.cache_dir) / "manifest.json").is_file()
     assert json.loads((tmp_path / "two" / "deepspeed.json").read_text())["train_batch_size"] == 8
 
 

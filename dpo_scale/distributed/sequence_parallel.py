@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import deepspeed.runtime.sequence_parallel.parallel_state_sp as sequence_parallel_state
 import torch
+import torch.distributed.nn
 from deepspeed.module_inject.layers import RowParallel
 from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
 from torch import nn
@@ -38,6 +39,9 @@ class SequenceGroup:
     size: int = 1
     rank: int = 0
     group: object = None
+    gradient_sums: bool = False
+    """Whether the sum's backward adds the group's gradients (SP x each rank's, every rank holding the same loss)
+    instead of passing each rank its own: what ZeRO-3's reduce-scatter needs (see `init_groups`)."""
 
     def bounds(self, length: int) -> tuple[int, int]:
         """[start, stop) of this rank's slice of a row of `length` tokens (a multiple of `size`: see collate)."""
@@ -45,23 +49,34 @@ class SequenceGroup:
         return self.rank * share, (self.rank + 1) * share
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The group's sum of `tensor` on every rank of the group. Autograd: the gradient flows back to this rank's
-        term unchanged (DeepSpeed's RowParallel: all-reduce forward, identity backward), since every rank computes
-        the same loss from the sum and DeepSpeed's reduction then adds the ranks' parameter gradients."""
+        """The group's sum of `tensor` on every rank of the group, differentiable. Every rank computes the same loss
+        from the sum, so the group's parameter gradients are the whole sequence's once its ranks' are added:
+        DeepSpeed's RowParallel passes each rank the gradient of its own term (all-reduce forward, identity
+        backward); with `gradient_sums`, torch's differentiable all-reduce passes SP times that (its backward
+        all-reduces the gradients too)."""
         if self.size == 1:
             return tensor
+        if self.gradient_sums:
+            return torch.distributed.nn.functional.all_reduce(tensor, group=self.group)
         return RowParallel.apply(self.group, tensor.clone(), False)
 
 
-def init_groups(size: int) -> SequenceGroup:
+def init_groups(size: int, ds_config: dict | None = None) -> SequenceGroup:
     """Create the sequence-parallel groups (consecutive ranks) and DeepSpeed's data x sequence group; after
     `distributed.init` (and TrainConfig.data_parallel_size's check that `size` divides the world), before any
-    engine. `size` 1 creates nothing."""
+    engine. `size` 1 creates nothing. `ds_config`: the training engine's, whose gradient reduction the group's
+    sum must match (None: forward only).
+
+    DeepSpeed 0.19.8 divides the gradients it reduces by the data-parallel degree (ranks / SP) in stages 0-2 and
+    in ZeRO-3's all-reduce path, but by all ranks in ZeRO-3's reduce-scatter (its default): there the group's
+    gradients must arrive SP times larger (tests/test_sequence_parallel.py compares the Adam moments with SP=1)."""
     if size == 1:
         return SequenceGroup()
+    zero = (ds_config or {}).get("zero_optimization") or {}
     sequence_parallel_state.initialize_sequence_parallel(size)
     return SequenceGroup(
-        size, sequence_parallel_state.get_sequence_parallel_rank(), sequence_parallel_state.get_sequence_parallel_group()
+        size, sequence_parallel_state.get_sequence_parallel_rank(), sequence_parallel_state.get_sequence_parallel_group(),
+        gradient_sums=zero.get("stage") == 3 and zero.get("reduce_scatter", True),
     )  # fmt: skip
 
 
