@@ -152,37 +152,6 @@ def test_span_hashes_are_equal_exactly_for_equal_token_spans():
     assert len(set(zip(spans, hashes.tolist()))) == len(set(spans)) == len(set(hashes.tolist()))
 
 
-def test_ngram_shares_equal_set_arithmetic():
-    """The share of each eval prompt's distinct n-grams a training prompt holds, against Python sets of tuples."""
-    rng = np.random.default_rng(1)
-    train = [rng.integers(0, 4, rng.integers(0, 40)).tolist() for _ in range(60)]
-    evals = [rng.integers(0, 4, rng.integers(0, 20)).tolist() for _ in range(15)] + [train[3][5:25]]
-    n = 4
-
-    def flat(spans):
-        lengths = np.array([len(s) for s in spans])
-        return np.array(sum(spans, []), np.int64), np.r_[0, np.cumsum(lengths)[:-1]], lengths
-
-    def grams(ids):
-        return {tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)}
-
-    prompts = EvalPrompts.from_tokens(*flat(evals), n)
-    found_train, found_eval, shares = prompts.shares(prompts.hits(*flat(train)), len(train))
-    got = {(t, e): s for t, e, s in zip(found_train.tolist(), found_eval.tolist(), shares.tolist())}
-    expected = {}
-    for t, ids in enumerate(train):
-        for e, eval_ids in enumerate(evals):
-            if len(eval_ids) < n:
-                if ids == eval_ids:
-                    expected[(t, e)] = 1.0
-            elif common := grams(eval_ids) & grams(ids):
-                expected[(t, e)] = len(common) / len(grams(eval_ids))
-    assert got == pytest.approx(expected)
-    assert got[(3, len(evals) - 1)] == 1.0
-    hashes, owners = ngram_hashes(*flat(train), n)
-    assert len(hashes) == sum(max(len(t) - n + 1, 0) for t in train)
-
-
 def _formula(ids: list[int]) -> int:
     """The spans module docstring's hash, h = finish(sum_k mix(x_k) * B**k, L), in Python ints."""
 
