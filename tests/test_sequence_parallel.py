@@ -73,7 +73,7 @@ def _tree(material, run_dir: Path, sequence_parallel_size: int, **sections) -> d
     the 1e-5 asserted, while the weights still move ~1e-4 per step."""
     tree = base_config(material, run_dir, micro_batch_size=2, global_batch_size=4, max_steps=STEPS,
                        sequence_parallel_size=sequence_parallel_size, optim={"lr": 1e-4, "warmup_steps": 2},
-                       checkpoint={"every": 4})  # fmt: skip
+                       checkpoint={"every": 4}, eval={"every": 4, "fraction": 0.25})  # fmt: skip
     tree.update(sections)
     return tree
 
@@ -163,6 +163,11 @@ def test_sequence_parallel_trains_as_data_parallel(runs, setting):
     assert [r["pairs"] for r in sliced] == [4.0] * STEPS  # a group's ranks count their micro-batch once
     assert [r["loss"] for r in sliced] == pytest.approx([r["loss"] for r in plain], abs=1e-5)
     assert len({round(r["loss"], 5) for r in plain}) > 2  # the weights did move
+    # evaluation during training goes through the groups too: 12 held-out pairs, 3 rounds of 2 replicas x 2
+    evaluated = train_metrics(sliced_dir, "eval")
+    assert [r["step"] for r in evaluated] == [4, 8] and [r["pairs"] for r in evaluated] == [12.0, 12.0]
+    assert [r["loss"] for r in evaluated] == pytest.approx([r["loss"] for r in train_metrics(plain_dir, "eval")],
+                                                          abs=1e-5)  # fmt: skip
     a, b = _final(plain_dir), _final(sliced_dir)
     assert set(a) == set(b)
     for name in a:
