@@ -22,7 +22,7 @@ from dpo_scale.config import ConfigError, EvalConfig, TrainConfig, build
 from dpo_scale.demo import write_demo_material
 from dpo_scale.distributed.sequence_parallel import check_heads
 from launch import DPO_SCALE, base_config, train, train_metrics
-from tiny import tiny_model
+from tiny import shared_path, tiny_model
 
 HERE = Path(__file__).parent
 
@@ -33,7 +33,9 @@ def _ok(result):
 
 @pytest.fixture(scope="module")
 def parity(tmp_path_factory):
-    """tests/sequence_parallel_parity.py on 2 ranks: per model and layout, each rank's worst relative differences."""
+    """tests/sequence_parallel_parity.py on 2 ranks: per model and layout, each rank's worst relative differences.
+    Skipped without ../shared (the script scores the real stories260K)."""
+    shared_path("models", "stories260K")
     out = tmp_path_factory.mktemp("parity")
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
     from dpo_scale.distributed import free_port
