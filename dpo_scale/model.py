@@ -15,7 +15,7 @@ from torch import nn
 
 from dpo_scale.config import ConfigError, LogpsConfig, LoraConfig, ModelConfig
 from dpo_scale.hub import check_model_source
-from dpo_scale.layout import PairBatch, block_mask, dense_mask, padding_mask
+from dpo_scale.layout import PairBatch, block_mask, dense_mask, padding_mask, sequence_parallel_multiple
 from dpo_scale.logps import (
     LMHead,
     full_logits_log_sum_sq,
@@ -158,13 +158,15 @@ def resolve_attention(config: LogpsConfig, model: nn.Module, cuda: bool) -> str:
 
 class RowSlice(Protocol):
     """Sequence parallelism as the model sees it (distributed.SequenceGroup): which slice of every row this rank
-    runs, and the group's sum of per-pair values."""
+    runs, the group's sum of per-pair values, and the attention that sees the whole row."""
 
     size: int
 
     def bounds(self, length: int) -> tuple[int, int]: ...
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+    def route_attention(self, model: nn.Module) -> None: ...
 
 
 # Kernels that attend causally when given no mask, so a right-padded row of one unit needs none
@@ -176,8 +178,8 @@ class PairLogpsModel(nn.Module):
         self, model: nn.Module, config: LogpsConfig, weighting: bool = False, sequence: RowSlice | None = None
     ):
         """`weighting`: also WPO's per-completion Σ (log p − log Σ p²) (loss.use_weighting), from the same pass.
-        `sequence`: run only this rank's slice of every row and sum the per-pair values over its group (the caller
-        routes the model's attention through Ulysses: distributed.install_ulysses); None: the whole row here."""
+        `sequence`: run only this rank's slice of every row, with the model's attention routed through Ulysses
+        over its group, and sum the per-pair values over the group; None: the whole row here."""
         super().__init__()
         self.model = model
         self.config = config
@@ -196,6 +198,10 @@ class PairLogpsModel(nn.Module):
         # (Ulysses gathers them), and causal attention is exact for a right-padded row of one unit.
         self.positions_suffice = self.sequence is None or kernel.startswith("flash_attention")
         self.causal_suffices = self.sequence is None or kernel in _CAUSAL_WITHOUT_MASK
+        self.length_multiple = sequence_parallel_multiple(self.sequence.size if self.sequence else 1, self.attention)
+        """What `collate` must pad every row's length to a multiple of for this module."""
+        if self.sequence is not None:
+            self.sequence.route_attention(causal_lm)  # after the kernel is read: routing renames it
 
     def _attention_mask(self, batch: PairBatch):
         """The whole row's structure for the attention kernel: the padded layout's 2D mask (or nothing, causal, under

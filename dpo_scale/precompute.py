@@ -30,7 +30,7 @@ from dpo_scale.config import ConfigError, LogpsConfig, TrainConfig
 from dpo_scale.data import Pair, load_prepared, padding_id, run_tokenizer, store_directory
 from dpo_scale.ds_config import AUTO, resolve_deepspeed_config
 from dpo_scale.io import atomic_open
-from dpo_scale.layout import collate, sequence_parallel_multiple
+from dpo_scale.layout import collate
 from dpo_scale.model import PairLogpsModel, check_attention_device, load_causal_lm
 from dpo_scale.ref_cache import FIELDS, MANIFEST, differences, fingerprint, shard_name, write_manifest, write_shard
 from dpo_scale.tracking import ProgressBar, print0
@@ -72,9 +72,8 @@ def _precompute(config: TrainConfig, world: distributed.World) -> Path:
     mine = [i for i in range(replica, num_shards, replicas) if not (directory / shard_name(i)).exists()]
     print0(f"{num_shards} shards of up to {shard_size} pairs; {num_shards - _done(directory, num_shards)} to compute")
     scoring = _scoring(config.logps)
-    model, attention = _reference(config, scoring, ds_config, world, sequence)
+    model, length_multiple = _reference(config, scoring, ds_config, world, sequence)
     pad_token_id = padding_id(tokenizer)
-    length_multiple = sequence_parallel_multiple(sequence.size, attention)
 
     def score(pairs: list[Pair]) -> dict[str, torch.Tensor]:
         out = model(collate(pairs, scoring, pad_token_id, length_multiple).to(world.device))
@@ -128,8 +127,8 @@ def _sharded_deepspeed_config(config: TrainConfig, world: distributed.World) -> 
 
 def _reference(
     config: TrainConfig, scoring: LogpsConfig, ds_config: dict | None, world, sequence: distributed.SequenceGroup
-) -> tuple[torch.nn.Module, str]:
-    """The scoring module and the attention form it resolved (which sets the rows' length multiple)."""
+) -> tuple[torch.nn.Module, int]:
+    """The scoring module and the multiple its rows' length must be padded to (PairLogpsModel.length_multiple)."""
     if ds_config is None:
         reference = load_causal_lm(config.model)
     else:
@@ -137,12 +136,10 @@ def _reference(
         held, total = distributed.held_parameters(reference)
         print(f"rank {world.rank}: holds {held:,} of the reference's {total:,} parameters", flush=True)
     module = PairLogpsModel(reference, scoring, sequence=sequence)
-    if sequence.size > 1:
-        distributed.install_ulysses(reference, sequence)
     if ds_config is None:
-        return module.to(world.device).eval(), module.attention
+        return module.to(world.device).eval(), module.length_multiple
     distributed.register_lm_head(module, reference)
-    return distributed.inference_engine(module, ds_config, sequence), module.attention
+    return distributed.inference_engine(module, ds_config, sequence), module.length_multiple
 
 
 def _shard(pairs: Sequence[Pair], index: int, shard_size: int) -> list[Pair]:

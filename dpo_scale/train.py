@@ -26,7 +26,7 @@ from dpo_scale.config import ConfigError, GenerationConfig, TrainConfig, to_dict
 from dpo_scale.data import Pair, PairView, load_prepared, padding_id, run_tokenizer, split_held_out, store_directory
 from dpo_scale.ds_config import AUTO, resolve_deepspeed_config, shipped_config_for, single_process_advice
 from dpo_scale.io import atomic_open
-from dpo_scale.layout import collate, sequence_parallel_multiple
+from dpo_scale.layout import collate
 from dpo_scale.drift import concatenate, drift_statistics
 from dpo_scale.evaluate import distinct_n, generate
 from dpo_scale.loss import build_preference_loss, preference_metrics
@@ -166,8 +166,6 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
     held, total = distributed.held_parameters(policy)
     print(f"rank {world.rank}: holds {held:,} of the policy's {total:,} parameters", flush=True)
     policy_module = PairLogpsModel(policy, config.logps, weighting=config.loss.use_weighting, sequence=sequence)
-    if sequence.size > 1:
-        distributed.install_ulysses(policy, sequence)
     distributed.register_lm_head(policy_module, policy)
     engine = distributed.training_engine(policy_module, ds_config, sequence)
     distributed.check_portable_state(engine)
@@ -186,20 +184,16 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
             reference_model = load_nf4_reference(config.model, nf4.double_quant, nf4.compute_dtype, world.device)
             print0(f"NF4 reference: {nf4_memory(reference_model).total_bytes / 2**20:,.1f} MiB, whole on every rank")
             reference = NF4Reference(reference_model, config.logps, sequence)
-            if sequence.size > 1:
-                distributed.install_ulysses(reference_model, sequence)
         else:
             reference_model = distributed.load_model(config.model, ds_config)
             reference_module = PairLogpsModel(reference_model, config.logps, sequence=sequence)
-            if sequence.size > 1:
-                distributed.install_ulysses(reference_model, sequence)
             distributed.register_lm_head(reference_module, reference_model)
             reference = FrozenCopy(distributed.inference_engine(reference_module, ds_config, sequence))
 
     state = Run(
         config=config, world=world, sequence=sequence, replica=replica, engine=engine, reference=reference,
         train_pairs=train_pairs, eval_pairs=eval_pairs, sampler=sampler, total_steps=total_steps,
-        pad_token_id=padding_id(tokenizer), length_multiple=sequence_parallel_multiple(sequence.size, policy_module.attention),
+        pad_token_id=padding_id(tokenizer), length_multiple=policy_module.length_multiple,
         tokenizer=tokenizer,
         loss_fn=build_preference_loss(config.loss), metrics_log=MetricsLog(run_dir / "metrics.jsonl"),
         tracker=build_tracker(config.logging, run_dir, to_dict(config)),
@@ -379,7 +373,8 @@ def _update_skipped(state: Run, step: int, nonfinite: torch.Tensor) -> bool:
     if skipped == state.skipped_steps:
         return False
     state.skipped_steps = skipped
-    counts = distributed.all_reduce_sum(nonfinite).tolist()  # rare: only on a skipped update
+    # rare: only on a skipped update; a sequence-parallel group's ranks hold the same values, counted once
+    counts = (distributed.all_reduce_sum(nonfinite) / state.sequence.size).tolist()
     broken = [f"{term} ({int(n)} values)" for term, n in zip(TERMS, counts) if n] or ["the gradient only"]
     print0(
         f"warning: step {step + 1}: non-finite {', '.join(broken)}; update skipped "

@@ -27,7 +27,7 @@ from tiny import random_pairs, stories260k, story_pairs, tiny_model  # noqa: E40
 from dpo_scale import distributed  # noqa: E402
 from dpo_scale.config import LogpsConfig  # noqa: E402
 from dpo_scale.data.pairs import Pair  # noqa: E402
-from dpo_scale.layout import collate, sequence_parallel_multiple  # noqa: E402
+from dpo_scale.layout import collate  # noqa: E402
 from dpo_scale.loss import sigmoid_loss  # noqa: E402
 from dpo_scale.model import PairLogpsModel  # noqa: E402
 
@@ -54,13 +54,12 @@ def relative(got: torch.Tensor, want: torch.Tensor) -> float:
 def compare(model: torch.nn.Module, batches: list[list[Pair]], layout: LogpsConfig, sequence) -> dict:
     whole_model = copy.deepcopy(model)
     plain = PairLogpsModel(whole_model, layout)
-    sliced = PairLogpsModel(model, layout, sequence=sequence)
-    distributed.install_ulysses(model, sequence)
+    sliced = PairLogpsModel(model, layout, sequence=sequence)  # routes the model's attention through Ulysses
     worst = {"sums": 0.0, "loss": 0.0, "gradients": 0.0, "shared_sums": 0.0}
     for pairs in batches:
         for module in (plain, sliced):
             module.zero_grad(set_to_none=True)
-        batch = collate(pairs, layout, 0, sequence_parallel_multiple(sequence.size, sliced.attention))
+        batch = collate(pairs, layout, 0, sliced.length_multiple)
         assert batch.input_ids.shape[1] % sequence.size == 0
         outputs = []
         for module in (plain, sliced):

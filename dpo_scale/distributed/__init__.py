@@ -14,7 +14,7 @@ from dpo_scale.distributed.engines import (
     register_lm_head,
     training_engine,
 )
-from dpo_scale.distributed.sequence_parallel import SequenceGroup, engine_groups, init_groups, install_ulysses
+from dpo_scale.distributed.sequence_parallel import SequenceGroup, engine_groups, init_groups
 from dpo_scale.distributed.state import (
     OPTIMIZER_STATES,
     STATE_KEYS,
@@ -49,7 +49,7 @@ from dpo_scale.distributed.world import (
 __all__ = [
     "BUILD_TAKES_AT_MOST_S", "COMPILED_OPS", "OPTIMIZER_STATES", "STATE_KEYS", "SequenceGroup", "World", "abort",
     "all_reduce_sum", "backward", "check_portable_state", "close", "engine_counters", "engine_groups", "free_port",
-    "full_shape", "gather_to_all", "held_parameters", "inference_engine", "init", "init_groups", "install_ulysses",
+    "full_shape", "gather_to_all", "held_parameters", "inference_engine", "init", "init_groups",
     "load_engine", "load_model", "materialize_optimizer_state", "optimizer_steps", "partition_range",
     "register_lm_head", "scatter_parameter_state", "set_engine_counters", "set_optimizer_steps",
     "stream_parameter_state", "stream_weight", "trainable_parameters", "training_engine", "wait_for_op_builds",

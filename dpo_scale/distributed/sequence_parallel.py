@@ -24,8 +24,7 @@ from dataclasses import dataclass
 
 import deepspeed.runtime.sequence_parallel.parallel_state_sp as sequence_parallel_state
 import torch
-import torch.distributed.nn
-from deepspeed.module_inject.layers import RowParallel
+from deepspeed.module_inject.layers import ColumnParallel, RowParallel
 from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
 from torch import nn
 
@@ -52,13 +51,18 @@ class SequenceGroup:
         """The group's sum of `tensor` on every rank of the group, differentiable. Every rank computes the same loss
         from the sum, so the group's parameter gradients are the whole sequence's once its ranks' are added:
         DeepSpeed's RowParallel passes each rank the gradient of its own term (all-reduce forward, identity
-        backward); with `gradient_sums`, torch's differentiable all-reduce passes SP times that (its backward
-        all-reduces the gradients too)."""
+        backward); with `gradient_sums`, its ColumnParallel in front (identity forward, all-reduce backward) makes
+        that SP times the gradient. The clone is RowParallel's to reduce in place."""
         if self.size == 1:
             return tensor
         if self.gradient_sums:
-            return torch.distributed.nn.functional.all_reduce(tensor, group=self.group)
+            tensor = ColumnParallel.apply(self.group, tensor)
         return RowParallel.apply(self.group, tensor.clone(), False)
+
+    def route_attention(self, model: nn.Module) -> None:
+        """Route `model`'s attention through Ulysses over this group (PairLogpsModel calls it once it has read the
+        model's kernel): `install_ulysses`."""
+        install_ulysses(model, self)
 
 
 def init_groups(size: int, ds_config: dict | None = None) -> SequenceGroup:
