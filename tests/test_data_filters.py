@@ -251,3 +251,20 @@ def test_span_hashes_of_uint16_ids_equal_those_of_the_same_ids_as_int64():
         ids = tokens[starts[i] : starts[i] + lengths[i]].tolist()
         total = sum(mixed(x) * int(spans.B) ** k for k, x in enumerate(ids)) % 2**64
         assert mixed(total ^ (len(ids) * int(spans.LENGTH_SALT)) % 2**64) == int(expected[i])
+
+
+def test_span_helpers_and_training_prompts_shorter_than_n():
+    """span_starts / expand_ranges against plain Python, empty input included; and a block of training prompts
+    all shorter than n (no n-gram at all: the demo's 7-token prompts at n = 13) matches nothing instead of failing
+    (`dpo-scale data-report --eval` raised a numpy broadcast error there)."""
+    lengths = [3, 0, 2, 5]
+    assert spans.span_starts(lengths).tolist() == [0, 3, 3, 5]
+    assert spans.span_starts([]).tolist() == []
+    assert spans.expand_ranges([10, 7, 0], [2, 0, 3]).tolist() == [10, 11, 0, 1, 2]
+    assert spans.expand_ranges([], []).tolist() == []
+    evals = EvalPrompts.from_tokens(np.arange(20, dtype=np.int64), np.array([0]), np.array([20]), 13)
+    short = np.arange(12, dtype=np.int64)
+    hits = evals.hits(short, np.array([0, 6]), np.array([6, 6]))
+    assert len(hits.entries) == 0 and not hits.equal_short.any()
+    train, evaluated, shares = evals.shares(hits, 2)
+    assert len(train) == len(evaluated) == len(shares) == 0

@@ -11,15 +11,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dpo_scale.data.spans import ngram_hashes, span_hashes
+from dpo_scale.data.spans import expand_ranges, ngram_hashes, span_hashes
 
 
 def _expand(low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every position of the ranges [low[i], high[i]): (positions, the range each came from)."""
     counts = high - low
-    which = np.repeat(np.arange(len(low)), counts)
-    first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    return np.repeat(low, counts) + np.arange(int(counts.sum())) - np.repeat(first, counts), which
+    return expand_ranges(low, counts), np.repeat(np.arange(len(low)), counts)
 
 
 @dataclass

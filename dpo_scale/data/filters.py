@@ -19,7 +19,7 @@ import numpy as np
 from dpo_scale.config import DataConfig, FilterConfig
 from dpo_scale.data.contamination import EvalPrompts
 from dpo_scale.data.pairs import DROP_REASONS, Dropped, Pair
-from dpo_scale.data.spans import mix, span_hashes
+from dpo_scale.data.spans import mix, span_hashes, span_starts
 from dpo_scale.data.store import KEPT, filtered_name, rows_name, tokens_name
 from dpo_scale.io import atomic_open
 
@@ -129,8 +129,7 @@ def read_eval_prompts(config: DataConfig, tokenizer: PreTrainedTokenizerBase, pa
     pairs, _, _ = prepare_examples(read_examples(settings), settings, tokenizer)
     lengths = np.array([len(p.prompt_ids) for p in pairs], np.int64)
     tokens = np.fromiter(itertools.chain.from_iterable(p.prompt_ids for p in pairs), np.int64, int(lengths.sum()))
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    return EvalPrompts.from_tokens(tokens, starts, lengths, n), [p.source for p in pairs]
+    return EvalPrompts.from_tokens(tokens, span_starts(lengths), lengths, n), [p.source for p in pairs]
 
 
 def contaminated_mask(evals: EvalPrompts, tokens, prompt_starts, prompt_lengths, threshold: float) -> np.ndarray:
@@ -151,7 +150,7 @@ def filter_pairs(
     lengths = np.array([[len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)] for p in pairs], np.int64)
     sequences = (ids for p in pairs for ids in (p.prompt_ids, p.chosen_ids, p.rejected_ids))
     tokens = np.fromiter(itertools.chain.from_iterable(sequences), np.int64, int(lengths.sum()))
-    starts = np.concatenate([[0], np.cumsum(lengths.sum(axis=1))[:-1]]).astype(np.int64)
+    starts = span_starts(lengths.sum(axis=1))
     contaminated = np.zeros(len(pairs), bool)
     if config.filters.drop_contaminated:
         evals, _ = read_eval_prompts(config, tokenizer, config.filters.eval_path, config.filters.ngram)

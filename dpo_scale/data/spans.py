@@ -20,6 +20,18 @@ CHUNK_TOKENS = 1 << 18
 """Tokens gathered per step: about 10 MiB of transient arrays whatever the data's size (a few 2 MiB uint64 and
 int64 arrays, and the power tables); larger chunks were no faster on a 2-core Xeon, and cost more memory."""
 
+def span_starts(lengths: np.ndarray) -> np.ndarray:
+    """Where each of consecutive spans of `lengths` begins in their concatenation: 0, l0, l0 + l1, ... (int64)."""
+    lengths = np.asarray(lengths, np.int64)
+    return np.cumsum(lengths) - lengths
+
+
+def expand_ranges(low: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """low[i], low[i] + 1, ..., low[i] + counts[i] - 1 for every i, concatenated (int64; empty for no ranges)."""
+    counts = np.asarray(counts, np.int64)
+    return np.repeat(np.asarray(low, np.int64) - span_starts(counts), counts) + np.arange(int(counts.sum()))
+
+
 _powers: tuple[np.ndarray, np.ndarray] = (np.ones(1, np.uint64), np.ones(1, np.uint64))
 _mix_table: np.ndarray | None = None
 _counting = np.zeros(0, np.int64)
@@ -152,9 +164,7 @@ def ngram_hashes(tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray, n:
                 continue
             sums, offsets = _gathered(tokens, starts[first:last], spans)
             owner = np.repeat(np.arange(first, last, dtype=np.int64), windows)
-            begin = np.repeat(offsets, windows) + np.arange(int(windows.sum())) - np.repeat(
-                np.concatenate([[0], np.cumsum(windows)[:-1]]), windows
-            )
+            begin = expand_ranges(offsets, windows)
             hashes.append(_hashes(sums, begin, np.full(len(begin), n, np.int64)))
             owners.append(owner)
     if not hashes:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dpo_scale.data.contamination import EvalPrompts
+from dpo_scale.data.spans import span_starts
 from dpo_scale.data.store import TokenStore
 from dpo_scale.data_report import figures, stats
 from dpo_scale.data_report.render import markdown
@@ -87,7 +88,7 @@ def report_store(
 def _prompts(pairs, n: int) -> EvalPrompts:
     lengths = np.array([len(p.prompt_ids) for p in pairs], np.int64)
     tokens = np.array([t for p in pairs for t in p.prompt_ids], np.int64)
-    return EvalPrompts.from_tokens(tokens, np.r_[0, np.cumsum(lengths)[:-1]].astype(np.int64), lengths, n)
+    return EvalPrompts.from_tokens(tokens, span_starts(lengths), lengths, n)
 
 
 def _reference(config: TrainConfig, tokenizer, store: TokenStore) -> tuple[np.ndarray, np.ndarray]:
