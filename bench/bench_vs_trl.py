@@ -4,12 +4,15 @@
     python bench/bench_vs_trl.py --reference online               # a frozen reference copy run every step
     python bench/bench_vs_trl.py --model stories260k              # the real pretrained stories260K, 512-token vocab
     python bench/bench_vs_trl.py --model llama117m                # 117M Llama: the decoder outweighs the LM head
+    python bench/bench_vs_trl.py --model llama16m llama117m --checkpointing off on \
+        --sides dpo_scale trl_cpu_chunk_no_save                   # the matched-settings table, one invocation
 
 Every side trains the same saved model on the same pairs in the same order (TRL's sampler sequential over rows
 written in dpo_scale's step order), batch 4 pairs, fp32, AdamW at the same learning rate and saves a final
-checkpoint (weights and optimizer state), and recomputes activations in backward only with
---activation-checkpointing (TRL's DPOConfig turns gradient checkpointing on by default; it is set explicitly here
-so that every side does the same work). `--reference cache`: reference log-probs precomputed before the timed
+checkpoint (weights and optimizer state), and recomputes activations in backward as `--checkpointing` says: off or
+on for every side (TRL's DPOConfig turns gradient checkpointing on by default; it is set explicitly here so that
+every side does the same work). Given both, for each model, the matched-settings table: defaults (TRL's on, ours
+as `dpo-scale train` leaves it), both on, both off. `--reference cache`: reference log-probs precomputed before the timed
 steps (TRL: precompute_ref_log_probs; dpo_scale: precompute-ref into a cache; plain: computed once up front);
 `--reference online`: a frozen copy of the starting model scores every batch (TRL's ref_model, dpo_scale's
 reference.source=copy, plain: a second model under no_grad). Each side runs in its own process, so its peak
@@ -68,12 +71,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
-    parser.add_argument("--model", choices=(*LLAMA_SIZES, "stories260k"), default="llama16m")
+    parser.add_argument("--model", nargs="+", choices=(*LLAMA_SIZES, "stories260k"), default=["llama16m"])
     parser.add_argument("--reference", choices=("cache", "online"), default="cache")
-    parser.add_argument("--activation-checkpointing", action="store_true",
-                        help="every side recomputes activations in backward (TRL's DPOConfig default; off otherwise)")
+    parser.add_argument("--checkpointing", nargs="+", choices=("off", "on", "default"), default=["off"],
+                        help="every side recomputes activations in backward, or none does, or each side as shipped "
+                             "(default: TRL on, dpo_scale as `dpo-scale train` decides, plain off)")
     args = parser.parse_args()
     if args.side:
+        args.model, args.checkpointing = args.model[0], args.checkpointing[0]
         from dpo_scale.tracking import stop_tqdm_monitor
 
         stop_tqdm_monitor()  # every side's process exits as `dpo-scale` does (a finished side must not abort)
@@ -83,30 +88,41 @@ def main() -> None:
         (Path(args.work) / f"{args.side}.json").write_text(json.dumps(result))
         return
 
-    with tempfile.TemporaryDirectory() as scratch:
-        work = Path(scratch)
-        parameters, unique_tokens, sequence_tokens = _prepare(work, args)
-        results = {}
-        for side in args.sides:
-            started = time.perf_counter()
-            command = [sys.executable, __file__, "--side", side, "--work", str(work), "--steps", str(args.steps),
-                       "--warmup", str(args.warmup), "--batch", str(args.batch), "--max-length", str(args.max_length),
-                       "--model", args.model, "--reference", args.reference]
-            if args.activation_checkpointing:
-                command.append("--activation-checkpointing")
-            child = subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE, text=True)  # fmt: skip
-            if child.returncode == 0:
-                results[side] = json.loads((work / f"{side}.json").read_text())
-                results[side]["process_seconds"] = time.perf_counter() - started
-            else:  # e.g. SIGKILL from the kernel's OOM killer: a result to report, not a crash of the benchmark
-                how = "killed by SIGKILL (out of memory?)" if child.returncode == -9 else f"exit {child.returncode}"
-                results[side] = {"error": how, "stderr": child.stderr[-2000:]}
-            print(f"{side}: done in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-    _report(results, parameters, unique_tokens, sequence_tokens, args)
+    tables = {}
+    for model in args.model:
+        with tempfile.TemporaryDirectory() as scratch:
+            work = Path(scratch)
+            parameters, unique_tokens, sequence_tokens = _prepare(work, model, args)
+            for checkpointing in args.checkpointing:
+                results = {side: _run_side(work, side, model, checkpointing, args) for side in args.sides}
+                tables[model, checkpointing] = results
+                _report(results, parameters, unique_tokens, sequence_tokens, model, checkpointing, args)
+            if "dpo_scale" in args.sides and {"on", "off"} <= set(args.checkpointing):  # for the "defaults" row
+                tables[model, "default"] = {"dpo_scale": _run_side(work, "dpo_scale", model, "default", args)}
+    if {"on", "off"} <= set(args.checkpointing):
+        _report_matched(tables, args)
 
 
-def _prepare(work: Path, args) -> tuple[int, int, int]:
+def _run_side(work: Path, side: str, model: str, checkpointing: str, args) -> dict:
+    """One side in its own process (its peak RSS is its own); a failure is a result to report."""
+    started = time.perf_counter()
+    command = [sys.executable, __file__, "--side", side, "--work", str(work), "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--batch", str(args.batch), "--max-length", str(args.max_length),
+               "--model", model, "--reference", args.reference, "--checkpointing", checkpointing]  # fmt: skip
+    child = subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)  # fmt: skip
+    if child.returncode == 0:
+        result = json.loads((work / f"{side}.json").read_text())
+        result["process_seconds"] = time.perf_counter() - started
+    else:  # e.g. SIGKILL from the kernel's OOM killer: a result to report, not a crash of the benchmark
+        how = "killed by SIGKILL (out of memory?)" if child.returncode == -9 else f"exit {child.returncode}"
+        result = {"error": how, "stderr": child.stderr[-2000:]}
+    print(f"{model} checkpointing {checkpointing}, {side}: done in {time.perf_counter() - started:.0f} s",
+          file=sys.stderr, flush=True)  # fmt: skip
+    return result
+
+
+def _prepare(work: Path, model_name: str, args) -> tuple[int, int, int]:
     """The model (saved), the pairs as rows in dpo_scale's step order, and the run config."""
     import yaml
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -115,14 +131,14 @@ def _prepare(work: Path, args) -> tuple[int, int, int]:
     from dpo_scale.data import load_tokenizer, prepare, read_examples
     from dpo_scale.sampler import StepSampler
 
-    if args.model == "stories260k":
+    if model_name == "stories260k":
         shutil.copytree(STORIES, work / "model")
         model = AutoModelForCausalLM.from_pretrained(work / "model")
     else:
         tokenizer = load_tokenizer(str(GPT2 / "tokenizer.json"))
         tokenizer.eos_token = "<|endoftext|>"  # GPT-2's bare tokenizer.json names no EOS; saved with the model below
         torch.manual_seed(0)
-        shape = LLAMA_SIZES[args.model]
+        shape = LLAMA_SIZES[model_name]
         config = LlamaConfig(vocab_size=len(tokenizer), **shape, num_key_value_heads=shape["num_attention_heads"],
                              max_position_embeddings=1024, tie_word_embeddings=True,
                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
@@ -166,8 +182,10 @@ def _run_dpo_scale(work: Path, args, deepspeed_config: str | None = None) -> dic
     if args.reference == "cache" and not (work / "cache" / "manifest.json").exists():
         subprocess.run([sys.executable, "-m", "dpo_scale.cli", "precompute-ref", "--config", str(work / "run.yaml")],
                        check=True, capture_output=True)  # fmt: skip
-    run_dir = work / f"run-{deepspeed_config or 'default'}"
-    overrides = [f"run_dir={run_dir}", f"deepspeed.activation_checkpointing={args.activation_checkpointing}"]
+    run_dir = work / f"run-{deepspeed_config or 'default'}-checkpointing-{args.checkpointing}"
+    overrides = [f"run_dir={run_dir}"]
+    if args.checkpointing != "default":  # "default": as `dpo-scale train` leaves it
+        overrides.append(f"deepspeed.activation_checkpointing={args.checkpointing == 'on'}")
     if deepspeed_config:
         overrides.append(f"deepspeed.config={deepspeed_config}")
     command = ["/usr/bin/time", "-v", sys.executable, "-m", "dpo_scale.cli", "train", "--config", str(work / "run.yaml")]
@@ -200,7 +218,7 @@ def _run_trl(work: Path, args, chunk: int | None = None, save: bool = True) -> d
                        per_device_train_batch_size=args.batch, max_length=args.max_length, learning_rate=LR,
                        lr_scheduler_type="constant", weight_decay=0.0, max_steps=args.steps + args.warmup,
                        precompute_ref_log_probs=args.reference == "cache", seed=0,
-                       gradient_checkpointing=args.activation_checkpointing,  # DPOConfig's default is True
+                       gradient_checkpointing=args.checkpointing != "off",  # DPOConfig's default is on
                        save_strategy="steps" if save else "no", save_steps=args.steps + args.warmup,  # as ours
                        train_sampling_strategy="sequential")  # fmt: skip
     clock = step_clock()
@@ -249,7 +267,7 @@ def _run_plain(work: Path, args) -> dict:
     pairs = prepare(DataConfig(str(work / "ordered.jsonl"), max_length=args.max_length), tokenizer).pairs
     model = AutoModelForCausalLM.from_pretrained(work / "model")
     model.train()
-    if args.activation_checkpointing:
+    if args.checkpointing == "on":
         enable_activation_checkpointing(model)
     reference_model = AutoModelForCausalLM.from_pretrained(work / "model").eval() if args.reference == "online" else None
     pad = tokenizer.eos_token_id
@@ -310,13 +328,14 @@ def _matmul_gflops() -> float:
     return 2 * 2048**3 * reps / (time.perf_counter() - started) / 1e9
 
 
-def _report(results: dict, parameters: int, unique_tokens: int, sequence_tokens: int, args) -> None:
+def _report(results: dict, parameters: int, unique_tokens: int, sequence_tokens: int, model_name: str,
+            checkpointing: str, args) -> None:
     """`unique_tokens`: prompt + chosen + rejected of the timed pairs; `sequence_tokens`: the same with the prompt
     counted twice (what chosen and rejected as separate sequences hold, padding aside)."""
-    model = "stories260K" if args.model == "stories260k" else "Llama, GPT-2 vocabulary"
+    model = "stories260K" if model_name == "stories260k" else "Llama, GPT-2 vocabulary"
     reference = "precomputed reference" if args.reference == "cache" else "online reference copy"
-    recompute = "with" if args.activation_checkpointing else "without"
-    print(f"{parameters / 1e6:.2f}M-parameter {model}, HH-RLHF helpful-base, max_length {args.max_length}, batch "
+    recompute = "with" if checkpointing == "on" else "without"
+    print(f"\n{parameters / 1e6:.2f}M-parameter {model}, HH-RLHF helpful-base, max_length {args.max_length}, batch "
           f"{args.batch} pairs, fp32, {reference}, {recompute} activation checkpointing, {args.steps} timed steps "
           f"after {args.warmup}; torch {torch.__version__}, {torch.get_num_threads()} threads\n")  # fmt: skip
     matmul = _matmul_gflops()
@@ -344,6 +363,26 @@ def _report(results: dict, parameters: int, unique_tokens: int, sequence_tokens:
         if "plain" in rates:
             print(f"{ours} / plain full-logits step: {rates[ours] / rates['plain']:.2f}x pairs/s")
     print(f"fp32 matmul (2048 x 2048, this machine now): {matmul:.0f} GFLOP/s")
+
+
+def _report_matched(tables: dict, args) -> None:
+    """Ours against TRL's chunked side without its save at the same checkpointing, and each as users leave it."""
+    trl_side = "trl_cpu_chunk_no_save" if "trl_cpu_chunk_no_save" in args.sides else "trl_cpu_chunk"
+    print("\nMatched settings: dpo_scale against", trl_side, "\n")
+    print("| model | setting | TRL pairs/s, peak RSS (MiB) | ours pairs/s, peak RSS (MiB) | ours / TRL |")
+    print("|---|---|---|---|---|")
+    for model in args.model:
+        for setting, ours_key, trl_key in (("defaults (TRL on, ours as default)", "default", "on"),
+                                           ("checkpointing on, both", "on", "on"),
+                                           ("checkpointing off, both", "off", "off")):  # fmt: skip
+            ours, trl = tables[model, ours_key].get("dpo_scale", {}), tables[model, trl_key].get(trl_side, {})
+            if "seconds" not in ours or "seconds" not in trl:
+                print(f"| {model} | {setting} | {trl.get('error', '')} | {ours.get('error', '')} | |")
+                continue
+            ours_rate, trl_rate = (args.batch * r["steps"] / r["seconds"] for r in (ours, trl))
+            print(f"| {model} | {setting} | {trl_rate:.3f}, {trl['peak_rss_mib']:,.0f} | {ours_rate:.3f}, "
+                  f"{ours['peak_rss_mib']:,.0f} | {ours_rate / trl_rate:.1f}x speed, "
+                  f"{ours['peak_rss_mib'] / trl['peak_rss_mib']:.2f}x memory |")
 
 
 RUNNERS = {

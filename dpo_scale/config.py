@@ -159,10 +159,10 @@ class LogpsConfig:
     prefix_sharing: bool = True
     """One [prompt | chosen | rejected] sequence per pair, the prompt computed once."""
     packing: bool = True
-    """Several pairs per row (padding-free), attention isolated and position ids restarting per pair. Rows are
-    never longer than the batch's longest pair unless pack_length says so: fewer rows, the same attention width."""
+    """Several pairs per row (padding-free), attention isolated and position ids restarting per pair."""
     pack_length: int | None = None
-    """Row capacity in tokens when packing; None packs into rows as long as the longest unit of the batch."""
+    """Row capacity in tokens when packing. None: the rows that compute the fewest positions, each up to
+    layout.PACKED_ROW_TOKENS (2,048) or the batch's longest pair when that is longer."""
     streaming: bool = True
     """Chunked LM head with recomputation in backward; False materializes the full [rows, seq, vocab] logits."""
     chunk_size: int | None = None
@@ -170,16 +170,17 @@ class LogpsConfig:
     fit logps.CHUNK_BYTES (64 MiB of fp32 logits: 333 tokens at GPT-2's vocabulary, 524 at 32k, 130 at 128,256), so
     the head's memory stays flat as the vocabulary grows."""
 
-    attention: Literal["auto", "dense", "flex", "varlen"] = "auto"
+    attention: Literal["auto", "dense", "units", "flex", "varlen"] = "auto"
     """How the layout reaches the attention kernel. dense: a (rows, 1, T, T) mask for sdpa / eager (the padded
-    layout: its 2D mask); flex: a FlexAttention BlockMask built from the units (no T x T tensor; CUDA only, refused
+    layout: its 2D mask); units: sdpa / eager once per packed unit with that unit's own (L, L) mask, so a row's
+    attention costs the sum of its units' squared lengths, not T² (dpo_scale/unit_attention.py); flex: a FlexAttention BlockMask built from the units (no T x T tensor; CUDA only, refused
     by every command elsewhere: model.check_attention_device); varlen: no mask, position ids restarting per unit,
     as transformers' padding-free path and flash-attention take it (not with prefix sharing: rejected would see
-    chosen). auto: dense on CPU; on CUDA flex where the model supports it, varlen for flash-attention models without
+    chosen). auto: units on CPU (dense under sequence parallelism); on CUDA flex where the model supports it, varlen for flash-attention models without
     prefix sharing."""
 
     def __post_init__(self) -> None:
-        _check_choice(self, "logps", "attention", Literal["auto", "dense", "flex", "varlen"])
+        _check_choice(self, "logps", "attention", Literal["auto", "dense", "units", "flex", "varlen"])
         if self.attention == "varlen" and self.prefix_sharing:
             raise ConfigError(
                 "logps.attention=varlen isolates whole units, but prefix sharing needs rejected tokens to skip the "

@@ -119,17 +119,39 @@ def _pack(units: list[_Unit], capacity: int) -> list[list[_Unit]]:
     return rows
 
 
+# Rows grow up to this many tokens when that means less padding. Every position of a row costs the same projections
+# whether it holds a token or padding, while a row's attention costs its length squared (the dense mask's kernels do
+# not skip masked blocks): at 2,048 the attention of a 117M Llama is under half its projections' work per token, and
+# the mask 16 MiB a row. HH-RLHF, 4 pairs a micro-batch: 1.13-1.48 positions per unique token with rows as long as
+# the longest pair, 1.00 here; 117M 1.04x pairs/s and -5% peak RSS (BENCHMARKS.md, issue 23).
+PACKED_ROW_TOKENS = 2048
+
+
+def _pack_rows(units: list[_Unit], pack_length: int | None) -> list[list[_Unit]]:
+    """`pack_length` given: first-fit decreasing into rows of that capacity (or the longest unit's). None: of the
+    capacities that fill 1, 2, ... rows evenly, up to PACKED_ROW_TOKENS (never below the longest unit), the packing
+    that computes the fewest positions (rows x longest row), the shorter rows on a tie."""
+    longest = max(len(u.ids) for u in units)
+    if pack_length is not None:
+        return _pack(units, max(pack_length, longest))
+    total = sum(len(u.ids) for u in units)
+    capacities = {max(longest, -(-total // rows)) for rows in range(1, len(units) + 1)}
+    packings = [_pack(units, c) for c in sorted(capacities) if c <= max(longest, PACKED_ROW_TOKENS)]
+
+    def cost(rows: list[list[_Unit]]) -> tuple[int, int]:
+        width = max(sum(len(u.ids) for u in row) for row in rows)
+        return len(rows) * width, width
+
+    return min(packings, key=cost)
+
+
 def collate(pairs: list[Pair], config: LogpsConfig, pad_token_id: int, length_multiple: int = 1) -> PairBatch:
     """`length_multiple`: rows padded to a multiple of it (sequence parallelism splits every row into equal slices:
     `sequence_parallel_multiple`). The padding is counted in `tokens` and never scored."""
     if not pairs:
         raise ValueError("collate needs at least one pair")
     units = _shared_units(pairs) if config.prefix_sharing else _separate_units(pairs)
-    if config.packing:
-        longest = max(len(u.ids) for u in units)
-        rows = _pack(units, max(config.pack_length or 0, longest))
-    else:
-        rows = [[u] for u in units]
+    rows = _pack_rows(units, config.pack_length) if config.packing else [[u] for u in units]
 
     num_rows = len(rows)
     length = max(sum(len(u.ids) for u in row) for row in rows)

@@ -24,6 +24,8 @@ from dpo_scale.logps import (
     streaming_token_logps_and_log_sum_sq,
 )
 from dpo_scale.loss import PairLogps
+from dpo_scale.unit_attention import kernel_of, route_units, unit_spans
+
 
 def load_causal_lm(config: ModelConfig) -> nn.Module:
     """`from_pretrained` with safetensors only (no pickle from a shared cluster) and remote code off by default."""
@@ -121,24 +123,30 @@ def check_attention_device(config: LogpsConfig, device: torch.device) -> None:
         )
 
 
-def resolve_attention(config: LogpsConfig, model: nn.Module, cuda: bool) -> str:
-    """logps.attention for this model and device: "padded" (the padded layout's 2D mask), "dense", "flex" or
-    "varlen". Refuses a choice the model's attention implementation cannot run, when the run is built."""
-    implementation = model.config._attn_implementation
-    if not (config.prefix_sharing or config.packing) and config.attention in ("auto", "dense"):
+def resolve_attention(config: LogpsConfig, model: nn.Module, cuda: bool, sequence_parallel: bool = False) -> str:
+    """logps.attention for this model and device: "padded" (the padded layout's 2D mask), "dense", "units", "flex"
+    or "varlen". Refuses a choice the model's attention implementation cannot run, when the run is built."""
+    implementation = kernel_of(model.config._attn_implementation)
+    if not (config.prefix_sharing or config.packing) and config.attention in ("auto", "dense", "units"):
         return "padded"
     supports_flex = getattr(model, "_supports_flex_attn", False)
     choice = config.attention
     if choice == "auto":
         if not cuda:
-            choice = "dense"
+            # Ulysses attends over whole rows gathered from every rank: units would need their spans there too
+            choice = "dense" if sequence_parallel or implementation not in _MASKABLE_ATTENTION else "units"
         elif not config.prefix_sharing and implementation.startswith("flash_attention"):
             choice = "varlen"
         else:
             choice = "flex" if supports_flex else "dense"
-    if choice == "dense" and implementation not in _MASKABLE_ATTENTION:
+    if choice == "units" and sequence_parallel:
         raise ConfigError(
-            f"logps.prefix_sharing / logps.packing with logps.attention=dense need a 4D attention mask, which "
+            "logps.attention=units runs each unit on one rank, but sequence_parallel_size > 1 splits rows over "
+            "ranks: use logps.attention=dense (or flex on CUDA), or auto"
+        )
+    if choice in ("dense", "units") and implementation not in _MASKABLE_ATTENTION:
+        raise ConfigError(
+            f"logps.prefix_sharing / logps.packing with logps.attention={choice} need a 4D attention mask, which "
             f"attn_implementation={implementation!r} does not take; load the model with sdpa or eager attention, use "
             "logps.attention=flex (or varlen without prefix sharing), or set logps.prefix_sharing=false "
             "logps.packing=false"
@@ -189,10 +197,10 @@ class PairLogpsModel(nn.Module):
         if config.streaming:
             lm_head_of(_unwrap_peft(model))
         causal_lm = _unwrap_peft(model)
-        self.attention = resolve_attention(config, causal_lm, torch.cuda.is_available())
+        self.attention = resolve_attention(config, causal_lm, torch.cuda.is_available(), self.sequence is not None)
         if self.attention == "flex":
             causal_lm.set_attn_implementation("flex_attention")
-        kernel = causal_lm.config._attn_implementation
+        kernel = kernel_of(causal_lm.config._attn_implementation)
         # Under sequence parallelism the model's own mask step sees one slice only and is switched off, so the
         # kernel must get the whole row's structure unless it needs none: position ids carry the units for flash
         # (Ulysses gathers them), and causal attention is exact for a right-padded row of one unit.
@@ -202,6 +210,8 @@ class PairLogpsModel(nn.Module):
         """What `collate` must pad every row's length to a multiple of for this module."""
         if self.sequence is not None:
             self.sequence.route_attention(causal_lm)  # after the kernel is read: routing renames it
+        if self.attention == "units":
+            route_units(causal_lm)
 
     def _attention_mask(self, batch: PairBatch):
         """The whole row's structure for the attention kernel: the padded layout's 2D mask (or nothing, causal, under
@@ -215,6 +225,8 @@ class PairLogpsModel(nn.Module):
             return block_mask(batch)
         if self.attention == "varlen" and self.positions_suffice:
             return None
+        if self.attention == "units":  # the units come as unit_spans; all ones: the kernel's mask step builds nothing
+            return torch.ones_like(batch.input_ids)
         allowed = dense_mask(batch)
         dtype = self.model.dtype
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
@@ -226,6 +238,8 @@ class PairLogpsModel(nn.Module):
             input_ids=batch.input_ids[:, start:stop], attention_mask=self._attention_mask(batch),
             position_ids=batch.position_ids[:, start:stop], use_cache=False,
         )  # fmt: skip
+        if self.attention == "units":
+            inputs["unit_spans"] = unit_spans(batch, self.model.dtype)
         # the scored tokens whose predicting hidden state is in this slice: the label is the token after it, which
         # for the slice's last position is the next slice's first token (the layout stores labels, not shifts)
         here = None if self.sequence is None else (batch.score_cols >= start) & (batch.score_cols < stop)

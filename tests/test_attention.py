@@ -1,5 +1,6 @@
-"""The kernel forms of the layouts' attention (logps.attention): the FlexAttention block mask and the varlen form
-(position ids, no mask) compute what the dense mask computes, and our code builds no (rows, 1, T, T) tensor for them.
+"""The kernel forms of the layouts' attention (logps.attention): the FlexAttention block mask, the varlen form
+(position ids, no mask) and the units form (the kernel once per packed unit) compute what the dense mask computes,
+and our code builds no (rows, 1, T, T) tensor for them.
 
 On CPU, torch 2.13 runs FlexAttention's forward only (no backward) and, without torch.compile, through its unfused
 reference implementation: these tests prove the masks; speed and memory belong to the GPU benchmark."""
@@ -14,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from dpo_scale.config import ConfigError, LogpsConfig
 from dpo_scale.data.pairs import Pair
 from dpo_scale.layout import block_mask, collate, dense_mask, may_attend
-from dpo_scale.model import PairLogpsModel
+from dpo_scale.model import PairLogpsModel, enable_activation_checkpointing, resolve_attention
 
 PAIR = Pair(0, "hand-made", prompt_ids=[10, 11, 12], chosen_ids=[20, 21], rejected_ids=[30, 31, 32])
 ONE_TOKEN = Pair(1, "hand-made", prompt_ids=[13], chosen_ids=[22], rejected_ids=[33])
@@ -116,7 +117,7 @@ class _Shapes(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("attention", ["flex", "varlen", "dense"])
+@pytest.mark.parametrize("attention", ["flex", "varlen", "units", "dense"])
 def test_kernel_paths_build_no_dense_mask(attention):
     """What our code hands the kernel: on the flex and varlen paths no (rows, 1, T, T) or (rows, T, T) tensor is
     allocated (the dense path does allocate it: the counter works). What a kernel does inside is its own: on this
@@ -143,7 +144,74 @@ def test_choices_that_cannot_work_are_refused():
         model = tiny_model("llama")
         model.config._attn_implementation = "flash_attention_2"
         PairLogpsModel(model, LogpsConfig(attention="dense"))
-    assert PairLogpsModel(tiny_model("llama"), LogpsConfig()).attention == "dense"  # auto on CPU
+    with pytest.raises(ConfigError, match="logps.attention=units runs each unit on one rank"):
+        resolve_attention(LogpsConfig(attention="units"), tiny_model("llama"), cuda=False, sequence_parallel=True)
+    assert PairLogpsModel(tiny_model("llama"), LogpsConfig()).attention == "units"  # auto on CPU
+    assert resolve_attention(LogpsConfig(), tiny_model("llama"), cuda=False, sequence_parallel=True) == "dense"
+
+
+@pytest.mark.parametrize("name", [*MODELS, "stories260k"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_units_forward_and_backward_equal_the_dense_ones(name, checkpointing):
+    """The kernel once per unit gives the dense mask's per-pair sums and every parameter's gradient (fp32: within
+    1e-5 of the largest gradient; stories260K's reach ~60, and the kernels sum in different orders),
+    for sdpa and eager (Gemma 2's soft-capped attention), GQA (Qwen2), and under activation checkpointing, whose
+    recompute must see the units again. The layouts include a unit filling its row and rows ending in padding."""
+    results = {}
+    for attention in ("dense", "units"):
+        if name == "llama":  # hand-made units, the longest filling its row of 160: a vocabulary for LONG_PROMPT's ids
+            model, pairs = tiny_model("llama", vocab_size=160), [PAIR, ONE_TOKEN, LONG_PROMPT] * 3
+        elif name == "stories260k":
+            model, pairs = stories260k(), story_pairs()
+        else:
+            model = MODELS[name]()
+            pairs = random_pairs(6, model.config.vocab_size, seed=3)
+        if checkpointing:
+            enable_activation_checkpointing(model)
+        model.train()
+        config = LogpsConfig(attention=attention, pack_length=160 if name == "llama" else None)
+        out = PairLogpsModel(model, config)(collate(pairs, config, pad_token_id=0))
+        (out.chosen_logps.sum() - 2 * out.rejected_logps.sum()).backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results[attention] = torch.cat([out.chosen_logps, out.rejected_logps]).detach(), grads
+    torch.testing.assert_close(results["units"][0], results["dense"][0], rtol=1e-6, atol=1e-5)
+    units, dense = results["units"][1], results["dense"][1]
+    assert (units - dense).abs().max() <= 1e-5 * dense.abs().max(), ((units - dense).abs().max(), dense.abs().max())
+
+
+def test_units_run_the_kernel_on_each_unit_and_leave_generation_alone():
+    """The kernel sees each unit's own length (the attention work is the units' squared lengths, not the row's),
+    and the routed model generates as before: a call without the units runs the model's own kernel and mask."""
+    from transformers import AttentionInterface
+
+    model = tiny_model("llama", vocab_size=160).eval()
+    prompts = torch.tensor([[0, 0, 5, 6, 7], [3, 4, 5, 6, 7]])
+    attention_mask = (prompts != 0).long()
+    before = model.generate(prompts, attention_mask=attention_mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    config = LogpsConfig(attention="units")
+    scorer = PairLogpsModel(model, config)
+    batch = collate([PAIR, ONE_TOKEN, LONG_PROMPT], config, pad_token_id=0)
+    routed = AttentionInterface._global_mapping[model.config._attn_implementation]
+    lengths = []
+    kernel = routed._kernel
+
+    def counting(module):
+        inner = kernel(module)
+
+        def run(module, query, *args, **kwargs):
+            lengths.append(query.shape[2])
+            return inner(module, query, *args, **kwargs)
+
+        return run
+
+    routed._kernel = counting
+    with torch.no_grad():
+        scorer(batch)
+    layers = model.config.num_hidden_layers
+    assert batch.input_ids.shape[0] == 1 and sorted(lengths) == sorted([8, 3, 150] * layers)
+    routed._kernel = kernel
+    after = model.generate(prompts, attention_mask=attention_mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(after, before)
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ import torch
 
 from dpo_scale.config import LogpsConfig
 from dpo_scale.data.pairs import Pair
-from dpo_scale.layout import collate, dense_mask, padding_mask
+from dpo_scale.layout import PACKED_ROW_TOKENS, collate, dense_mask, padding_mask
 
 PAIR = Pair(0, "hand-made", prompt_ids=[10, 11, 12], chosen_ids=[20, 21], rejected_ids=[30, 31, 32])
 
@@ -56,10 +56,33 @@ def test_packing_isolates_units_and_restarts_positions():
     assert batch.tokens == batch.real_tokens == batch.unique_tokens == 11
 
 
+def _pair_of_length(index: int, length: int) -> Pair:
+    """A pair whose prefix-shared unit is `length` tokens: prompt length - 2, one chosen and one rejected token."""
+    return Pair(index, "hand-made", prompt_ids=[7] * (length - 2), chosen_ids=[8], rejected_ids=[9])
+
+
+def test_default_packing_computes_the_fewest_positions_within_the_row_limit():
+    """Rows as long as the longest unit (600) would hold 600 | 400 | 350 | 300: 2,400 positions for 1,650 tokens.
+    The default tries the capacities that fill 1, 2, ... rows evenly and keeps the fewest positions: one row."""
+    lengths = [600, 400, 350, 300]
+    pairs = [_pair_of_length(i, n) for i, n in enumerate(lengths)]
+    by_longest = collate(pairs, LogpsConfig(pack_length=600), pad_token_id=0)
+    assert by_longest.tokens == 2_400
+    batch = collate(pairs, LogpsConfig(), pad_token_id=0)
+    assert batch.input_ids.shape == (1, 1_650) and batch.tokens == batch.unique_tokens == 1_650
+    # over PACKED_ROW_TOKENS the rows split, evenly: 1,000 + 500 | 900 + 600 rather than four rows of 1,000
+    pairs = [_pair_of_length(i, n) for i, n in enumerate([1_000, 900, 600, 500])]
+    batch = collate(pairs, LogpsConfig(), pad_token_id=0)
+    assert batch.input_ids.shape == (2, 1_500) and PACKED_ROW_TOKENS < 3_000
+    # a unit longer than the limit sets the capacity, as pack_length does
+    pairs = [_pair_of_length(i, n) for i, n in enumerate([3_000, 1_000, 900])]
+    assert collate(pairs, LogpsConfig(), pad_token_id=0).input_ids.shape == (2, 3_000)
+
+
 def test_padding_positions_attend_only_to_themselves():
     """An all-masked softmax row is NaN in SDPA; padding keeps its diagonal so every row has one key."""
     short = Pair(1, "hand-made", prompt_ids=[40], chosen_ids=[50], rejected_ids=[60])
-    batch = collate([PAIR, short], LogpsConfig(prefix_sharing=True), pad_token_id=0)
+    batch = collate([PAIR, short], LogpsConfig(prefix_sharing=True, packing=False), pad_token_id=0)
     mask = dense_mask(batch)[1, 0]
     assert mask[3:, :].int().tolist() == torch.eye(8, dtype=torch.int)[3:].tolist()
     assert mask.any(dim=-1).all()
