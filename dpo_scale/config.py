@@ -404,7 +404,8 @@ class DeepSpeedConfig:
     with it."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     activation_checkpointing: bool = False
-    """Recompute each layer's activations in backward: less memory, ~30% more compute."""
+    """Recompute each decoder layer in backward instead of keeping its activations: about 0.55 MiB a position
+    saved for a 117M Llama, 13-14% of the speed here (README: when to turn it on)."""
     timeout_s: int = 120
     """Collective timeout: a rank that died ends the job with an error within about this long."""
 
