@@ -224,6 +224,12 @@ def dense_mask(batch: PairBatch) -> torch.Tensor:
     return may_attend(batch.unit_ids, batch.branches)(b[:, None, None], None, q[None, :, None], q[None, None, :])[:, None]
 
 
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True = may attend) as the kernels add it to the scores: 0 or the dtype's minimum (eager adds
+    a mask to the scores, so a boolean one would add 1 to the allowed positions; SDPA reads an additive one alike)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
 FLEX_BLOCK = 128  # FlexAttention's default block size on both axes
 
 

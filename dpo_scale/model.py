@@ -15,7 +15,7 @@ from torch import nn
 
 from dpo_scale.config import ConfigError, LogpsConfig, LoraConfig, ModelConfig
 from dpo_scale.hub import check_model_source
-from dpo_scale.layout import PairBatch, block_mask, dense_mask, padding_mask, sequence_parallel_multiple
+from dpo_scale.layout import PairBatch, additive_mask, block_mask, dense_mask, padding_mask, sequence_parallel_multiple
 from dpo_scale.logps import (
     LMHead,
     full_logits_log_sum_sq,
@@ -215,21 +215,18 @@ class PairLogpsModel(nn.Module):
 
     def _attention_mask(self, batch: PairBatch):
         """The whole row's structure for the attention kernel: the padded layout's 2D mask (or nothing, causal, under
-        sequence parallelism); a FlexAttention BlockMask; None for varlen (position ids carry the units); or the
-        dense mask, additive in the model's dtype (eager adds the mask to the scores, so a boolean one would add 1
-        to the allowed positions; SDPA reads an additive mask the same way). The dense one costs R x T x T x dtype
-        bytes, on every rank of a sequence-parallel group."""
+        sequence parallelism); a FlexAttention BlockMask; None for varlen (position ids carry the units); all ones
+        for units (they come as `unit_spans`); or the dense mask, additive in the model's dtype, which costs
+        R x T x T x dtype bytes, on every rank of a sequence-parallel group."""
         if self.attention == "padded" and self.causal_suffices:
             return None if self.sequence is not None else padding_mask(batch)
         if self.attention == "flex":
             return block_mask(batch)
         if self.attention == "varlen" and self.positions_suffice:
             return None
-        if self.attention == "units":  # the units come as unit_spans; all ones: the kernel's mask step builds nothing
+        if self.attention == "units":  # all ones: sdpa's mask step then attends causally and builds no T x T mask
             return torch.ones_like(batch.input_ids)
-        allowed = dense_mask(batch)
-        dtype = self.model.dtype
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+        return additive_mask(dense_mask(batch), self.model.dtype)
 
     def forward(self, batch: PairBatch) -> PairLogps:
         length = batch.input_ids.shape[1]

@@ -19,12 +19,26 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dpo_scale.layout import PairBatch, may_attend
+from dpo_scale.layout import PairBatch, additive_mask, may_attend
+
+
+class ModelKernel:
+    """A model's own attention kernel by its transformers name, called as transformers calls attention functions;
+    what the routes that wrap attention (units here, Ulysses under sequence parallelism) run inside."""
+
+    def __init__(self, inner: str):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        self.function = None if inner == "eager" else ALL_ATTENTION_FUNCTIONS[inner]
+
+    def __call__(self, module: nn.Module, query, key, value, attention_mask, *args, **kwargs):
+        # eager attention is each model's own function (Gemma's soft-capping, ...), found beside its attention class
+        function = self.function or sys.modules[type(module).__module__].eager_attention_forward
+        return function(module, query, key, value, attention_mask, *args, **kwargs)
 
 
 @dataclass(frozen=True)
 class UnitSpan:
-    row: int
     start: int
     stop: int
     mask: torch.Tensor  # (1, 1, L, L) additive: 0 where the unit's layout lets a query see a key, the dtype's min elsewhere
@@ -33,38 +47,32 @@ class UnitSpan:
 def unit_spans(batch: PairBatch, dtype: torch.dtype) -> list[list[UnitSpan]]:
     """Each row's units in order, with their masks: built once per batch, read by every layer."""
     rows = []
-    for r, ids in enumerate(batch.unit_ids.tolist()):
+    for r in range(batch.unit_ids.shape[0]):
+        units, lengths = torch.unique_consecutive(batch.unit_ids[r], return_counts=True)
         spans, start = [], 0
-        while start < len(ids) and ids[start] >= 0:
-            stop = start
-            while stop < len(ids) and ids[stop] == ids[start]:
-                stop += 1
-            unit, branches = batch.unit_ids[r : r + 1, start:stop], batch.branches[r : r + 1, start:stop]
-            q = torch.arange(stop - start, device=unit.device)
-            allowed = may_attend(unit, branches)(0, None, q[:, None], q[None, :])[None, None]
-            mask = torch.zeros(allowed.shape, dtype=dtype, device=unit.device).masked_fill_(~allowed, torch.finfo(dtype).min)
-            spans.append(UnitSpan(r, start, stop, mask))
-            start = stop
+        for unit, length in zip(units.tolist(), lengths.tolist()):
+            if unit < 0:  # padding: only at the row's end
+                break
+            window = slice(start, start + length)
+            q = torch.arange(length, device=batch.unit_ids.device)
+            allowed = may_attend(batch.unit_ids[r : r + 1, window], batch.branches[r : r + 1, window])(
+                0, None, q[:, None], q[None, :]
+            )
+            spans.append(UnitSpan(start, start + length, additive_mask(allowed[None, None], dtype)))
+            start += length
         rows.append(spans)
     return rows
 
 
 class _UnitAttention:
-    """A transformers attention function: the model's own kernel (`inner`) once per unit."""
+    """A transformers attention function: the model's own kernel once per unit."""
 
     def __init__(self, inner: str):
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-        self.kernel = None if inner == "eager" else ALL_ATTENTION_FUNCTIONS[inner]
-
-    def _kernel(self, module: nn.Module):
-        # eager attention is each model's own function (Gemma's soft-capping, ...), found beside its attention class
-        return self.kernel or sys.modules[type(module).__module__].eager_attention_forward
+        self.kernel = ModelKernel(inner)
 
     def __call__(self, module, query, key, value, attention_mask, *args, unit_spans=None, **kwargs):
-        kernel = self._kernel(module)
         if unit_spans is None:
-            return kernel(module, query, key, value, attention_mask, *args, **kwargs)
+            return self.kernel(module, query, key, value, attention_mask, *args, **kwargs)
         rows, heads, length, head_dim = query.shape  # key and value: (rows, kv heads, length, head_dim)
         outputs = []
         for r, spans in enumerate(unit_spans):
@@ -72,7 +80,7 @@ class _UnitAttention:
             for span in spans:
                 window = slice(span.start, span.stop)
                 q, k, v = (t[r : r + 1, :, window] for t in (query, key, value))
-                out, _ = kernel(module, q, k, v, span.mask, *args, **kwargs)  # (1, L, heads, head_dim)
+                out, _ = self.kernel(module, q, k, v, span.mask, *args, **kwargs)  # (1, L, heads, head_dim)
                 pieces.append(out)
             padding = length - (spans[-1].stop if spans else 0)
             if padding:

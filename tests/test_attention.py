@@ -180,8 +180,9 @@ def test_units_forward_and_backward_equal_the_dense_ones(name, checkpointing):
 
 
 def test_units_run_the_kernel_on_each_unit_and_leave_generation_alone():
-    """The kernel sees each unit's own length (the attention work is the units' squared lengths, not the row's),
-    and the routed model generates as before: a call without the units runs the model's own kernel and mask."""
+    """The kernel sees each unit's own length (the attention work is the units' squared lengths, not the row's), no
+    (rows, 1, T, T) tensor is made in the whole forward (sdpa's own mask step included), and the routed model
+    generates as before: a call without the units runs the model's own kernel and mask."""
     from transformers import AttentionInterface
 
     model = tiny_model("llama", vocab_size=160).eval()
@@ -192,24 +193,20 @@ def test_units_run_the_kernel_on_each_unit_and_leave_generation_alone():
     scorer = PairLogpsModel(model, config)
     batch = collate([PAIR, ONE_TOKEN, LONG_PROMPT], config, pad_token_id=0)
     routed = AttentionInterface._global_mapping[model.config._attn_implementation]
-    lengths = []
-    kernel = routed._kernel
+    kernel, lengths = routed.kernel, []
 
-    def counting(module):
-        inner = kernel(module)
+    def counting(module, query, *args, **kwargs):
+        lengths.append(query.shape[2])
+        return kernel(module, query, *args, **kwargs)
 
-        def run(module, query, *args, **kwargs):
-            lengths.append(query.shape[2])
-            return inner(module, query, *args, **kwargs)
-
-        return run
-
-    routed._kernel = counting
-    with torch.no_grad():
+    routed.kernel = counting
+    with torch.no_grad(), _Shapes() as seen:
         scorer(batch)
+    routed.kernel = kernel
     layers = model.config.num_hidden_layers
-    assert batch.input_ids.shape[0] == 1 and sorted(lengths) == sorted([8, 3, 150] * layers)
-    routed._kernel = kernel
+    rows, length = batch.input_ids.shape
+    assert rows == 1 and sorted(lengths) == sorted([8, 3, 150] * layers)
+    assert not [shape for shape in seen.shapes if shape[-2:] == (length, length)], seen.shapes
     after = model.generate(prompts, attention_mask=attention_mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert torch.equal(after, before)
 

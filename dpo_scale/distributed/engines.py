@@ -73,8 +73,8 @@ def _skip_nonfinite_updates(optimizer: torch.optim.Optimizer) -> None:
 
     def step_if_finite(*args, **kwargs):
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        largest = torch.nn.utils.get_total_norm(grads, norm_type=float("inf")) if grads else torch.tensor(0.0)
-        optimizer.overflow = not torch.isfinite(largest).item()
+        largest = torch.nn.utils.get_total_norm(grads, norm_type=float("inf")) if grads else None
+        optimizer.overflow = largest is not None and not torch.isfinite(largest).item()
         return None if optimizer.overflow else step(*args, **kwargs)
 
     optimizer.overflow = False

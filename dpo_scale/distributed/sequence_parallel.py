@@ -19,7 +19,6 @@ output, each moving (SP-1)/SP of R x T/SP x heads x head_dim x d, and the same a
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import deepspeed.runtime.sequence_parallel.parallel_state_sp as sequence_parallel_state
@@ -29,6 +28,7 @@ from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
 from torch import nn
 
 from dpo_scale.config import ConfigError
+from dpo_scale.unit_attention import ModelKernel
 
 
 @dataclass(frozen=True)
@@ -124,21 +124,13 @@ class _UlyssesAttention:
     the attention mask the forward was called with: the whole row's structure."""
 
     def __init__(self, model: nn.Module, inner: str, sequence: SequenceGroup):
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
         config = model.config.get_text_config()
-        self.kernel = None if inner == "eager" else ALL_ATTENTION_FUNCTIONS[inner]
         self.ulysses = UlyssesSPAttentionHF(
-            attn=self._kernel, batch_size=1, attn_head_count=config.num_attention_heads,
+            attn=ModelKernel(inner), batch_size=1, attn_head_count=config.num_attention_heads,
             attn_head_size=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
             kv_head_count=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
             num_hidden_layers=config.num_hidden_layers, process_group=sequence.group, seq_length_is_variable=True,
         )  # fmt: skip
-
-    def _kernel(self, module, query, key, value, attention_mask, *args, **kwargs):
-        # eager attention is each model's own function (Gemma's soft-capping, ...), found beside its attention class
-        kernel = self.kernel or sys.modules[type(module).__module__].eager_attention_forward
-        return kernel(module, query, key, value, attention_mask, *args, **kwargs)
 
     def __call__(self, module, query, key, value, attention_mask, *args, **kwargs):
         self._fit_rows(query.shape[0])
