@@ -1,16 +1,19 @@
 """The `dpo-scale` command. Subcommands only parse arguments into a typed config and call one function.
 
-A user mistake (bad data, bad config) prints its message and exits 2, without a traceback.
+A user mistake (bad data, bad config) prints its message and exits 2, without a traceback; Ctrl-C prints one line
+and exits 130. Dotted overrides (`data.max_length=512`) may stand anywhere among a subcommand's flags.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
-from dpo_scale.config import ConfigError, LogpsRunConfig, build, load_yaml, merge, parse_overrides
+from dpo_scale.config import ConfigError, LogpsRunConfig, build, load_yaml, merge, parse_overrides, sections_for
 from dpo_scale.data.errors import DataError
+from dpo_scale.io import check_output_path
 from dpo_scale.tracking import stop_tqdm_monitor
 
 
@@ -26,12 +29,19 @@ def _add_shortcuts(parser: argparse.ArgumentParser, out_help: str) -> None:
 
 def _add_config_arguments(parser: argparse.ArgumentParser, sections: str, example: str) -> None:
     parser.add_argument("--config", help=f"YAML file with the sections {sections}")
-    parser.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {example}")
+    parser.add_argument("overrides", nargs="*", help=f"dotted overrides, anywhere among the flags, e.g. {example}")
 
 
-def _config_tree(args: argparse.Namespace, flags: dict[str, str]) -> dict:
-    """Config file, then the named flags, then dotted overrides: later wins."""
+# An override is `key.sub=value`; anything else argparse did not take is a mistake to report as such
+OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*=")
+
+
+def _config_tree(args: argparse.Namespace, flags: dict[str, str], command_config: type | None = None) -> dict:
+    """Config file (as `command_config` reads it: a training config's other sections left alone), then the named
+    flags, then dotted overrides: later wins."""
     tree = load_yaml(args.config) if args.config else {}
+    if command_config is not None:
+        tree, _ = sections_for(command_config, tree)
     for flag, key in flags.items():
         value = getattr(args, flag)
         if value is not None:
@@ -49,10 +59,19 @@ def _nested(dotted: str, value: str) -> dict:
     return tree
 
 
+def _require(tree: dict, key: str, message: str) -> None:
+    """A required setting that has a flag, refused naming the flag (the config's own message names only the key)."""
+    if tree.get(key) in (None, ""):
+        raise ConfigError(message)
+
+
 def _logps(args: argparse.Namespace) -> None:
     from dpo_scale.logps_job import run_logps
 
-    config = build(LogpsRunConfig, _config_tree(args, SHORTCUTS))
+    tree = _config_tree(args, SHORTCUTS, LogpsRunConfig)
+    _require(tree, "out", "dpo-scale logps needs --out FILE.jsonl (or out= in the config)")
+    config = build(LogpsRunConfig, tree)
+    check_output_path(config.out, "--out")
     counts = run_logps(config)
     ratio = counts["tokens"] / max(counts["unique_tokens"], 1)
     print(
@@ -65,8 +84,10 @@ def _train(args: argparse.Namespace) -> None:
     from dpo_scale.config import TrainConfig
     from dpo_scale.train import NonFiniteError, run
 
+    config = build(TrainConfig, _config_tree(args, {}))
+    config.require_run_dir("train")
     try:
-        run(build(TrainConfig, _config_tree(args, {})))
+        run(config)
     except NonFiniteError as error:  # a diagnosis, not a crash: the message says what to do
         print(f"dpo-scale train: stopped: {error}", file=sys.stderr)
         raise SystemExit(3) from None
@@ -91,6 +112,7 @@ def _sweep(args: argparse.Namespace) -> None:
     from dpo_scale.sweep import expand, parse_grid, run_points, summarize, train_arguments
 
     tree = _config_tree(args, {})
+    build(TrainConfig, tree).require_run_dir("sweep")
     points = expand(tree, parse_grid(args.grid))
     if args.count:
         print(len(points))
@@ -128,7 +150,9 @@ def _data_report(args: argparse.Namespace) -> None:
     from dpo_scale.config import TrainConfig
     from dpo_scale.data_report import run_report
 
-    report = run_report(build(TrainConfig, _config_tree(args, {})), args.out, args.eval)
+    config = build(TrainConfig, _config_tree(args, {}))
+    check_output_path(args.out, "--out", directory=True)
+    report = run_report(config, args.out, args.eval)
     print("\n".join(report["findings"]))
     print(f"wrote {Path(args.out) / 'report.md'}, report.json and {', '.join(report['figures'])}")
 
@@ -144,7 +168,10 @@ def _ref_drift(args: argparse.Namespace) -> None:
     from dpo_scale.config import DriftRunConfig
     from dpo_scale.drift import run_drift
 
-    config = build(DriftRunConfig, _config_tree(args, SHORTCUTS))
+    tree = _config_tree(args, SHORTCUTS, DriftRunConfig)
+    _require(tree, "out", "dpo-scale ref-drift needs --out FILE.json (or out= in the config)")
+    config = build(DriftRunConfig, tree)
+    check_output_path(config.out, "--out")
     run_drift(
         config.model.path, config.data, config.num_pairs, config.out, beta=config.beta,
         batch_size=config.batch_size, logps_config=config.logps, dtype=config.model.dtype,
@@ -158,7 +185,19 @@ def _eval(args: argparse.Namespace) -> None:
     from dpo_scale.config import EvalRunConfig
     from dpo_scale.evaluate import run_eval, samples_path
 
-    config = build(EvalRunConfig, _config_tree(args, {"policy": "policy", "data": "data.path", "out": "out"}))
+    tree = _config_tree(args, {"policy": "policy", "data": "data.path", "out": "out"}, EvalRunConfig)
+    file_tree = load_yaml(args.config) if args.config else {}
+    _, ignored = sections_for(EvalRunConfig, file_tree)
+    run_dir = file_tree.get("run_dir") if "run_dir" in ignored else None
+    _require(tree, "policy", "dpo-scale eval needs --policy RUN_DIR: the run directory (or one of its checkpoints, or a "
+             "model directory) to evaluate" + (f"; this config's run is --policy {run_dir}" if run_dir else ""))
+    _require(tree, "out", "dpo-scale eval needs --out FILE.json (the samples go beside it)")
+    if "data" in ignored and "data" not in tree:
+        print("eval: --config is a training config; its data section is the training data, so the held-out pairs "
+              "are the run's own (--data FILE scores other pairs)")  # fmt: skip
+    config = build(EvalRunConfig, tree)
+    check_output_path(config.out, "--out")
+    check_output_path(samples_path(config.out), "--out (its samples file)")
     result = run_eval(config)
     rows = [("pairs", result["preference"])] + ([("generations", result["generation"])] if "generation" in result else [])
     for title, metrics in rows:
@@ -178,7 +217,8 @@ def _plot(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from dpo_scale.export import export
 
-    print(f"wrote {export(args.run_dir, args.out, merge_lora=args.merge_lora)}")
+    exported = export(args.run_dir, args.out, merge_lora=args.merge_lora, overwrite=args.overwrite)
+    print(f"wrote {exported.path}" + (f", replacing {exported.replaced}" if exported.replaced else ""))
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -242,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         "shows the stores under the cache root; remove one with rm -r when no job is reading it",
     )
     prepare_data.add_argument("--list", action="store_true", help="list the token stores under the cache root and exit")
-    _add_config_arguments(prepare_data, "of the training config (model or data.tokenizer, data, run_dir)",
+    _add_config_arguments(prepare_data, "of the training config (model or data.tokenizer, data)",
                           "data.cache_dir=cache/hh-tokens")  # fmt: skip
     prepare_data.set_defaults(run=_prepare_data)
 
@@ -252,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval contamination, reference margins (from the token store and reference cache)",
         description="Example: dpo-scale data-report --config run.yaml --out report/ --eval eval.jsonl",
     )
-    _add_config_arguments(data_report, "of the training config (model or data.tokenizer, data, run_dir, reference)",
+    _add_config_arguments(data_report, "of the training config (model or data.tokenizer, data, reference)",
                           "data.max_length=1024")  # fmt: skip
     data_report.add_argument("--out", required=True, help="directory for report.md, report.json and the PNGs")
     data_report.add_argument("--eval", help="eval preference file to check for contamination (default: the run's "
@@ -306,20 +346,44 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("run_dir")
     export.add_argument("--out", required=True, help="directory to write (safetensors + config + tokenizer)")
     export.add_argument("--merge-lora", action="store_true", help="LoRA runs: merge adapters into the base weights")
+    export.add_argument(
+        "--overwrite", action="store_true",
+        help="replace --out even when it is a non-empty directory that is not an earlier export (never the run's own)",
+    )  # fmt: skip
     export.set_defaults(run=_export)
 
     demo = commands.add_parser("demo", help="generate a tiny model and preference data, then run the core on them")
     demo.add_argument("--out", default="runs/demo", help="directory for the generated model, data and outputs")
     demo.set_defaults(run=_demo)
 
-    args = parser.parse_args(argv)
+    # argparse takes one run of positionals: overrides after a flag come back unrecognized, and are overrides still
+    args, unrecognized = parser.parse_known_args(argv)
+    strays = [item for item in unrecognized if not (hasattr(args, "overrides") and OVERRIDE.match(item))]
+    if strays:
+        parser.error(f"unrecognized arguments: {' '.join(strays)}")
+    if hasattr(args, "overrides"):
+        args.overrides = args.overrides + unrecognized
     stop_tqdm_monitor()  # this command owns the process, and how it exits
     try:
         args.run(args)
     except (DataError, ConfigError) as error:
         print(f"dpo-scale {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"dpo-scale {args.command}: interrupted; {WHAT_AN_INTERRUPT_KEEPS.get(args.command, NOTHING_HALF_WRITTEN)}",
+              file=sys.stderr)  # fmt: skip
+        return 130  # 128 + SIGINT, as a shell reports a command that Ctrl-C stopped
     return 0
+
+
+NOTHING_HALF_WRITTEN = "output files are written whole at the end, so none was left half-written"
+WHAT_AN_INTERRUPT_KEEPS = {
+    "prepare-data": "the token store's finished shards are kept: the same command builds only the missing ones",
+    "data-report": "the token store's finished shards are kept: the same command builds only the missing ones",
+    "precompute-ref": "the finished cache shards are kept: the same command computes only the missing ones",
+    "train": "the checkpoints already saved are kept: the same command resumes from the latest",
+    "sweep": "finished points and saved checkpoints are kept: the same command resumes",
+}
 
 
 if __name__ == "__main__":

@@ -184,7 +184,8 @@ class LogpsConfig:
         if self.attention == "varlen" and self.prefix_sharing:
             raise ConfigError(
                 "logps.attention=varlen isolates whole units, but prefix sharing needs rejected tokens to skip the "
-                "chosen ones inside a unit: use logps.attention=flex (or dense), or logps.prefix_sharing=false"
+                "chosen ones inside a unit: use logps.attention=auto (units on CPU, flex on CUDA), "
+                "logps.attention=dense, or logps.prefix_sharing=false"
             )
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ConfigError(f"logps.chunk_size={self.chunk_size}: must be a positive number of tokens")
@@ -474,8 +475,10 @@ class TrainConfig:
 
     model: ModelConfig
     data: DataConfig
-    run_dir: str
-    """Checkpoints, metrics.jsonl, the resolved config and plots go here."""
+    run_dir: str | None = None
+    """Checkpoints, metrics.jsonl, the resolved config and plots go here. Required by `train` and `sweep`
+    (`require_run_dir`); the commands that read a training config for its data, model or reference (prepare-data,
+    data-report, precompute-ref) write elsewhere and need none."""
     loss: LossConfig = field(default_factory=LossConfig)
     logps: LogpsConfig = field(default_factory=LogpsConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
@@ -658,7 +661,9 @@ def _check_choice(section: Any, prefix: str, name: str, choices: Any) -> None:
     value = getattr(section, name)
     if value not in allowed:
         key = f"{prefix}.{name}" if prefix else name
-        raise ConfigError(f"{key}={value!r}: must be one of {', '.join(allowed)}")
+        # YAML reads yes/no/on/off/true/false unquoted as booleans, so `resume=no` arrives as False
+        shown = f"{value} (YAML's boolean; no, off and false all read so)" if isinstance(value, bool) else repr(value)
+        raise ConfigError(f"{key}={shown}: must be one of {', '.join(allowed)}")
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -700,6 +705,35 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {path}: the top level must be a mapping of sections")
     return tree
+
+
+# What a command that scores pairs reads from a training config (`--config run.yaml`): the sections it shares with
+# training in the same meaning. eval reads neither data (the training data is not its held-out pairs: those come
+# from the run, or --data) nor reference (a section in training, a model directory in eval).
+_READ_FROM_TRAINING: dict[type, tuple[str, ...]] = {
+    LogpsRunConfig: ("model", "data", "logps"),
+    DriftRunConfig: ("model", "data", "logps"),
+    EvalRunConfig: ("loss", "logps"),
+}
+
+
+def sections_for(cls: type, tree: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A config file's tree as command `cls` reads it, and the training sections it leaves alone. A file is a
+    training config when it has a key of TrainConfig's that `cls` lacks; then only the sections `cls` reads from
+    training are kept (ref-drift also takes reference.nf4 and loss.beta as its nf4 and beta), beside `cls`'s own
+    keys. A key no command knows is kept, so `build` names it."""
+    training = {f.name for f in dataclasses.fields(TrainConfig)}
+    own = {f.name for f in dataclasses.fields(cls)}
+    if cls not in _READ_FROM_TRAINING or not set(tree) & (training - own):
+        return tree, []
+    kept = {key: value for key, value in tree.items() if key in _READ_FROM_TRAINING[cls] or key not in training}
+    if cls is DriftRunConfig:
+        reference, loss = tree.get("reference"), tree.get("loss")
+        if isinstance(reference, dict) and "nf4" in reference:
+            kept.setdefault("nf4", reference["nf4"])
+        if isinstance(loss, dict) and "beta" in loss:
+            kept.setdefault("beta", loss["beta"])
+    return kept, sorted(set(tree) - set(kept))
 
 
 T = typing.TypeVar("T")
@@ -764,8 +798,11 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         except ValueError:
             pass
     if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
-        raise ConfigError(f"{key}={value!r}: expected a {hint.__name__}")
+        raise ConfigError(f"{key}={value!r}: expected {_KIND_NAMES[hint]}")
     return value
+
+
+_KIND_NAMES = {int: "a whole number, e.g. 4", float: "a number, e.g. 0.1", str: "a string", bool: "true or false"}
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """`dpo-scale logps` end to end on the generated demo model, and user mistakes as messages, not tracebacks."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -82,7 +83,7 @@ def test_bad_data_is_a_message_and_writes_nothing(demo, tmp_path):
         ("data.max_lenght=5", "unknown key(s) data.max_lenght"),
         ("logps.chunk_size=0", "logps.chunk_size=0"),
         ("data.truncation_mode=middle", "must be one of keep_start, keep_end"),
-        ("batch_size=many", "batch_size='many': expected a int"),
+        ("batch_size=many", "batch_size='many': expected a whole number, e.g. 4"),
     ],
 )
 def test_bad_config_is_a_message(demo, tmp_path, capsys, override, message):
@@ -155,3 +156,128 @@ def test_flex_attention_off_cuda_is_refused_up_front(demo, tmp_path, capsys, com
     assert error == (f"dpo-scale {command}: error: logps.attention=flex runs on CUDA only, and this command computes "
                      "on cpu: use logps.attention=dense (the same log-probs) or auto")  # fmt: skip
     assert not out.exists()
+
+
+def _dpo_scale(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "dpo_scale.cli", *map(str, args)], capture_output=True, text=True,
+                          **kwargs)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_overrides_anywhere_among_the_flags(demo, tmp_path):
+    """As a user typed it: an override before --out and one after it (argparse alone refused the second)."""
+    model_dir, data_path = demo
+    out = tmp_path / "logps.jsonl"
+    result = _dpo_scale("logps", "--model", model_dir, "--data", data_path, "data.max_length=64", "--out", out,
+                        "data.filters.drop_duplicates=true")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert len(out.read_text().splitlines()) == 12
+
+
+def test_an_unknown_flag_is_still_refused(demo, tmp_path, capsys):
+    model_dir, data_path = demo
+    with pytest.raises(SystemExit) as stop:
+        main(["logps", "--model", str(model_dir), "--data", str(data_path), "--bogus", "data.max_length=8"])
+    assert stop.value.code == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_a_command_without_overrides_refuses_one(capsys):
+    with pytest.raises(SystemExit):
+        main(["plot", "runs/a", "--out", "a.png", "loss.beta=1"])
+    assert "unrecognized arguments: loss.beta=1" in capsys.readouterr().err
+
+
+def _training_config(tmp_path, model_dir, data_path) -> str:
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        f"model: {{path: {model_dir}}}\ndata: {{path: {data_path}, max_length: 64}}\nrun_dir: {tmp_path / 'run'}\n"
+        "loss: {beta: 0.2}\noptim: {lr: 1.0e-6}\ncheckpoint: {every: 5}\neval: {every: 2}\nmicro_batch_size: 2\n"
+    )
+    return str(path)
+
+
+def test_logps_reads_a_training_config(demo, tmp_path):
+    """The model, data and logps sections of a training config; run_dir, optim, checkpoint, eval left alone."""
+    model_dir, data_path = demo
+    out = tmp_path / "logps.jsonl"
+    assert main(["logps", "--config", _training_config(tmp_path, model_dir, data_path), "--out", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 12
+
+
+def test_eval_of_a_training_config_points_to_policy(demo, tmp_path, capsys):
+    model_dir, data_path = demo
+    config = _training_config(tmp_path, model_dir, data_path)
+    assert main(["eval", "--config", config, "--out", str(tmp_path / "e.json")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == (f"dpo-scale eval: error: dpo-scale eval needs --policy RUN_DIR: the run directory (or one of its "
+                     f"checkpoints, or a model directory) to evaluate; this config's run is --policy {tmp_path / 'run'}")
+
+
+def test_commands_that_write_elsewhere_need_no_run_dir(demo, tmp_path, capsys):
+    """prepare-data, data-report and precompute-ref read a training config for its data and model: no run_dir; train
+    and sweep refuse its absence by name."""
+    model_dir, data_path = demo
+    tree = [f"model.path={model_dir}", f"data.path={data_path}"]
+    assert main(["prepare-data", *tree]) == 0
+    assert "12 pairs kept" in capsys.readouterr().out.replace("12 rows: ", "")
+    assert main(["data-report", *tree, "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "report.json").exists()
+    capsys.readouterr()
+    for command in (["train"], ["sweep", "--grid", "loss.beta=0.1,0.2"]):
+        assert main([*command[:1], *tree, *command[1:]]) == 2
+        assert f"run_dir is required by dpo-scale {command[0]}" in capsys.readouterr().err
+
+
+def test_output_paths_are_checked_before_the_work(demo, tmp_path, capsys, monkeypatch):
+    """eval --out DIR failed with IsADirectoryError after the whole evaluation, data-report --out FILE with
+    FileExistsError after the report: now one line each, before anything is loaded or built."""
+    import dpo_scale.evaluate
+
+    model_dir, data_path = demo
+    monkeypatch.setattr(dpo_scale.evaluate, "run_eval", lambda config: pytest.fail("evaluated before the check"))
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    args = ["eval", "--policy", str(model_dir), "--data", str(data_path), f"reference={model_dir}", "--out", str(taken)]
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip() == (f"dpo-scale eval: error: --out {taken}: is a directory; give a file "
+                                               f"path, e.g. {taken / 'out.json'}")  # fmt: skip
+    existing = tmp_path / "report.md"
+    existing.write_text("mine")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DPO_SCALE_CACHE", str(cache))
+    assert main(["data-report", f"model.path={model_dir}", f"data.path={data_path}", "--out", str(existing)]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    assert existing.read_text() == "mine" and not cache.exists()  # no token store was built for a report refused
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_tokenizing_is_one_line_and_the_rerun_continues(shared_data, tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) in prepare-data with worker processes:
+    one line on stderr, exit 130 (it printed three tracebacks); the next run builds only the missing shards."""
+    import os
+    import signal
+    import time
+
+    config = tmp_path / "hh.yaml"
+    config.write_text(
+        f"model: {{path: {shared_data / 'models' / 'stories260K'}}}\n"
+        f"data: {{path: {shared_data / 'preferences' / 'hh-rlhf' / 'helpful-base' / 'test.jsonl.gz'}, "
+        "max_length: 256, truncation_mode: keep_end, shard_rows: 20, num_workers: 2}\n"
+    )
+    env = {**os.environ, "DPO_SCALE_CACHE": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "dpo_scale.cli", "prepare-data", "--config", str(config)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)  # fmt: skip
+    assert "tokenizing" in process.stdout.readline()
+    time.sleep(1.0)  # the workers are started and busy
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    errors = [line for line in stderr.replace("\r", "\n").splitlines() if line and not line.startswith("tokenizing")]
+    assert errors == ["dpo-scale prepare-data: interrupted; the token store's finished shards are kept: the same "
+                      "command builds only the missing ones"]  # fmt: skip
+    rerun = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert rerun.returncode == 0, rerun.stderr
+    built = re.search(r"rank 0 built (\d+) of (\d+) shards", rerun.stdout)
+    assert built and 0 < int(built.group(1)) < int(built.group(2)) == 118

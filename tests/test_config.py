@@ -33,7 +33,7 @@ def test_integer_accepted_for_float():
 def test_exponent_without_dot_is_a_float():
     """YAML 1.1 (PyYAML) reads `1e-6` as a string; `optim.lr=1e-6` must still mean 1e-6."""
     assert build(LossConfig, parse_overrides(["beta=5e-2"])).beta == 0.05
-    with pytest.raises(ConfigError, match="loss.beta='abc': expected a float"):
+    with pytest.raises(ConfigError, match="loss.beta='abc': expected a number, e.g. 0.1"):
         build(LossConfig, {"beta": "abc"}, "loss.")
 
 
@@ -42,7 +42,7 @@ def test_exponent_without_dot_is_a_float():
     [
         ({"data": {"path": "x"}, "out": "o"}, "model.path is required"),
         ({"model": {"path": "m"}, "data": {"path": "x"}, "out": "o", "logps": 3}, "logps must be a section"),
-        ({"model": {"path": "m"}, "data": {"path": "x", "strict": "yes"}, "out": "o"}, "data.strict='yes': expected a bool"),
+        ({"model": {"path": "m"}, "data": {"path": "x", "strict": "yes"}, "out": "o"}, "data.strict='yes': expected true or false"),
         ({"model": {"path": "m"}, "data": {"path": "x", "columns": {"answer": "a"}}, "out": "o"}, "data.columns: unknown key"),
         ({"model": {"path": "m"}, "data": {"path": "x"}, "out": "o", "logps": {"packing": False, "pack_length": 64}}, "logps.packing is false"),
     ],
@@ -78,3 +78,73 @@ def test_unreadable_or_non_mapping_yaml(tmp_path):
 def test_data_config_max_length_floor():
     with pytest.raises(ConfigError, match="at least 2"):
         DataConfig(path="x", max_length=1)
+
+
+def test_yaml_boolean_for_a_choice_names_the_values_that_work():
+    """`checkpoint.resume=no` reaches the config as YAML's False: the message says so and names auto / never."""
+    from dpo_scale.config import CheckpointConfig
+
+    with pytest.raises(ConfigError) as error:
+        build(CheckpointConfig, parse_overrides(["resume=no"]), "checkpoint.")
+    assert str(error.value) == (
+        "checkpoint.resume=False (YAML's boolean; no, off and false all read so): must be one of auto, never"
+    )
+
+
+def test_varlen_with_prefix_sharing_suggests_choices_that_run_on_any_device():
+    """flex is refused off CUDA, so it is not the advice: auto picks units on CPU and flex on CUDA."""
+    with pytest.raises(ConfigError) as error:
+        LogpsConfig(attention="varlen")
+    assert "logps.attention=auto (units on CPU, flex on CUDA)" in str(error.value)
+    assert "use logps.attention=flex" not in str(error.value)
+
+
+TRAINING = {
+    "model": {"path": "m"}, "data": {"path": "train.jsonl", "max_length": 64}, "run_dir": "runs/a",
+    "loss": {"beta": 0.3}, "logps": {"packing": False}, "reference": {"source": "nf4", "nf4": {"double_quant": False}},
+    "optim": {"lr": 1e-6}, "checkpoint": {"every": 5}, "eval": {"every": 2}, "micro_batch_size": 2,
+}  # fmt: skip
+
+
+def test_scoring_commands_read_their_sections_of_a_training_config():
+    from dpo_scale.config import DriftRunConfig, EvalRunConfig, sections_for
+
+    tree, ignored = sections_for(LogpsRunConfig, TRAINING)
+    config = build(LogpsRunConfig, {**tree, "out": "o.jsonl"})
+    assert config.model.path == "m" and config.data.max_length == 64 and not config.logps.packing
+    assert "run_dir" in ignored and "optim" in ignored
+
+    tree, _ = sections_for(DriftRunConfig, TRAINING)
+    drift = build(DriftRunConfig, {**tree, "out": "d.json"})
+    assert drift.beta == 0.3 and drift.nf4.double_quant is False  # loss.beta and reference.nf4, as training uses them
+
+    tree, ignored = sections_for(EvalRunConfig, TRAINING)
+    evaluation = build(EvalRunConfig, {**tree, "policy": "runs/a", "out": "e.json"})
+    assert evaluation.loss.beta == 0.3 and not evaluation.logps.packing
+    assert evaluation.data is None and evaluation.reference is None  # the training data is not the held-out pairs
+    assert {"data", "reference", "model"} <= set(ignored)
+
+
+def test_a_key_no_command_knows_is_still_refused():
+    from dpo_scale.config import sections_for
+
+    tree, _ = sections_for(LogpsRunConfig, {**TRAINING, "otpim": {"lr": 1}})
+    with pytest.raises(ConfigError, match="unknown key\\(s\\) otpim"):
+        build(LogpsRunConfig, {**tree, "out": "o.jsonl"})
+
+
+def test_a_command_config_file_is_read_whole():
+    """An eval config of its own (no training keys) keeps its data section: those are its held-out pairs."""
+    from dpo_scale.config import EvalRunConfig, sections_for
+
+    own = {"policy": "runs/a", "out": "e.json", "data": {"path": "held.jsonl"}}
+    assert sections_for(EvalRunConfig, own) == (own, [])
+
+
+def test_run_dir_is_required_only_where_it_is_used():
+    from dpo_scale.config import TrainConfig
+
+    config = build(TrainConfig, {"model": {"path": "m"}, "data": {"path": "d"}})
+    assert config.run_dir is None
+    with pytest.raises(ConfigError, match="run_dir is required by dpo-scale train"):
+        config.require_run_dir("train")
