@@ -55,7 +55,7 @@ def main() -> None:
 def _launch(size: str, ranks: int, repeats: int) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dpo_scale.demo import write_demo_material
+    from dpo_scale.commands.demo import write_demo_material
     from dpo_scale.distributed import free_port
 
     work = Path(tempfile.mkdtemp(prefix=f"bench-checkpoint-{size}-"))
@@ -114,8 +114,10 @@ def _worker(work: Path, repeats: int) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from dpo_scale import checkpoint, distributed, train
+    from dpo_scale import distributed
+    from dpo_scale.commands import train
     from dpo_scale.config import TrainConfig, build
+    from dpo_scale.training import checkpoint
 
     tree = {
         "model": {"path": str(work / "demo" / "model")}, "data": {"path": str(work / "demo" / "preferences.jsonl")},

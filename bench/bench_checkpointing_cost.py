@@ -28,8 +28,8 @@ from bench_vs_trl import LLAMA_SIZES  # noqa: E402
 
 from dpo_scale.config import LogpsConfig  # noqa: E402
 from dpo_scale.data.pairs import Pair  # noqa: E402
-from dpo_scale.layout import collate  # noqa: E402
-from dpo_scale.model import PairLogpsModel, enable_activation_checkpointing  # noqa: E402
+from dpo_scale.model.layout import collate  # noqa: E402
+from dpo_scale.model.wrapper import PairLogpsModel, enable_activation_checkpointing  # noqa: E402
 
 VOCAB = 50_257
 

@@ -75,8 +75,8 @@ def generate(directory: Path, pairs: int, seed: int = 0) -> None:
 
 
 def child_report(directory: Path) -> None:
+    from dpo_scale.commands.data_report import report_store
     from dpo_scale.data.store import TokenStore, read_manifest
-    from dpo_scale.data_report import report_store
 
     store = TokenStore(directory / "store", read_manifest(directory / "store"))
     report = report_store(store, directory / "report", "synthetic")

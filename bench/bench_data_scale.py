@@ -325,7 +325,7 @@ def _store_reopen(spec: dict) -> dict:
 
     from dpo_scale.config import DataConfig
     from dpo_scale.data import PairView, load_prepared, load_tokenizer, split_held_out
-    from dpo_scale.sampler import StepSampler
+    from dpo_scale.training.sampler import StepSampler
 
     imported = time.perf_counter()
     rss = {"imports": _rss_mib()}

@@ -67,7 +67,7 @@ def main() -> None:
         print(json.dumps(_gradient_check(work, args)))
         return
     if args.side:
-        from dpo_scale.tracking import stop_tqdm_monitor
+        from dpo_scale.training.tracking import stop_tqdm_monitor
 
         stop_tqdm_monitor()  # every side's process exits as `dpo-scale` does (a finished side must not abort)
         result = (_run_trl if args.side == "trl" else _run_dpo_scale)(Path(args.work), args)
@@ -104,7 +104,7 @@ def _prepare(work: Path, args) -> tuple[int, int, int]:
     import yaml
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dpo_scale.demo import SPECIAL, write_tokenizer
+    from dpo_scale.commands.demo import SPECIAL, write_tokenizer
 
     size = SIZES[args.size]
     words = [f"w{i}" for i in range(size["vocab_size"] - len(SPECIAL))]
@@ -159,8 +159,8 @@ def _gradient_check(work: Path, args) -> dict:
 
     from dpo_scale.config import DataConfig, LogpsConfig
     from dpo_scale.data import load_tokenizer, prepare
-    from dpo_scale.layout import collate
-    from dpo_scale.model import PairLogpsModel
+    from dpo_scale.model.layout import collate
+    from dpo_scale.model.wrapper import PairLogpsModel
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     max_length = int((work / "max_length").read_text())
@@ -192,8 +192,8 @@ def _gradient_check(work: Path, args) -> dict:
 
 
 def _run_dpo_scale(work: Path, args) -> dict:
+    from dpo_scale.commands.train import run
     from dpo_scale.config import TrainConfig, build, load_yaml
-    from dpo_scale.train import run
 
     shutil.rmtree(work / "run", ignore_errors=True)
     shutil.rmtree(work / "cache", ignore_errors=True)

@@ -40,7 +40,7 @@ def run_variant(
 ) -> dict:
     import torch
 
-    from dpo_scale.logps import LMHead, full_logits_token_logps, streaming_token_logps
+    from dpo_scale.model.streaming_logps import LMHead, full_logits_token_logps, streaming_token_logps
 
     torch.manual_seed(0)
     torch.set_num_threads(torch.get_num_threads())
@@ -156,7 +156,7 @@ def growth() -> None:
     """One sequence of 512 -> 4,096 tokens at vocab 32,000, then vocab 32,000 -> 128,000 at 1,024 tokens, every
     position scored, hidden 1,024: the full path, streaming with chunk_size 512, and streaming with the default
     chunk_size (logps.default_chunk_size: 64 MiB of fp32 logits at every vocab)."""
-    from dpo_scale.logps import default_chunk_size
+    from dpo_scale.model.streaming_logps import default_chunk_size
 
     points = [(seq, 32000) for seq in (512, 1024, 2048, 4096)] + [(1024, vocab) for vocab in (64000, 128000)]
     print(f"one sequence, every position scored, hidden {GROWTH_HIDDEN}, fp32, forward + backward, median of 2; "

@@ -19,9 +19,9 @@ from transformers import AutoModelForCausalLM
 
 from dpo_scale.config import DataConfig, LogpsConfig
 from dpo_scale.data import load_tokenizer, prepare
-from dpo_scale.layout import collate
-from dpo_scale.model import PairLogpsModel
-from dpo_scale.ref_cache import FIELDS, INDEX_KEYS, INDEX_ROWS, write_manifest, write_shard
+from dpo_scale.model.layout import collate
+from dpo_scale.model.wrapper import PairLogpsModel
+from dpo_scale.reference.cache import FIELDS, INDEX_KEYS, INDEX_ROWS, write_manifest, write_shard
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -88,7 +88,7 @@ def prepare(work: Path, lengths: list[int]) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dpo_scale.demo import write_tokenizer
+    from dpo_scale.commands.demo import write_tokenizer
 
     model_dir = work / "model"
     tokenizer = write_tokenizer(model_dir, WORDS)

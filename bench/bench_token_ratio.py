@@ -15,7 +15,7 @@ from pathlib import Path
 
 from dpo_scale.config import DataConfig, LogpsConfig
 from dpo_scale.data import load_tokenizer, prepare
-from dpo_scale.layout import collate
+from dpo_scale.model.layout import collate
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LAYOUTS = {

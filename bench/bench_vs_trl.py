@@ -79,7 +79,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.side:
         args.model, args.checkpointing = args.model[0], args.checkpointing[0]
-        from dpo_scale.tracking import stop_tqdm_monitor
+        from dpo_scale.training.tracking import stop_tqdm_monitor
 
         stop_tqdm_monitor()  # every side's process exits as `dpo-scale` does (a finished side must not abort)
         result = RUNNERS[args.side](Path(args.work), args)
@@ -129,7 +129,7 @@ def _prepare(work: Path, model_name: str, args) -> tuple[int, int, int]:
 
     from dpo_scale.config import DataConfig
     from dpo_scale.data import load_tokenizer, prepare, read_examples
-    from dpo_scale.sampler import StepSampler
+    from dpo_scale.training.sampler import StepSampler
 
     if model_name == "stories260k":
         shutil.copytree(STORIES, work / "model")
@@ -261,7 +261,7 @@ def _run_plain(work: Path, args) -> dict:
 
     from dpo_scale.config import DataConfig
     from dpo_scale.data import prepare
-    from dpo_scale.model import enable_activation_checkpointing
+    from dpo_scale.model.wrapper import enable_activation_checkpointing
 
     tokenizer = _tokenizer(work)
     pairs = prepare(DataConfig(str(work / "ordered.jsonl"), max_length=args.max_length), tokenizer).pairs

@@ -14,7 +14,7 @@ from pathlib import Path
 from dpo_scale.config import ConfigError, LogpsRunConfig, build, load_yaml, merge, parse_overrides, sections_for
 from dpo_scale.data.errors import DataError
 from dpo_scale.io import check_output_path
-from dpo_scale.tracking import stop_tqdm_monitor
+from dpo_scale.training.tracking import stop_tqdm_monitor
 
 
 # Flags for the settings every scoring command needs, and the config keys they set.
@@ -66,7 +66,7 @@ def _require(tree: dict, key: str, message: str) -> None:
 
 
 def _logps(args: argparse.Namespace) -> None:
-    from dpo_scale.logps_job import run_logps
+    from dpo_scale.commands.logps import run_logps
 
     tree = _config_tree(args, SHORTCUTS, LogpsRunConfig)
     _require(tree, "out", "dpo-scale logps needs --out FILE.jsonl (or out= in the config)")
@@ -81,8 +81,8 @@ def _logps(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    from dpo_scale.commands.train import NonFiniteError, run
     from dpo_scale.config import TrainConfig
-    from dpo_scale.train import NonFiniteError, run
 
     config = build(TrainConfig, _config_tree(args, {}))
     config.require_run_dir("train")
@@ -108,8 +108,8 @@ def _config(args: argparse.Namespace) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> None:
+    from dpo_scale.commands.sweep import expand, parse_grid, run_points, summarize, train_arguments
     from dpo_scale.config import TrainConfig
-    from dpo_scale.sweep import expand, parse_grid, run_points, summarize, train_arguments
 
     tree = _config_tree(args, {})
     build(TrainConfig, tree).require_run_dir("sweep")
@@ -131,7 +131,7 @@ def _sweep(args: argparse.Namespace) -> None:
 def _prepare_data(args: argparse.Namespace) -> None:
     from dpo_scale.config import TrainConfig
     from dpo_scale.data import load_prepared, run_tokenizer, store_directory
-    from dpo_scale.tracking import print0
+    from dpo_scale.training.tracking import print0
 
     if args.list:
         from dpo_scale.data.cache import list_stores
@@ -147,8 +147,8 @@ def _prepare_data(args: argparse.Namespace) -> None:
 
 
 def _data_report(args: argparse.Namespace) -> None:
+    from dpo_scale.commands.data_report import run_report
     from dpo_scale.config import TrainConfig
-    from dpo_scale.data_report import run_report
 
     config = build(TrainConfig, _config_tree(args, {}))
     check_output_path(args.out, "--out", directory=True)
@@ -158,15 +158,15 @@ def _data_report(args: argparse.Namespace) -> None:
 
 
 def _precompute_ref(args: argparse.Namespace) -> None:
+    from dpo_scale.commands.precompute_ref import precompute
     from dpo_scale.config import TrainConfig
-    from dpo_scale.precompute import precompute
 
     precompute(build(TrainConfig, _config_tree(args, {})))
 
 
 def _ref_drift(args: argparse.Namespace) -> None:
     from dpo_scale.config import DriftRunConfig
-    from dpo_scale.drift import run_drift
+    from dpo_scale.reference.drift import run_drift
 
     tree = _config_tree(args, SHORTCUTS, DriftRunConfig)
     _require(tree, "out", "dpo-scale ref-drift needs --out FILE.json (or out= in the config)")
@@ -182,8 +182,8 @@ def _ref_drift(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    from dpo_scale.commands.eval import run_eval, samples_path
     from dpo_scale.config import EvalRunConfig
-    from dpo_scale.evaluate import run_eval, samples_path
 
     tree = _config_tree(args, {"policy": "policy", "data": "data.path", "out": "out"}, EvalRunConfig)
     file_tree = load_yaml(args.config) if args.config else {}
@@ -206,7 +206,7 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _plot(args: argparse.Namespace) -> None:
-    from dpo_scale.plot import plot_runs
+    from dpo_scale.training.plot import plot_runs
 
     try:
         print(f"wrote {plot_runs(args.run_dirs, args.out, args.labels)}")
@@ -215,14 +215,14 @@ def _plot(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from dpo_scale.export import export
+    from dpo_scale.commands.export import export
 
     exported = export(args.run_dir, args.out, merge_lora=args.merge_lora, overwrite=args.overwrite)
     print(f"wrote {exported.path}" + (f", replacing {exported.replaced}" if exported.replaced else ""))
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from dpo_scale.demo import run_demo
+    from dpo_scale.commands.demo import run_demo
 
     run_demo(args.out)
 

@@ -173,7 +173,7 @@ class LogpsConfig:
     attention: Literal["auto", "dense", "units", "flex", "varlen"] = "auto"
     """How the layout reaches the attention kernel. dense: a (rows, 1, T, T) mask for sdpa / eager (the padded
     layout: its 2D mask); units: sdpa / eager once per packed unit with that unit's own (L, L) mask, so a row's
-    attention costs the sum of its units' squared lengths, not T² (dpo_scale/unit_attention.py); flex: a FlexAttention BlockMask built from the units (no T x T tensor; CUDA only, refused
+    attention costs the sum of its units' squared lengths, not T² (dpo_scale/model/unit_attention.py); flex: a FlexAttention BlockMask built from the units (no T x T tensor; CUDA only, refused
     by every command elsewhere: model.check_attention_device); varlen: no mask, position ids restarting per unit,
     as transformers' padding-free path and flash-attention take it (not with prefix sharing: rejected would see
     chosen). auto: units on CPU (dense under sequence parallelism); on CUDA flex where the model supports it, varlen for flash-attention models without

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dpo_scale import checkpoint
 from dpo_scale.cli import main
 from dpo_scale.config import to_dict
 from dpo_scale.io import atomic_open
+from dpo_scale.training import checkpoint
 
 
 def _kill_during_save(step: int) -> None:

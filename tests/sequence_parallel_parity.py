@@ -1,4 +1,4 @@
-"""Run under `deepspeed --num_gpus 2` (tests/test_sequence_parallel.py): every rank scores the same batches whole
+"""Run under `deepspeed --num_gpus 2` (tests/distributed/test_sequence_parallel.py): every rank scores the same batches whole
 (a plain copy of the model, no sequence parallelism) and as its slice of a sequence-parallel group of 2 (Ulysses),
 and writes, per model and layout, the largest relative differences of the per-pair sums, the DPO loss and every
 parameter's gradient to OUT_DIR/rank<r>.json.
@@ -27,9 +27,9 @@ from tiny import random_pairs, stories260k, story_pairs, tiny_model  # noqa: E40
 from dpo_scale import distributed  # noqa: E402
 from dpo_scale.config import LogpsConfig  # noqa: E402
 from dpo_scale.data.pairs import Pair  # noqa: E402
-from dpo_scale.layout import collate  # noqa: E402
 from dpo_scale.loss import sigmoid_loss  # noqa: E402
-from dpo_scale.model import PairLogpsModel  # noqa: E402
+from dpo_scale.model.layout import collate  # noqa: E402
+from dpo_scale.model.wrapper import PairLogpsModel  # noqa: E402
 
 LAYOUTS = {
     "padded": LogpsConfig(prefix_sharing=False, packing=False),

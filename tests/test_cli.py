@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from dpo_scale.cli import main
-from dpo_scale.demo import write_demo_material
+from dpo_scale.commands.demo import write_demo_material
 
 
 @pytest.fixture(scope="module")
@@ -232,10 +232,10 @@ def test_commands_that_write_elsewhere_need_no_run_dir(demo, tmp_path, capsys):
 def test_output_paths_are_checked_before_the_work(demo, tmp_path, capsys, monkeypatch):
     """eval --out DIR failed with IsADirectoryError after the whole evaluation, data-report --out FILE with
     FileExistsError after the report: now one line each, before anything is loaded or built."""
-    import dpo_scale.evaluate
+    import dpo_scale.commands.eval
 
     model_dir, data_path = demo
-    monkeypatch.setattr(dpo_scale.evaluate, "run_eval", lambda config: pytest.fail("evaluated before the check"))
+    monkeypatch.setattr(dpo_scale.commands.eval, "run_eval", lambda config: pytest.fail("evaluated before the check"))
     taken = tmp_path / "taken"
     taken.mkdir()
     args = ["eval", "--policy", str(model_dir), "--data", str(data_path), f"reference={model_dir}", "--out", str(taken)]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpo_scale.demo import write_demo_material
+from dpo_scale.commands.demo import write_demo_material
 from launch import base_config, free_port, train_metrics
 
 REPO = Path(__file__).resolve().parents[1]

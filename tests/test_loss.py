@@ -788,7 +788,7 @@ def _per_token_case(seed=4, batch=6):
     our scored order, and the same values laid out as TRL's (2B, T-1) rows."""
     from dpo_scale.config import LogpsConfig
     from dpo_scale.data.pairs import Pair
-    from dpo_scale.layout import collate
+    from dpo_scale.model.layout import collate
 
     g = torch.Generator().manual_seed(seed)
     pairs = [
@@ -833,7 +833,7 @@ LD_WPO_CASES = {
 
 @pytest.mark.parametrize("name", list(LD_WPO_CASES))
 def test_ld_alpha_and_weighting_match_trl(trl_dpo_trainer, name):
-    from dpo_scale.model import sum_by_slot
+    from dpo_scale.model.wrapper import sum_by_slot
 
     config = LD_WPO_CASES[name]
     layout, (policy_tokens, reference_tokens, log_sum_sq), inputs, trl_policy, trl_reference = _per_token_case()

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpo_scale.checkpoint import load_weights
-from dpo_scale.demo import write_demo_material
+from dpo_scale.commands.demo import write_demo_material
+from dpo_scale.training.checkpoint import load_weights
 from launch import DPO_SCALE, base_config, train_metrics
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,9 +1,6 @@
 """`dpo-scale data-report`: what is in the preference data a run will train on, read from its token store (and its
-reference cache, when it has one) without tokenizing the training data again.
-
-    scan.py     one streaming pass over the store's shards -> per-pair arrays, eval n-gram overlap
-    stats.py    the numbers: counts, lengths, length bias, duplicates, contradictions, contamination, margins
-    render.py   report.md;  figures.py: the PNGs
+reference cache, when it has one) without tokenizing the training data again. The scan, the numbers, report.md
+and the PNGs are parts in data/report/.
 """
 
 from __future__ import annotations
@@ -15,11 +12,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dpo_scale.data.contamination import EvalPrompts
+from dpo_scale.data.report import figures, stats
+from dpo_scale.data.report.render import markdown
+from dpo_scale.data.report.scan import scan
 from dpo_scale.data.spans import span_starts
 from dpo_scale.data.store import TokenStore
-from dpo_scale.data_report import figures, stats
-from dpo_scale.data_report.render import markdown
-from dpo_scale.data_report.scan import scan
 from dpo_scale.io import atomic_open
 
 if TYPE_CHECKING:
@@ -95,7 +92,7 @@ def _reference(config: TrainConfig, tokenizer, store: TokenStore) -> tuple[np.nd
     """The cache's chosen and rejected log-prob sums in the store's order (the order precompute-ref writes),
     checked at the first and last pair of the store against the cache's keys."""
     from dpo_scale.config import ConfigError
-    from dpo_scale.ref_cache import KEY_DTYPE, open_cache, pair_key
+    from dpo_scale.reference.cache import KEY_DTYPE, open_cache, pair_key
 
     reader = open_cache(config.reference.cache_dir, config.model, config.data, tokenizer)
     ends = np.array([0, len(store.pairs) - 1])

@@ -103,8 +103,8 @@ def run_demo(out: str | Path, ranks: int = 2) -> None:
     import yaml
 
     from dpo_scale.distributed import free_port
-    from dpo_scale.plot import plot_training
-    from dpo_scale.tracking import read_metrics
+    from dpo_scale.training.plot import plot_training
+    from dpo_scale.training.tracking import read_metrics
 
     out = Path(out).resolve()
     model_dir, data_path = write_demo_material(out)

@@ -25,18 +25,18 @@ from pathlib import Path
 
 import torch
 
-from dpo_scale.checkpoint import is_checkpoint
 from dpo_scale.config import ConfigError, EvalRunConfig, GenerationConfig, LossConfig, ModelConfig
 from dpo_scale.data import (
     Pair, PairView, load_prepared, load_tokenizer, padding_id, run_tokenizer, split_held_out, store_directory,
 )  # fmt: skip
 from dpo_scale.hub import check_model_source
 from dpo_scale.io import atomic_open
-from dpo_scale.layout import collate
 from dpo_scale.loss import build_preference_loss, preference_metrics
-from dpo_scale.model import PairLogpsModel, check_attention_device, load_causal_lm
-from dpo_scale.ref_cache import open_cache
-from dpo_scale.reference import CachedReference
+from dpo_scale.model.layout import collate
+from dpo_scale.model.wrapper import PairLogpsModel, check_attention_device, load_causal_lm
+from dpo_scale.reference.cache import open_cache
+from dpo_scale.reference.sources import CachedReference
+from dpo_scale.training.checkpoint import is_checkpoint
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 
@@ -90,7 +90,7 @@ def samples_path(out: str | Path) -> Path:
 
 def _load_policy(path: str) -> tuple[torch.nn.Module, object]:
     """(model, the run's TrainConfig) for a run or checkpoint directory; (model, None) for a model directory."""
-    from dpo_scale.export import load_trained_policy
+    from dpo_scale.commands.export import load_trained_policy
 
     if (Path(path) / "checkpoints").is_dir() or is_checkpoint(path):
         return load_trained_policy(path, merge_lora=True)

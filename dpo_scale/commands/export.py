@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from dpo_scale import checkpoint
 from dpo_scale.config import ConfigError, TrainConfig, build
 from dpo_scale.io import atomic_open
-from dpo_scale.model import add_lora
+from dpo_scale.model.wrapper import add_lora
+from dpo_scale.training import checkpoint
 
 MARKER = "dpo_scale_export.json"
 

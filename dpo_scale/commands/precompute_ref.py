@@ -8,7 +8,7 @@ what is missing, and the finished cache is the same files.
 By default each rank holds the whole reference (plain data parallel, no communication). With
 `sequence_parallel_size` > 1, groups of that many consecutive ranks score each batch together, one slice of every
 row each (as training does): shards go to groups rather than ranks, and the group's first rank writes them; the
-values are those of one process (tests/test_sequence_parallel.py). With
+values are those of one process (tests/distributed/test_sequence_parallel.py). With
 `reference.precompute_sharded` the reference is a ZeRO-3 inference engine split across the ranks, for one that does
 not fit a device: every forward then gathers each layer from all ranks, so all ranks must run the same number of
 forwards. A rank with fewer batches left runs throw-away forwards of one pair until the busiest rank is done.
@@ -30,10 +30,10 @@ from dpo_scale.config import ConfigError, LogpsConfig, TrainConfig
 from dpo_scale.data import Pair, load_prepared, padding_id, run_tokenizer, store_directory
 from dpo_scale.ds_config import AUTO, resolve_deepspeed_config
 from dpo_scale.io import atomic_open
-from dpo_scale.layout import collate
-from dpo_scale.model import PairLogpsModel, check_attention_device, load_causal_lm
-from dpo_scale.ref_cache import FIELDS, MANIFEST, differences, fingerprint, shard_name, write_manifest, write_shard
-from dpo_scale.tracking import ProgressBar, print0
+from dpo_scale.model.layout import collate
+from dpo_scale.model.wrapper import PairLogpsModel, check_attention_device, load_causal_lm
+from dpo_scale.reference.cache import FIELDS, MANIFEST, differences, fingerprint, shard_name, write_manifest, write_shard
+from dpo_scale.training.tracking import ProgressBar, print0
 
 FINGERPRINT = "fingerprint.json"
 

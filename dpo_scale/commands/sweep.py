@@ -27,7 +27,7 @@ from pathlib import Path
 
 from dpo_scale.config import ConfigError, TrainConfig, build, merge, parse_overrides
 from dpo_scale.io import atomic_open
-from dpo_scale.tracking import read_metrics
+from dpo_scale.training.tracking import read_metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +132,7 @@ def summarize(base_run_dir: str | Path, points: list[Point]) -> list[Path]:
     Per point: the last logged step, the final train and eval metrics, and the best eval loss and accuracy with
     their steps. Sorted by best eval loss (by final train loss when nothing was evaluated); points without
     metrics are listed last as missing, not dropped."""
-    from dpo_scale.plot import plot_runs
+    from dpo_scale.training.plot import plot_runs
 
     rows = [_point_row(point) for point in points]
     has_eval = any(row.get("best eval loss") is not None for row in rows)

@@ -21,23 +21,24 @@ from pathlib import Path
 
 import torch
 
-from dpo_scale import checkpoint, distributed
+from dpo_scale import distributed
+from dpo_scale.commands.eval import distinct_n, generate
 from dpo_scale.config import ConfigError, GenerationConfig, TrainConfig, to_dict
 from dpo_scale.data import Pair, PairView, load_prepared, padding_id, run_tokenizer, split_held_out, store_directory
 from dpo_scale.ds_config import AUTO, resolve_deepspeed_config, shipped_config_for, single_process_advice
 from dpo_scale.io import atomic_open
-from dpo_scale.layout import collate
-from dpo_scale.drift import concatenate, drift_statistics
-from dpo_scale.evaluate import distinct_n, generate
 from dpo_scale.loss import build_preference_loss, preference_metrics
-from dpo_scale.model import PairLogpsModel, add_lora, check_attention_device, enable_activation_checkpointing
-from dpo_scale.nf4 import NF4Reference, load_nf4_reference, nf4_memory
-from dpo_scale.ref_cache import open_cache
-from dpo_scale.reference import AdaptersDisabled, CachedReference, FrozenCopy, ReferenceSource
-from dpo_scale.run_files import STOP_REQUEST, set_aside_earlier_run
-from dpo_scale.sampler import StepSampler
-from dpo_scale.tracking import MetricsLog, ProgressBar, build_tracker, print0
-from dpo_scale.watch import FailureSigns
+from dpo_scale.model.layout import collate
+from dpo_scale.model.wrapper import PairLogpsModel, add_lora, check_attention_device, enable_activation_checkpointing
+from dpo_scale.reference.cache import open_cache
+from dpo_scale.reference.drift import concatenate, drift_statistics
+from dpo_scale.reference.nf4 import NF4Reference, load_nf4_reference, nf4_memory
+from dpo_scale.reference.sources import AdaptersDisabled, CachedReference, FrozenCopy, ReferenceSource
+from dpo_scale.training import checkpoint
+from dpo_scale.training.failure_signs import FailureSigns
+from dpo_scale.training.run_files import STOP_REQUEST, set_aside_earlier_run
+from dpo_scale.training.sampler import StepSampler
+from dpo_scale.training.tracking import MetricsLog, ProgressBar, build_tracker, print0
 
 
 

@@ -22,7 +22,7 @@ def load_model(config: ModelConfig, ds_config: dict) -> nn.Module:
     global _hf_deepspeed_config
     from transformers.integrations import HfDeepSpeedConfig
 
-    from dpo_scale.model import load_causal_lm
+    from dpo_scale.model.wrapper import load_causal_lm
 
     if ds_config.get("zero_optimization", {}).get("stage") == 3 and _hf_deepspeed_config is None:
         _hf_deepspeed_config = HfDeepSpeedConfig(ds_config)

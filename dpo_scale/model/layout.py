@@ -1,6 +1,6 @@
 """Batch layouts: how a list of pairs becomes model inputs, and which hidden state scores which token.
 
-Three layouts, all giving the same log-probs (tests/test_layout.py, tests/test_logps.py):
+Three layouts, all giving the same log-probs (tests/model/test_layout.py, tests/model/test_logps.py):
 
 - padded (the plain reference path, as TRL lays it out): rows [prompt+chosen_1 .. prompt+chosen_B,
   prompt+rejected_1 .. prompt+rejected_B], right-padded, a 2D attention mask. The prompt is computed twice.

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dpo_scale.layout import PairBatch, additive_mask, may_attend
+from dpo_scale.model.layout import PairBatch, additive_mask, may_attend
 
 
 class ModelKernel:

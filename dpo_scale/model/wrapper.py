@@ -15,16 +15,16 @@ from torch import nn
 
 from dpo_scale.config import ConfigError, LogpsConfig, LoraConfig, ModelConfig
 from dpo_scale.hub import check_model_source
-from dpo_scale.layout import PairBatch, additive_mask, block_mask, dense_mask, padding_mask, sequence_parallel_multiple
-from dpo_scale.logps import (
+from dpo_scale.loss import PairLogps
+from dpo_scale.model.layout import PairBatch, additive_mask, block_mask, dense_mask, padding_mask, sequence_parallel_multiple
+from dpo_scale.model.streaming_logps import (
     LMHead,
     full_logits_log_sum_sq,
     full_logits_token_logps,
     streaming_token_logps,
     streaming_token_logps_and_log_sum_sq,
 )
-from dpo_scale.loss import PairLogps
-from dpo_scale.unit_attention import kernel_of, route_units, unit_spans
+from dpo_scale.model.unit_attention import kernel_of, route_units, unit_spans
 
 
 def load_causal_lm(config: ModelConfig) -> nn.Module:
@@ -115,7 +115,7 @@ def check_attention_device(config: LogpsConfig, device: torch.device) -> None:
     torch.compile, whose CPU kernel does not build for some inputs (torch 2.13: inductor's C++ fails with
     `'cur_kvSplitSize8' was not declared` for a Llama at Phi-3's vocabulary on 32 Chinese ShareGPT pairs, a
     1,300-line traceback; the demo model compiles) and whose backward needs a GPU. dense gives the same log-probs
-    (tests/test_attention.py)."""
+    (tests/model/test_attention.py)."""
     if config.attention == "flex" and device.type != "cuda":
         raise ConfigError(
             f"logps.attention=flex runs on CUDA only, and this command computes on {device.type}: use "

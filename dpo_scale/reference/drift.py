@@ -8,7 +8,7 @@ reference) the logit is exactly −β·(margin error) instead of 0. The report g
 - per-token MAE: Σ over pairs of |Δ chosen| + |Δ rejected|, divided by the scored tokens, in nats. Δ is the
   difference of sequence sums, so token errors of opposite sign cancel inside a sequence: this is a lower bound
   on the mean per-token |Δ log p|. Published 4-bit formats drift 0.03-0.07 nats per token on billion-parameter
-  models; a 260K-parameter model with 64-wide layers drifts more (tests/test_drift.py).
+  models; a 260K-parameter model with 64-wide layers drifts more (tests/reference/test_drift.py).
 - per-sequence |Δ log p| (chosen and rejected sequences together) at p50 / p95 / max;
 - β·|margin error| at p50 / p95 / max: the shift of DPO's logit;
 - the fraction of pairs whose reference margin changes sign (torch.sign differs; a margin of exactly 0 is its own
@@ -29,10 +29,10 @@ from torch import nn
 from dpo_scale.config import ConfigError, DataConfig, LogpsConfig, ModelConfig
 from dpo_scale.data import Pair, load_prepared, padding_id, run_tokenizer
 from dpo_scale.io import atomic_open
-from dpo_scale.layout import collate
 from dpo_scale.loss import PairLogps
-from dpo_scale.model import PairLogpsModel, check_attention_device, load_causal_lm
-from dpo_scale.nf4 import NF4Reference, default_device, load_nf4_reference, nf4_memory
+from dpo_scale.model.layout import collate
+from dpo_scale.model.wrapper import PairLogpsModel, check_attention_device, load_causal_lm
+from dpo_scale.reference.nf4 import NF4Reference, default_device, load_nf4_reference, nf4_memory
 
 
 @dataclass(frozen=True)

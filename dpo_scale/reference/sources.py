@@ -12,9 +12,9 @@ from typing import Protocol
 
 import torch
 
-from dpo_scale.layout import PairBatch
 from dpo_scale.loss import PairLogps
-from dpo_scale.ref_cache import CacheReader
+from dpo_scale.model.layout import PairBatch
+from dpo_scale.reference.cache import CacheReader
 
 
 class ReferenceSource(Protocol):

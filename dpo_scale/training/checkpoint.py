@@ -45,7 +45,7 @@ from dpo_scale import __version__, distributed
 from dpo_scale.config import CheckpointConfig, ConfigError, TrainConfig, to_dict
 from dpo_scale.distributed import World
 from dpo_scale.io import atomic_open
-from dpo_scale.tracking import print0
+from dpo_scale.training.tracking import print0
 
 TRAINER_STATE = "trainer_state.json"
 WEIGHTS = "model.safetensors"

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from dpo_scale.io import atomic_open
-from dpo_scale.tracking import read_metrics
+from dpo_scale.training.tracking import read_metrics
 
 LN2 = math.log(2)  # the DPO loss -log sigmoid(0) when the policy equals the reference (DPO eq. 7, margin 0)
 PANELS = ("loss", "rewards/accuracies", "rewards/margins")  # metric names, also the panel titles

@@ -30,11 +30,11 @@ import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from dpo_scale.commands.eval import generate, run_eval
 from dpo_scale.config import EvalRunConfig, GenerationConfig, ModelConfig, build
 from dpo_scale.data import load_tokenizer
-from dpo_scale.evaluate import generate, run_eval
 from dpo_scale.io import atomic_open
-from dpo_scale.model import load_causal_lm
+from dpo_scale.model.wrapper import load_causal_lm
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

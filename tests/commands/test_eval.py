@@ -11,10 +11,10 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from dpo_scale.cli import main
+from dpo_scale.commands.demo import write_demo_material
+from dpo_scale.commands.eval import distinct_n, generate, load_reward_fn, run_eval, samples_path, sequence_logps
 from dpo_scale.config import ConfigError, EvalRunConfig, GenerationConfig, LogpsConfig, build
 from dpo_scale.data import load_tokenizer
-from dpo_scale.demo import write_demo_material
-from dpo_scale.evaluate import distinct_n, generate, load_reward_fn, run_eval, samples_path, sequence_logps
 from launch import DPO_SCALE, base_config, train, train_metrics
 
 
@@ -163,6 +163,6 @@ def test_cli_eval_prints_and_refuses_a_model_without_reference(material, trained
 
 def test_readme_names_the_samples_file_eval_writes():
     """The README's example file name is the one run_eval writes (and the command prints)."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert samples_path("eval/hh.json") == Path("eval/hh.samples.md")
     assert "`--out eval/hh.json` writes `eval/hh.samples.md`" in readme

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
+from dpo_scale.commands.demo import write_demo_material
+from dpo_scale.commands.export import MARKER, _move_into_place, check_out, export
 from dpo_scale.config import ConfigError, TrainConfig, build, to_dict
-from dpo_scale.demo import write_demo_material
-from dpo_scale.export import MARKER, _move_into_place, check_out, export
 from launch import DPO_SCALE
 
 STEP = "step-00000003"

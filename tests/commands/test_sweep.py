@@ -7,9 +7,9 @@ import pytest
 import yaml
 
 from dpo_scale.cli import main
+from dpo_scale.commands.demo import write_demo_material
+from dpo_scale.commands.sweep import expand, parse_grid, summarize
 from dpo_scale.config import ConfigError
-from dpo_scale.demo import write_demo_material
-from dpo_scale.sweep import expand, parse_grid, summarize
 from launch import base_config
 
 

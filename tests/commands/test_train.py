@@ -14,12 +14,12 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from dpo_scale.checkpoint import load_weights
+from dpo_scale.commands.demo import write_demo_material
 from dpo_scale.config import DataConfig, LogpsConfig, TrainConfig, build
 from dpo_scale.data import load_tokenizer, prepare, split_held_out
-from dpo_scale.demo import write_demo_material
-from dpo_scale.layout import collate
-from dpo_scale.model import PairLogpsModel
+from dpo_scale.model.layout import collate
+from dpo_scale.model.wrapper import PairLogpsModel
+from dpo_scale.training.checkpoint import load_weights
 from launch import DPO_SCALE, base_config, train, train_metrics
 
 LN2 = math.log(2)
@@ -289,7 +289,7 @@ def test_two_ranks_train_an_mpo_combination_with_wpo_weights(material, tmp_path)
     rows = train_metrics(tmp_path / "mpo")
     assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
 
-    from dpo_scale.sampler import StepSampler
+    from dpo_scale.training.sampler import StepSampler
 
     config = build(TrainConfig, tree)
     tokenizer = load_tokenizer(str(material[0]))

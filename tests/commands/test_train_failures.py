@@ -1,7 +1,7 @@
 """Training when things go wrong: a NaN loss, too many of them, a rank that dies, hangs or raises.
 
 Every run is a subprocess (DeepSpeed is never initialised in the pytest process). Faults are injected by a small
-driver script that wraps `dpo_scale.train.build_preference_loss` and then runs `dpo-scale train` through
+driver script that wraps `dpo_scale.commands.train.build_preference_loss` and then runs `dpo-scale train` through
 `dpo_scale.cli.main`, so what the tests read is what a user would see on the terminal.
 """
 
@@ -18,13 +18,13 @@ import psutil
 import pytest
 import torch
 import yaml
-from dpo_scale.checkpoint import load_weights
 
+from dpo_scale.commands.demo import write_demo_material
 from dpo_scale.config import DataConfig
 from dpo_scale.data import load_tokenizer, prepare
-from dpo_scale.demo import write_demo_material
 from dpo_scale.distributed import free_port
-from dpo_scale.sampler import StepSampler
+from dpo_scale.training.checkpoint import load_weights
+from dpo_scale.training.sampler import StepSampler
 from launch import DPO_SCALE, base_config, train_metrics
 
 DRIVER = textwrap.dedent(
@@ -40,7 +40,7 @@ DRIVER = textwrap.dedent(
     import time
     from pathlib import Path
 
-    import dpo_scale.train as loop
+    import dpo_scale.commands.train as loop
     from dpo_scale import cli
 
     spec = json.loads(sys.argv[-1])

@@ -1,7 +1,7 @@
 """LoRA training end to end (`lora.enabled=true reference.source=lora`): only the adapters train, the reference is
 the base model, the loss starts at ln 2, and `dpo-scale export` ships an adapter and a merged model that agree.
 
-Training runs in subprocesses (`dpo-scale train`, or a script calling `dpo_scale.train.build` / `train`): DeepSpeed
+Training runs in subprocesses (`dpo-scale train`, or a script calling `dpo_scale.commands.train.build` / `train`): DeepSpeed
 is never initialised in the pytest process, so every model loaded here is a plain one.
 """
 
@@ -15,12 +15,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from dpo_scale.checkpoint import load_weights
+from dpo_scale.commands.demo import write_demo_material
 from dpo_scale.config import DataConfig, LogpsConfig
 from dpo_scale.data import Pair, load_tokenizer, prepare, split_held_out
-from dpo_scale.demo import write_demo_material
-from dpo_scale.layout import collate
-from dpo_scale.model import PairLogpsModel
+from dpo_scale.model.layout import collate
+from dpo_scale.model.wrapper import PairLogpsModel
+from dpo_scale.training.checkpoint import load_weights
 from launch import DPO_SCALE, base_config, train, train_metrics
 
 LN2 = math.log(2)
@@ -125,11 +125,11 @@ REFERENCE_SCRIPT = """
 import json, sys
 import torch
 from dpo_scale import distributed
-from dpo_scale.checkpoint import load_weights
+from dpo_scale.commands.train import build, train
 from dpo_scale.config import TrainConfig, build as build_config
-from dpo_scale.layout import collate
-from dpo_scale.reference import AdaptersDisabled
-from dpo_scale.train import build, train
+from dpo_scale.model.layout import collate
+from dpo_scale.reference.sources import AdaptersDisabled
+from dpo_scale.training.checkpoint import load_weights
 
 config = build_config(TrainConfig, json.loads(sys.argv[1]))
 state = build(config, distributed.init(60))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpo_scale.demo import write_demo_material
+from dpo_scale.commands.demo import write_demo_material
 from launch import DPO_SCALE, base_config, train, train_metrics
 
 ROWS = 12_000

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from dpo_scale.cli import main
+from dpo_scale.commands.demo import write_demo_material
 from dpo_scale.config import ConfigError, DataConfig, FilterConfig
 from dpo_scale.data import load_prepared, prepare
-from dpo_scale.data.contamination import EvalPrompts
 from dpo_scale.data import spans
+from dpo_scale.data.contamination import EvalPrompts
 from dpo_scale.data.spans import ngram_hashes, span_hashes
-from dpo_scale.demo import write_demo_material
 
 PARAGRAPH = "the committee met on a rainy tuesday to weigh the harbour plan"  # 62 bytes: 50 byte 13-grams
 ROWS = 80

@@ -12,7 +12,7 @@ import yaml
 from dpo_scale.cli import main
 from dpo_scale.config import DataConfig, ModelConfig
 from dpo_scale.data import load_prepared, prepare
-from dpo_scale.ref_cache import FIELDS, fingerprint, write_manifest, write_shard
+from dpo_scale.reference.cache import FIELDS, fingerprint, write_manifest, write_shard
 
 PARAGRAPH = "the committee met on a rainy tuesday to weigh the harbour plan"
 ROWS = 120

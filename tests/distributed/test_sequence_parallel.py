@@ -17,14 +17,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from dpo_scale.checkpoint import load_weights
+from dpo_scale.commands.demo import write_demo_material
 from dpo_scale.config import ConfigError, EvalConfig, TrainConfig, build
-from dpo_scale.demo import write_demo_material
 from dpo_scale.distributed.sequence_parallel import check_heads
+from dpo_scale.training.checkpoint import load_weights
 from launch import DPO_SCALE, base_config, train, train_metrics
 from tiny import shared_path, tiny_model
 
-HERE = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[1]  # tests/: the parity script sits beside tiny.py
 
 
 def _ok(result):
@@ -41,7 +41,7 @@ def parity(tmp_path_factory):
     from dpo_scale.distributed import free_port
 
     result = subprocess.run(
-        [launcher, "--num_gpus", "2", "--master_port", str(free_port()), str(HERE / "sequence_parallel_parity.py")],
+        [launcher, "--num_gpus", "2", "--master_port", str(free_port()), str(TESTS / "sequence_parallel_parity.py")],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OUT_DIR": str(out), "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     _ok(result)
@@ -98,7 +98,7 @@ def _precompute(tree: dict, ranks: int):
 def runs(tmp_path_factory):
     """Each setting trained as 2 ranks (SP 1) and 4 ranks (SP 2); the reference cache precomputed with SP 1 (one
     process) and SP 2 (2 ranks); the SP 2 copy run resumed at step 4 with SP 1 on 2 ranks. The cache holds the
-    frozen copy's values (tests/test_ref_cache.py), so the cache run's SP 1 side is the copy's (one launch less)."""
+    frozen copy's values (tests/reference/test_ref_cache.py), so the cache run's SP 1 side is the copy's (one launch less)."""
     root = tmp_path_factory.mktemp("sp")
     material = write_demo_material(root / "demo", rows=48)
     done = {}
@@ -248,7 +248,7 @@ def test_eval_and_logps_take_no_sequence_parallel_setting(tmp_path):
 
 def test_the_long_context_example_is_a_valid_config():
     """examples/long_context_32k.yaml builds as `dpo-scale train` reads it and splits 8 ranks as SP 4 x DP 2."""
-    tree = yaml.safe_load((HERE.parent / "examples" / "long_context_32k.yaml").read_text())
+    tree = yaml.safe_load((TESTS.parent / "examples" / "long_context_32k.yaml").read_text())
     config = build(TrainConfig, tree).for_world(8)
     assert config.sequence_parallel_size == 4 and config.data_parallel_size(8) == 2
     assert config.gradient_accumulation_steps == 16 and config.logps.attention == "flex"

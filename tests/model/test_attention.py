@@ -14,8 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dpo_scale.config import ConfigError, LogpsConfig
 from dpo_scale.data.pairs import Pair
-from dpo_scale.layout import block_mask, collate, dense_mask, may_attend
-from dpo_scale.model import PairLogpsModel, enable_activation_checkpointing, resolve_attention
+from dpo_scale.model.layout import block_mask, collate, dense_mask, may_attend
+from dpo_scale.model.wrapper import PairLogpsModel, enable_activation_checkpointing, resolve_attention
 
 PAIR = Pair(0, "hand-made", prompt_ids=[10, 11, 12], chosen_ids=[20, 21], rejected_ids=[30, 31, 32])
 ONE_TOKEN = Pair(1, "hand-made", prompt_ids=[13], chosen_ids=[22], rejected_ids=[33])
@@ -215,7 +215,7 @@ def test_units_run_the_kernel_on_each_unit_and_leave_generation_alone():
 def test_training_through_varlen_follows_the_dense_mask(tmp_path):
     """`dpo-scale train` (ZeRO-3, one process) on packed, non-shared rows: no mask and restarting position ids give
     the dense mask's per-step losses (fp32; only the kernels' summation order differs)."""
-    from dpo_scale.demo import write_demo_material
+    from dpo_scale.commands.demo import write_demo_material
     from launch import base_config, train, train_metrics
 
     material = write_demo_material(tmp_path / "demo", rows=64)

@@ -4,7 +4,7 @@ import torch
 
 from dpo_scale.config import LogpsConfig
 from dpo_scale.data.pairs import Pair
-from dpo_scale.layout import PACKED_ROW_TOKENS, collate, dense_mask, padding_mask
+from dpo_scale.model.layout import PACKED_ROW_TOKENS, collate, dense_mask, padding_mask
 
 PAIR = Pair(0, "hand-made", prompt_ids=[10, 11, 12], chosen_ids=[20, 21], rejected_ids=[30, 31, 32])
 

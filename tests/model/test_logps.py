@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dpo_scale.logps import (
+from dpo_scale.model.streaming_logps import (
     CHUNK_BYTES,
     LMHead,
     default_chunk_size,

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from dpo_scale.config import LogpsConfig
-from dpo_scale.layout import collate
-from dpo_scale.model import PairLogpsModel, lm_head_of
+from dpo_scale.model.layout import collate
+from dpo_scale.model.wrapper import PairLogpsModel, lm_head_of
 from tiny import random_pairs, stories260k, story_pairs, tiny_llama, tiny_model
 
 PLAIN = LogpsConfig(prefix_sharing=False, packing=False, streaming=False)

@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM
 
 from dpo_scale.config import DataConfig, LogpsConfig
 from dpo_scale.data import load_tokenizer, prepare, read_examples
-from dpo_scale.layout import collate
-from dpo_scale.model import PairLogpsModel
+from dpo_scale.model.layout import collate
+from dpo_scale.model.wrapper import PairLogpsModel
 from tiny import shared_path, stories260k, tiny_llama
 
 # TRL 1.16 reads and sets transformers' deprecated gradient-checkpointing names; the warnings are about TRL's code

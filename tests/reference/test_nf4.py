@@ -1,7 +1,7 @@
 """The NF4 reference: close to the full-precision model and not equal to it, 4-bit where bitsandbytes says, and
 loadable beside a ZeRO-3 sharded policy on every rank (the real `deepspeed` launcher, 2 CPU ranks on gloo).
 
-Run as a script (`deepspeed --num_gpus 2 tests/test_nf4.py MODEL_DIR`) this file is the 2-rank driver that
+Run as a script (`deepspeed --num_gpus 2 tests/reference/test_nf4.py MODEL_DIR`) this file is the 2-rank driver that
 `test_two_ranks_replicate_nf4_beside_zero3_policy` launches.
 """
 
@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from dpo_scale.config import LogpsConfig, ModelConfig
-from dpo_scale.layout import collate
-from dpo_scale.model import PairLogpsModel
-from dpo_scale.nf4 import (
+from dpo_scale.model.layout import collate
+from dpo_scale.model.wrapper import PairLogpsModel
+from dpo_scale.reference.nf4 import (
     NF4Reference,
     head_is_quantized,
     load_nf4_reference,
@@ -30,7 +30,9 @@ from dpo_scale.nf4 import (
     nf4_quantization_config,
     zero3_integration_paused,
 )
-from tiny import random_pairs, shared_path, stories260k, story_pairs, tiny_llama
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for tiny.py when deepspeed runs this file
+from tiny import random_pairs, shared_path, stories260k, story_pairs, tiny_llama  # noqa: E402
 
 bnb = pytest.importorskip("bitsandbytes")
 

@@ -15,12 +15,12 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
+from dpo_scale.commands.demo import write_demo_material
 from dpo_scale.config import ConfigError, DataConfig, LogpsConfig, ModelConfig
 from dpo_scale.data import Pair, load_tokenizer, prepare
-from dpo_scale.demo import write_demo_material
-from dpo_scale.layout import collate
-from dpo_scale.model import PairLogpsModel
-from dpo_scale.ref_cache import (
+from dpo_scale.model.layout import collate
+from dpo_scale.model.wrapper import PairLogpsModel
+from dpo_scale.reference.cache import (
     FIELDS, INDEX_KEYS, INDEX_ROWS, CacheReader, open_cache, read_manifest, write_manifest, write_shard,
 )  # fmt: skip
 from launch import DPO_SCALE, base_config, free_port, train, train_metrics
@@ -278,7 +278,7 @@ def test_reader_holds_neither_keys_nor_values_in_memory(tmp_path):
 def test_a_cache_without_the_shared_sums_is_refused_for_ld_alpha_only(tmp_path):
     """Caches written before the LD-DPO fields existed (no "fields" in the manifest) still serve the plain sums;
     a run with loss.ld_alpha is refused when it is built, naming what is missing and the fix."""
-    from dpo_scale.reference import CachedReference
+    from dpo_scale.reference.sources import CachedReference
 
     pairs = [Pair(i, f"row {i}", [1, i], [7], [9]) for i in range(4)]
     write_shard(tmp_path, 0, pairs, {name: torch.arange(4.0) for name in FIELDS})

@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dpo_scale.checkpoint import SafetensorsWriter, _owners, _read, load_weights
-from dpo_scale.demo import write_demo_material
+from dpo_scale.commands.demo import write_demo_material
 from dpo_scale.ds_config import DS_CONFIGS
+from dpo_scale.training.checkpoint import SafetensorsWriter, _owners, _read, load_weights
 from launch import base_config, train, train_metrics
 
-HOOKS = Path(__file__).with_name("checkpoint_hooks.py")
+HOOKS = Path(__file__).resolve().parents[1] / "checkpoint_hooks.py"
 LORA = {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 
 

@@ -9,8 +9,8 @@ import struct
 
 import pytest
 
-from dpo_scale.plot import comparison_figure, plot_runs, plot_training, training_figure
-from dpo_scale.tracking import read_metrics
+from dpo_scale.training.plot import comparison_figure, plot_runs, plot_training, training_figure
+from dpo_scale.training.tracking import read_metrics
 
 TRAIN = [
     {"step": 1, "split": "train", "loss": 0.6931, "rewards/accuracies": 0.5, "rewards/margins": 0.0},

@@ -1,6 +1,6 @@
 """A new run in a directory holding an earlier one moves the earlier run's files aside, whole, and nothing else."""
 
-from dpo_scale.run_files import RUN_FILES, set_aside_earlier_run
+from dpo_scale.training.run_files import RUN_FILES, set_aside_earlier_run
 
 
 def test_earlier_runs_move_aside_in_order(tmp_path):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import dpo_scale.sampler as sampler_module
-from dpo_scale.sampler import StepSampler
+import dpo_scale.training.sampler as sampler_module
+from dpo_scale.training.sampler import StepSampler
 
 
 def _global_batch(sampler: StepSampler, step: int) -> list[int]:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dpo_scale.config import LoggingConfig
-from dpo_scale.tracking import (
+from dpo_scale.training.tracking import (
     MetricsLog,
     NullTracker,
     ProgressBar,
@@ -173,7 +173,7 @@ def test_wandb_offline_opens_no_network_socket_in_any_process(tmp_path):
     script = textwrap.dedent(
         f"""
         from dpo_scale.config import LoggingConfig
-        from dpo_scale.tracking import WandbTracker
+        from dpo_scale.training.tracking import WandbTracker
         tracker = WandbTracker(LoggingConfig(wandb=True, wandb_mode="offline"), {str(tmp_path / "run")!r}, {{}})
         tracker.log({{"loss": 0.5}}, step=1, split="train")
         tracker.close()
@@ -216,7 +216,7 @@ THREADS_AFTER_BARS = textwrap.dedent("""
     import sys, threading
     from tqdm import tqdm
     from transformers.utils.logging import tqdm as transformers_tqdm
-    from dpo_scale.tracking import stop_tqdm_monitor
+    from dpo_scale.training.tracking import stop_tqdm_monitor
 
     if sys.argv[1] == "stopped":
         stop_tqdm_monitor()

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from dpo_scale.demo import write_demo_material
-from dpo_scale.watch import FailureSigns
+from dpo_scale.commands.demo import write_demo_material
+from dpo_scale.training.failure_signs import FailureSigns
 from launch import base_config, train, train_metrics
 
 

@@ -8,8 +8,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from dpo_scale.data_report.scan import PairTable
-from dpo_scale.data_report.stats import SIDES
+from dpo_scale.data.report.scan import PairTable
+from dpo_scale.data.report.stats import SIDES
 from dpo_scale.io import atomic_open
 
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from dpo_scale.data.contamination import EvalPrompts
 from dpo_scale.data.filters import KeyIndex, duplicate_mask, pair_keys
-from dpo_scale.data_report.scan import Overlap, PairTable
+from dpo_scale.data.report.scan import Overlap, PairTable
 
 SIDES = ("prompt", "chosen", "rejected")
 EXAMPLES = 10

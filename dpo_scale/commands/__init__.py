@@ -1,0 +1,12 @@
+"""The `dpo-scale` commands that assemble the parts: one module per command, named after it, holding the function
+`cli.py` calls once it has parsed the arguments into a config (and what only that command uses).
+
+    train.py            build -> train -> close: the loop
+    precompute_ref.py   the reference's log-probs of every pair, into the cache `reference.source=cache` reads
+    eval.py             a trained policy against its reference: held-out pairs and sampled generations
+    export.py           a run's latest weights as a Hugging Face model directory
+    sweep.py            every point of a hyperparameter grid, each a `dpo-scale train`
+    logps.py            every pair's chosen/rejected log-prob sums, to JSONL
+    data_report.py      what is in the training data, from its token store
+    demo.py             a tiny model and preference data, then the core on them
+"""
