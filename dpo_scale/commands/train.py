@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 from dpo_scale import distributed
-from dpo_scale.commands.eval import distinct_n, generate
 from dpo_scale.config import ConfigError, GenerationConfig, TrainConfig, to_dict
 from dpo_scale.data import Pair, PairView, load_prepared, padding_id, run_tokenizer, split_held_out, store_directory
 from dpo_scale.ds_config import AUTO, resolve_deepspeed_config, shipped_config_for, single_process_advice
 from dpo_scale.io import atomic_open
 from dpo_scale.loss import build_preference_loss, preference_metrics
+from dpo_scale.model.generation import distinct_n, generate
 from dpo_scale.model.layout import collate
 from dpo_scale.model.wrapper import PairLogpsModel, add_lora, check_attention_device, enable_activation_checkpointing
 from dpo_scale.reference.cache import open_cache

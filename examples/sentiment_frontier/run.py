@@ -30,10 +30,11 @@ import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from dpo_scale.commands.eval import generate, run_eval
+from dpo_scale.commands.eval import run_eval
 from dpo_scale.config import EvalRunConfig, GenerationConfig, ModelConfig, build
 from dpo_scale.data import load_tokenizer
 from dpo_scale.io import atomic_open
+from dpo_scale.model.generation import generate
 from dpo_scale.model.wrapper import load_causal_lm
 
 HERE = Path(__file__).resolve().parent
