@@ -165,8 +165,8 @@ def _precompute_ref(args: argparse.Namespace) -> None:
 
 
 def _ref_drift(args: argparse.Namespace) -> None:
+    from dpo_scale.commands.ref_drift import run_drift
     from dpo_scale.config import DriftRunConfig
-    from dpo_scale.reference.drift import run_drift
 
     tree = _config_tree(args, SHORTCUTS, DriftRunConfig)
     _require(tree, "out", "dpo-scale ref-drift needs --out FILE.json (or out= in the config)")

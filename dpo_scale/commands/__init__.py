@@ -7,6 +7,7 @@
     export.py           a run's latest weights as a Hugging Face model directory
     sweep.py            every point of a hyperparameter grid, each a `dpo-scale train`
     logps.py            every pair's chosen/rejected log-prob sums, to JSONL
+    ref_drift.py        how far an NF4 reference drifts from the full-precision model
     data_report.py      what is in the training data, from its token store
     demo.py             a tiny model and preference data, then the core on them
 """

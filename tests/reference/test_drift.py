@@ -8,9 +8,10 @@ from dataclasses import astuple
 import pytest
 import torch
 
+from dpo_scale.commands.ref_drift import run_drift
 from dpo_scale.config import DataConfig, LogpsConfig
 from dpo_scale.loss import PairLogps
-from dpo_scale.reference.drift import DriftReport, drift_statistics, measure_drift, run_drift
+from dpo_scale.reference.drift import DriftReport, drift_statistics, measure_drift
 from tiny import random_pairs, shared_path, tiny_llama
 
 pytest.importorskip("bitsandbytes")
