@@ -10,4 +10,7 @@
     ref_drift.py        how far an NF4 reference drifts from the full-precision model
     data_report.py      what is in the training data, from its token store
     demo.py             a tiny model and preference data, then the core on them
+
+A command imports parts (the other packages) and never another command; no part imports a command. What two
+commands share is a part. `config`, `prepare-data` and `plot` are each one part's call, made from `cli.py`.
 """

@@ -91,7 +91,7 @@ def samples_path(out: str | Path) -> Path:
 
 def _load_policy(path: str) -> tuple[torch.nn.Module, object]:
     """(model, the run's TrainConfig) for a run or checkpoint directory; (model, None) for a model directory."""
-    from dpo_scale.commands.export import load_trained_policy
+    from dpo_scale.training.trained_policy import load_trained_policy
 
     if (Path(path) / "checkpoints").is_dir() or is_checkpoint(path):
         return load_trained_policy(path, merge_lora=True)
