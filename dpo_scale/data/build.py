@@ -38,13 +38,14 @@ import numpy as np
 
 from dpo_scale import __version__
 from dpo_scale.config import ConfigError, DataConfig
+from dpo_scale.data.examples import no_signal_error, prepare_examples
 from dpo_scale.data.fingerprint import (
     chat_template_digest, data_files, describe_files, fingerprint_differences, tokenizer_digest,
 )
 from dpo_scale.data.filters import filter_store
 from dpo_scale.data.formats import Format, input_format, normalise
 from dpo_scale.data.pairs import SIGNAL_REASONS, PreparedData
-from dpo_scale.data.prepare import check_not_empty, no_signal_error, prepare, prepare_examples
+from dpo_scale.data.prepare import check_not_empty, prepare
 from dpo_scale.data.sources import Row, read_rows
 from dpo_scale.data.store import (
     BUILD_CLAIM, TokenStore, filtered_name, mark_used, read_manifest, rows_name, shard_done, source_prefix,

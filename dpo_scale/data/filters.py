@@ -18,6 +18,8 @@ import numpy as np
 
 from dpo_scale.config import DataConfig, FilterConfig
 from dpo_scale.data.contamination import EvalPrompts
+from dpo_scale.data.examples import prepare_examples
+from dpo_scale.data.formats import read_examples
 from dpo_scale.data.pairs import DROP_REASONS, Dropped, Pair
 from dpo_scale.data.spans import mix, span_hashes, span_starts
 from dpo_scale.data.store import KEPT, filtered_name, rows_name, tokens_name
@@ -122,9 +124,6 @@ def block_hashes(tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray) ->
 def read_eval_prompts(config: DataConfig, tokenizer: PreTrainedTokenizerBase, path: str, n: int) -> tuple[EvalPrompts, list[str]]:
     """The prompts of the preference file `path`, read and tokenized as data.path is but whole (no max_length),
     and each one's source (`eval.jsonl line 3`)."""
-    from dpo_scale.data.formats import read_examples
-    from dpo_scale.data.prepare import prepare_examples  # here: prepare.py imports this module
-
     settings = dataclasses.replace(config, path=path, max_length=None, strict=False, filters=FilterConfig())
     pairs, _, _ = prepare_examples(read_examples(settings), settings, tokenizer)
     lengths = np.array([len(p.prompt_ids) for p in pairs], np.int64)
