@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 
 from dpo_scale.data.pairs import Pair
-from dpo_scale.reference.cache import FIELDS, INDEX_KEYS, INDEX_ROWS, CacheReader, read_manifest, write_manifest, write_shard
+from dpo_scale.reference.cache import (
+    FIELDS, INDEX_KEYS, INDEX_ROWS, CacheReader, read_manifest, write_manifest, write_shard,
+)  # fmt: skip
 
 
 def _pairs(start: int, count: int) -> list[Pair]:

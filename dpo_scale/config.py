@@ -174,7 +174,7 @@ class LogpsConfig:
     """How the layout reaches the attention kernel. dense: a (rows, 1, T, T) mask for sdpa / eager (the padded
     layout: its 2D mask); units: sdpa / eager once per packed unit with that unit's own (L, L) mask, so a row's
     attention costs the sum of its units' squared lengths, not T² (dpo_scale/model/unit_attention.py); flex: a FlexAttention BlockMask built from the units (no T x T tensor; CUDA only, refused
-    by every command elsewhere: model.check_attention_device); varlen: no mask, position ids restarting per unit,
+    by every command elsewhere: model.wrapper.check_attention_device); varlen: no mask, position ids restarting per unit,
     as transformers' padding-free path and flash-attention take it (not with prefix sharing: rejected would see
     chosen). auto: units on CPU (dense under sequence parallelism); on CUDA flex where the model supports it, varlen for flash-attention models without
     prefix sharing."""

@@ -118,8 +118,8 @@ def shipped_config_for(config: str, world_size: int, precision: str = "fp32") ->
     """`deepspeed.config=auto`: zero0 for one fp32 process, where ZeRO-3 has no one to share shards with and only
     adds a flat fp32 master copy, gradient buffers and hooks (BENCHMARKS.md: memory at 16M and 117M); zero3 for
     more, and for bf16 / fp16, whose fp32 master weights DeepSpeed's mixed-precision wrapper without ZeRO keeps where
-    a portable checkpoint cannot read them. A checkpoint resumes across the two (checkpoint.py). Any other value is
-    returned as it is."""
+    a portable checkpoint cannot read them. A checkpoint resumes across the two (training/checkpoint.py). Any other
+    value is returned as it is."""
     if config != AUTO:
         return config
     return "zero0" if world_size == 1 and precision == "fp32" else "zero3"

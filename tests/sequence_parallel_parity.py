@@ -1,7 +1,7 @@
-"""Run under `deepspeed --num_gpus 2` (tests/distributed/test_sequence_parallel.py): every rank scores the same batches whole
-(a plain copy of the model, no sequence parallelism) and as its slice of a sequence-parallel group of 2 (Ulysses),
-and writes, per model and layout, the largest relative differences of the per-pair sums, the DPO loss and every
-parameter's gradient to OUT_DIR/rank<r>.json.
+"""Run under `deepspeed --num_gpus 2` (tests/distributed/test_sequence_parallel.py): every rank scores the same
+batches whole (a plain copy of the model, no sequence parallelism) and as its slice of a sequence-parallel group of 2
+(Ulysses), and writes, per model and layout, the largest relative differences of the per-pair sums, the DPO loss and
+every parameter's gradient to OUT_DIR/rank<r>.json.
 
 The group's gradient of a parameter is the sum of its ranks' gradients (each rank back-propagates the loss through
 its own slice; DeepSpeed's reduction then adds them), so the script all-reduces them over the group before

@@ -2,8 +2,8 @@
 
 The same data path and log-prob stage as training (prefix sharing, streaming head), with the reference model in
 place of the policy and no gradients. Each rank computes the shards whose number is its rank modulo the world size;
-a shard already on disk is complete (see ref_cache.py), so a job killed at any point and started again computes only
-what is missing, and the finished cache is the same files.
+a shard already on disk is complete (see reference/cache.py), so a job killed at any point and started again
+computes only what is missing, and the finished cache is the same files.
 
 By default each rank holds the whole reference (plain data parallel, no communication). With
 `sequence_parallel_size` > 1, groups of that many consecutive ranks score each batch together, one slice of every
@@ -32,7 +32,9 @@ from dpo_scale.ds_config import AUTO, resolve_deepspeed_config
 from dpo_scale.io import atomic_open
 from dpo_scale.model.layout import collate
 from dpo_scale.model.wrapper import PairLogpsModel, check_attention_device, load_causal_lm
-from dpo_scale.reference.cache import FIELDS, MANIFEST, differences, fingerprint, shard_name, write_manifest, write_shard
+from dpo_scale.reference.cache import (
+    FIELDS, MANIFEST, differences, fingerprint, shard_name, write_manifest, write_shard,
+)  # fmt: skip
 from dpo_scale.training.tracking import ProgressBar, print0
 
 FINGERPRINT = "fingerprint.json"

@@ -73,7 +73,8 @@ def init_groups(size: int, ds_config: dict | None = None) -> SequenceGroup:
 
     DeepSpeed 0.19.8 divides the gradients it reduces by the data-parallel degree (ranks / SP) in stages 0-2 and
     in ZeRO-3's all-reduce path, but by all ranks in ZeRO-3's reduce-scatter (its default): there the group's
-    gradients must arrive SP times larger (tests/distributed/test_sequence_parallel.py compares the Adam moments with SP=1)."""
+    gradients must arrive SP times larger (tests/distributed/test_sequence_parallel.py compares the Adam moments
+    with SP=1)."""
     if size == 1:
         return SequenceGroup()
     zero = (ds_config or {}).get("zero_optimization") or {}

@@ -1,5 +1,6 @@
 """Training state by parameter, independent of how ZeRO partitions it: what the portable checkpoint streams out and
-scatters back (checkpoint.py), plus the engine's counters and DeepSpeed's own checkpoint format for old runs."""
+scatters back (training/checkpoint.py), plus the engine's counters and DeepSpeed's own checkpoint format for old
+runs."""
 
 from __future__ import annotations
 

@@ -16,7 +16,9 @@ from torch import nn
 from dpo_scale.config import ConfigError, LogpsConfig, LoraConfig, ModelConfig
 from dpo_scale.hub import check_model_source
 from dpo_scale.loss import PairLogps
-from dpo_scale.model.layout import PairBatch, additive_mask, block_mask, dense_mask, padding_mask, sequence_parallel_multiple
+from dpo_scale.model.layout import (
+    PairBatch, additive_mask, block_mask, dense_mask, padding_mask, sequence_parallel_multiple,
+)  # fmt: skip
 from dpo_scale.model.streaming_logps import (
     LMHead,
     full_logits_log_sum_sq,

@@ -11,8 +11,9 @@ plus a 16-entry NF4 table (and with double quantization a 256-entry one) per lay
 embeddings, the LM head and the norms are *not* quantized: bitsandbytes skips the output embedding (and anything
 tied to it) by default and never converts `nn.Embedding`. They stay in `model.dtype`, so they often dominate what
 is left: Llama-3-8B's embeddings and head (2 x 128,256 x 4,096 = 1.05B parameters) take 2.1 GB in bf16 next to
-3.6 GB for its 7.0B quantized parameters. `nf4_memory` measures a loaded model; on stories260K (tests/reference/test_nf4.py)
-226,560 of its 260,032 parameters (87%) are quantized and the 512 x 64 tied embedding stays fp32.
+3.6 GB for its 7.0B quantized parameters. `nf4_memory` measures a loaded model; on stories260K
+(tests/reference/test_nf4.py) 226,560 of its 260,032 parameters (87%) are quantized and the 512 x 64 tied embedding
+stays fp32.
 
 ZeRO-3. While an `HfDeepSpeedConfig` is alive (dpo_scale.distributed keeps one so that the policy loads straight
 into shards), transformers treats every `from_pretrained` as a ZeRO-3 load. For a quantized model that means: no

@@ -2,7 +2,7 @@
 
 - `FrozenCopy`: a frozen full copy of the starting policy, run as a ZeRO-3 inference engine (no optimizer state).
 - `AdaptersDisabled`: a LoRA policy with its adapters switched off, i.e. the base model, at no extra memory.
-- `CachedReference`: values precomputed once by `dpo-scale precompute-ref` (ref_cache.py), no model at all.
+- `CachedReference`: values precomputed once by `dpo-scale precompute-ref` (cache.py), no model at all.
 - `NF4Reference` (nf4.py): a bitsandbytes 4-bit copy, whole on every rank.
 """
 

@@ -1,8 +1,8 @@
 """LoRA training end to end (`lora.enabled=true reference.source=lora`): only the adapters train, the reference is
 the base model, the loss starts at ln 2, and `dpo-scale export` ships an adapter and a merged model that agree.
 
-Training runs in subprocesses (`dpo-scale train`, or a script calling `dpo_scale.commands.train.build` / `train`): DeepSpeed
-is never initialised in the pytest process, so every model loaded here is a plain one.
+Training runs in subprocesses (`dpo-scale train`, or a script calling `dpo_scale.commands.train.build` / `train`):
+DeepSpeed is never initialised in the pytest process, so every model loaded here is a plain one.
 """
 
 import json

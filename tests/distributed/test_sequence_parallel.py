@@ -98,7 +98,8 @@ def _precompute(tree: dict, ranks: int):
 def runs(tmp_path_factory):
     """Each setting trained as 2 ranks (SP 1) and 4 ranks (SP 2); the reference cache precomputed with SP 1 (one
     process) and SP 2 (2 ranks); the SP 2 copy run resumed at step 4 with SP 1 on 2 ranks. The cache holds the
-    frozen copy's values (tests/reference/test_ref_cache.py), so the cache run's SP 1 side is the copy's (one launch less)."""
+    frozen copy's values (tests/reference/test_ref_cache.py), so the cache run's SP 1 side is the copy's (one launch
+    less)."""
     root = tmp_path_factory.mktemp("sp")
     material = write_demo_material(root / "demo", rows=48)
     done = {}
