@@ -95,6 +95,16 @@ class FilterConfig:
             or self.max_length_ratio is not None
         )  # fmt: skip
 
+    def shaping_settings(self) -> dict[str, Any]:
+        """The settings that decide which pairs are dropped: eval_path, ngram and ngram_threshold only with
+        drop_contaminated, the one filter that reads them (`data-report --eval` reads them too, without making
+        another store)."""
+        settings = dataclasses.asdict(self)
+        if not self.drop_contaminated:
+            for name in ("eval_path", "ngram", "ngram_threshold"):
+                del settings[name]
+        return settings
+
 
 @dataclass
 class DataConfig:
@@ -148,7 +158,7 @@ class DataConfig:
         """The settings that decide which pairs there are and which tokens they get (not where they are stored, nor
         how fast); a filter as `filters.<name>`."""
         names = ("split", "format", "columns", "max_length", "truncation_mode")
-        filters = {f"filters.{name}": value for name, value in dataclasses.asdict(self.filters).items()}
+        filters = {f"filters.{name}": value for name, value in self.filters.shaping_settings().items()}
         return {**{name: getattr(self, name) for name in names}, **filters}
 
 

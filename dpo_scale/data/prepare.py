@@ -6,18 +6,21 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dpo_scale.config import DataConfig
 from dpo_scale.data.errors import DataError
-from dpo_scale.data.filters import filter_pairs
+from dpo_scale.data.filters import FILTER_SETTINGS, filter_pairs
 from dpo_scale.data.formats import Example, read_examples
-from dpo_scale.data.pairs import Dropped, DropReason, Pair, PreparedData
+from dpo_scale.data.pairs import FILTER_REASONS, Dropped, DropReason, Pair, PreparedData
+from dpo_scale.data.sources import _HUB_ID, FILE_SUFFIXES
 from dpo_scale.data.tokenize import tokenize_examples
-from dpo_scale.data.truncation import missing_signal, truncate
+from dpo_scale.data.truncation import missing_signal, prompt_head, truncate
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -33,44 +36,88 @@ def prepare(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> PreparedD
     """Tokenized pairs of `config.path`, in input order, and the pairs dropped for having no signal or by
     `config.filters`, in memory.
 
-    Raises DataError on bad input, on a pair without signal when `config.strict`, and when no pair is left.
+    Raises DataError on a missing input file, bad input, on a pair without signal when `config.strict`, and when no
+    pair is left.
     """
-    pairs, dropped, _ = prepare_examples(read_examples(config), config, tokenizer)
-    prepared = PreparedData(*filter_pairs(pairs, dropped, config, tokenizer))
-    check_not_empty(config, prepared.summary(), len(prepared.pairs))
+    check_input_paths(input_paths(config))
+    batch = prepare_examples(read_examples(config), config, tokenizer)
+    prepared = PreparedData(*filter_pairs(batch.pairs, batch.dropped, batch.prompt_heads, config, tokenizer))
+    check_not_empty(config, prepared.summary(), len(prepared.pairs), prepared.drop_counts())
     logger.info("%s: %s", config.path, prepared.summary())
     return prepared
 
 
+@dataclass
+class PreparedBatch:
+    """What preparation keeps and drops of some examples, in input order, before `config.filters`."""
+
+    pairs: list[Pair] = field(default_factory=list)
+    dropped: list[Dropped] = field(default_factory=list)
+    cut: list[tuple[int, int, int]] = field(default_factory=list)
+    """The prompt, chosen and rejected tokens truncation cut from each kept pair."""
+    prompt_heads: list[list[int]] = field(default_factory=list)
+    """The prompt tokens truncation cut from the start of each kept pair's prompt: head + prompt_ids is the whole
+    prompt, which contamination compares (truncation.prompt_head)."""
+
+
 def prepare_examples(
     examples: Iterable[Example], config: DataConfig, tokenizer: PreTrainedTokenizerBase
-) -> tuple[list[Pair], list[Dropped], list[tuple[int, int, int]]]:
-    """Tokenize, truncate and drop-and-count: (kept pairs, dropped pairs, the prompt, chosen and rejected tokens
-    truncation cut from each kept pair), in input order. `config.filters` are not applied: they look at every
-    pair at once (filters.py)."""
-    pairs: list[Pair] = []
-    dropped: list[Dropped] = []
-    cut: list[tuple[int, int, int]] = []
+) -> PreparedBatch:
+    """Tokenize, truncate and drop-and-count. `config.filters` are not applied: they look at every pair at once
+    (filters.py)."""
+    prepared = PreparedBatch()
     for batch in _batches(examples, BATCH_SIZE):
         for whole in tokenize_examples(batch, tokenizer):
             pair = truncate(whole, config.max_length, config.truncation_mode)
             reason = missing_signal(pair)
             if reason is None:
-                pairs.append(pair)
-                cut.append(tuple(len(getattr(whole, side)) - len(getattr(pair, side)) for side in SIDES))
+                prepared.pairs.append(pair)
+                prepared.cut.append(tuple(len(getattr(whole, side)) - len(getattr(pair, side)) for side in SIDES))
+                prepared.prompt_heads.append(prompt_head(whole, pair))
             elif config.strict:
                 raise no_signal_error(pair.source, reason, config.max_length)
             else:
-                dropped.append(Dropped(pair.index, pair.source, reason))
-    return pairs, dropped, cut
+                prepared.dropped.append(Dropped(pair.index, pair.source, reason))
+    return prepared
 
 
-def check_not_empty(config: DataConfig, summary: str, kept: int) -> None:
-    if not kept:
+def input_paths(config: DataConfig) -> dict[str, str]:
+    """The files preparing `config` reads, by the setting that names each."""
+    paths = {"data.path": config.path}
+    if config.filters.drop_contaminated:
+        paths["data.filters.eval_path"] = config.filters.eval_path
+    return paths
+
+
+def check_input_paths(paths: Mapping[str, str]) -> None:
+    """Refuse a path that is neither a local file or directory nor a hub dataset id, naming the setting or flag
+    that holds it: checked before anything is tokenized or a store directory made, so a typo in the last file read
+    costs nothing. The test is read_rows' own (a name with a data file's suffix must be local)."""
+    for key, path in paths.items():
+        if not Path(path).exists() and (path.lower().endswith(FILE_SUFFIXES) or not _HUB_ID.match(path)):
+            raise DataError(
+                f"{key}={path}: no such file or directory. Fix: check {key} (relative paths start from the working "
+                "directory)"
+            )
+
+
+def check_not_empty(config: DataConfig, summary: str, kept: int, drop_counts: Mapping[DropReason, int]) -> None:
+    """Refuse data with no pair left, naming the cause: the filters when they dropped any pair (every pair that
+    preparation kept, then), else the pairs' missing signal."""
+    if kept:
+        return
+    filtered = {reason: drop_counts[reason] for reason in FILTER_REASONS if drop_counts.get(reason)}
+    if filtered:
+        counts = ", ".join(f"{reason}: {count}" for reason, count in filtered.items())
+        settings = " and ".join(f"data.filters.{FILTER_SETTINGS[reason]}" for reason in filtered)
         raise DataError(
-            f"{config.path}: no pair is left to train on ({summary}). "
-            "Fix: check that chosen and rejected differ, and raise data.max_length if truncation emptied them"
+            f"{config.path}: no pair is left to train on ({summary}): data.filters dropped all "
+            f"{sum(filtered.values())} pairs that preparation kept ({counts}). Fix: check or turn off {settings}"
         )
+    raise DataError(
+        f"{config.path}: no pair is left to train on ({summary}). "
+        "Fix: check that chosen and rejected differ, and raise data.max_length if truncation emptied them"
+    )
 
 
 def no_signal_error(source: str, reason: DropReason, max_length: int | None) -> DataError:
