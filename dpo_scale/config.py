@@ -132,7 +132,8 @@ class DataConfig:
     shared by every run with the same data and settings; `eval`, `logps` and `ref-drift` on their own data prepare
     in memory. Set, a store there made for other data or settings is refused, naming what differs."""
     rebuild: bool = False
-    """Replace a token store made for other data or settings (or damaged) instead of refusing it."""
+    """Replace a damaged token store, or one made for other data or settings in a directory named by cache_dir,
+    instead of refusing it. A store under the cache root is never rebuilt for other settings: they get their own."""
     shard_rows: int = 8192
     """Input rows per token-store shard: the unit of parallel work and of resumption when building it."""
     num_workers: int | None = None
