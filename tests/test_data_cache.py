@@ -108,6 +108,8 @@ def test_with_no_writable_root_the_run_directory_holds_stores_by_name(data_file,
     )
     other = store_directory(DataConfig(path=str(data_file), max_length=8), byte_tokenizer, tmp_path / "run")
     assert other.parent == directory.parent and other != directory
+    with pytest.raises(ConfigError, match="no writable cache root .* Fix: set DPO_SCALE_CACHE to a writable"):
+        store_directory(config, byte_tokenizer, None)  # prepare-data, data-report: no run directory to fall back on
 
 
 def test_paths_are_recorded_absolute(data_file, tmp_path, byte_tokenizer, monkeypatch):

@@ -55,9 +55,9 @@ def cache_roots() -> list[Path]:
     return [(Path(constants.HF_HOME) / "dpo_scale").resolve(), (Path.home() / ".cache" / "dpo_scale").resolve()]
 
 
-def store_directory(config: DataConfig, tokenizer: PreTrainedTokenizerBase, run_dir: str | Path) -> Path:
+def store_directory(config: DataConfig, tokenizer: PreTrainedTokenizerBase, run_dir: str | Path | None) -> Path:
     """data.cache_dir; else the store's directory under the first writable cache root; else under
-    `run_dir/token-stores`. Always absolute."""
+    `run_dir/token-stores` (a command without a run directory is refused). Always absolute."""
     if config.cache_dir:
         return Path(config.cache_dir).expanduser().resolve()
     refusals = []
@@ -71,6 +71,11 @@ def store_directory(config: DataConfig, tokenizer: PreTrainedTokenizerBase, run_
                 f"{CACHE_ENV} to a writable directory, or unset it to use the default cache root"
             )
         refusals.append(f"{root}: {problem}")
+    if run_dir is None:
+        raise ConfigError(
+            f"no writable cache root for the token store ({'; '.join(refusals)}). Fix: set {CACHE_ENV} to a writable "
+            "directory, or data.cache_dir"
+        )
     fallback = Path(run_dir).expanduser().resolve() / RUN_DIR_ROOT
     if Launch.from_environment().is_main:
         print(f"token store: no writable cache root ({'; '.join(refusals)}); using {fallback}, which other runs do not "
