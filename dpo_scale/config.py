@@ -60,7 +60,8 @@ class FilterConfig:
     label is right is unknown, so both go."""
     drop_contaminated: bool = False
     """Drop a training pair whose prompt holds at least `ngram_threshold` of the distinct `ngram`-token n-grams of
-    some prompt of `eval_path` (or equals a prompt shorter than `ngram` tokens)."""
+    some prompt of `eval_path` (or equals a prompt shorter than `ngram` tokens). The prompt as the data holds it,
+    before data.max_length truncation: contamination is about the data, not the window."""
     eval_path: str | None = None
     """The evaluation preference file drop_contaminated checks against, read like data.path (its format and
     columns), tokenized whole (no data.max_length)."""
@@ -541,14 +542,25 @@ class TrainConfig:
         if self.loss.reference_free and self.reference.source != "copy":
             raise ConfigError("loss.loss_type=simpo is reference-free: leave reference.source at its default")
 
-    def data_parallel_size(self, ranks: int) -> int:
-        """Micro-batches per accumulation round over `ranks` ranks: ranks / sequence_parallel_size."""
+    def require_run_dir(self, command: str) -> str:
+        if not self.run_dir:
+            raise ConfigError(
+                f"run_dir is required by dpo-scale {command} (checkpoints, metrics and the resolved config go there): "
+                "set it in the config file or as run_dir=runs/NAME"
+            )
+        return self.run_dir
+
+    def data_parallel_size(self, ranks: int, allowed: set[int] | None = None) -> int:
+        """Micro-batches per accumulation round over `ranks` ranks: ranks / sequence_parallel_size. `allowed`: the
+        sizes the model allows (those whose heads Ulysses splits: sequence_parallel.check_sequence_parallel), so that
+        a refusal suggests only sizes that work; None: any."""
         size = self.sequence_parallel_size
         if ranks % size:
-            fits = [s for s in range(1, ranks + 1) if ranks % s == 0]
+            fits = [s for s in range(1, ranks + 1) if ranks % s == 0 and (allowed is None or s in allowed)]
+            launch_more = f", or launch a multiple of {size} ranks" if allowed is None or size in allowed else ""
             raise ConfigError(
-                f"sequence_parallel_size={size} does not divide the {ranks} ranks of this launch: use one of "
-                f"{', '.join(map(str, fits))}, or launch a multiple of {size} ranks"
+                f"sequence_parallel_size={size} does not divide the {ranks} ranks of this launch: use "
+                f"{'one of ' if len(fits) > 1 else ''}{', '.join(map(str, fits))}{launch_more}"
             )
         return ranks // size
 
