@@ -60,7 +60,8 @@ class FilterConfig:
     label is right is unknown, so both go."""
     drop_contaminated: bool = False
     """Drop a training pair whose prompt holds at least `ngram_threshold` of the distinct `ngram`-token n-grams of
-    some prompt of `eval_path` (or equals a prompt shorter than `ngram` tokens)."""
+    some prompt of `eval_path` (or equals a prompt shorter than `ngram` tokens). The prompt as the data holds it,
+    before data.max_length truncation: contamination is about the data, not the window."""
     eval_path: str | None = None
     """The evaluation preference file drop_contaminated checks against, read like data.path (its format and
     columns), tokenized whole (no data.max_length)."""
@@ -95,6 +96,16 @@ class FilterConfig:
             or self.max_length_ratio is not None
         )  # fmt: skip
 
+    def shaping_settings(self) -> dict[str, Any]:
+        """The settings that decide which pairs are dropped: eval_path, ngram and ngram_threshold only with
+        drop_contaminated, the one filter that reads them (`data-report --eval` reads them too, without making
+        another store)."""
+        settings = dataclasses.asdict(self)
+        if not self.drop_contaminated:
+            for name in ("eval_path", "ngram", "ngram_threshold"):
+                del settings[name]
+        return settings
+
 
 @dataclass
 class DataConfig:
@@ -122,7 +133,8 @@ class DataConfig:
     shared by every run with the same data and settings; `eval`, `logps` and `ref-drift` on their own data prepare
     in memory. Set, a store there made for other data or settings is refused, naming what differs."""
     rebuild: bool = False
-    """Replace a token store made for other data or settings (or damaged) instead of refusing it."""
+    """Replace a damaged token store, or one made for other data or settings in a directory named by cache_dir,
+    instead of refusing it. A store under the cache root is never rebuilt for other settings: they get their own."""
     shard_rows: int = 8192
     """Input rows per token-store shard: the unit of parallel work and of resumption when building it."""
     num_workers: int | None = None
@@ -148,7 +160,7 @@ class DataConfig:
         """The settings that decide which pairs there are and which tokens they get (not where they are stored, nor
         how fast); a filter as `filters.<name>`."""
         names = ("split", "format", "columns", "max_length", "truncation_mode")
-        filters = {f"filters.{name}": value for name, value in dataclasses.asdict(self.filters).items()}
+        filters = {f"filters.{name}": value for name, value in self.filters.shaping_settings().items()}
         return {**{name: getattr(self, name) for name in names}, **filters}
 
 
@@ -530,14 +542,25 @@ class TrainConfig:
         if self.loss.reference_free and self.reference.source != "copy":
             raise ConfigError("loss.loss_type=simpo is reference-free: leave reference.source at its default")
 
-    def data_parallel_size(self, ranks: int) -> int:
-        """Micro-batches per accumulation round over `ranks` ranks: ranks / sequence_parallel_size."""
+    def require_run_dir(self, command: str) -> str:
+        if not self.run_dir:
+            raise ConfigError(
+                f"run_dir is required by dpo-scale {command} (checkpoints, metrics and the resolved config go there): "
+                "set it in the config file or as run_dir=runs/NAME"
+            )
+        return self.run_dir
+
+    def data_parallel_size(self, ranks: int, allowed: set[int] | None = None) -> int:
+        """Micro-batches per accumulation round over `ranks` ranks: ranks / sequence_parallel_size. `allowed`: the
+        sizes the model allows (those whose heads Ulysses splits: sequence_parallel.check_sequence_parallel), so that
+        a refusal suggests only sizes that work; None: any."""
         size = self.sequence_parallel_size
         if ranks % size:
-            fits = [s for s in range(1, ranks + 1) if ranks % s == 0]
+            fits = [s for s in range(1, ranks + 1) if ranks % s == 0 and (allowed is None or s in allowed)]
+            launch_more = f", or launch a multiple of {size} ranks" if allowed is None or size in allowed else ""
             raise ConfigError(
-                f"sequence_parallel_size={size} does not divide the {ranks} ranks of this launch: use one of "
-                f"{', '.join(map(str, fits))}, or launch a multiple of {size} ranks"
+                f"sequence_parallel_size={size} does not divide the {ranks} ranks of this launch: use "
+                f"{'one of ' if len(fits) > 1 else ''}{', '.join(map(str, fits))}{launch_more}"
             )
         return ranks // size
 

@@ -1,6 +1,10 @@
 """`dpo-scale data-report`: what is in the preference data a run will train on, read from its token store (and its
 reference cache, when it has one) without tokenizing the training data again. The scan, the numbers, report.md
 and the PNGs are parts in data/report/.
+
+Contamination compares prompts whole, as the data holds them, on both sides: the store keeps the prompt tokens
+truncation cut (data/prompt_heads.py), so a training copy of an eval dialogue counts however short a window
+data.max_length leaves it, and held-out prompts cut to the same last token are not "the same prompt".
 """
 
 from __future__ import annotations
@@ -14,8 +18,7 @@ import numpy as np
 from dpo_scale.data.contamination import EvalPrompts
 from dpo_scale.data.report import figures, stats
 from dpo_scale.data.report.render import markdown
-from dpo_scale.data.report.scan import scan
-from dpo_scale.data.spans import span_starts
+from dpo_scale.data.report.scan import held_out_prompts, scan
 from dpo_scale.data.store import TokenStore
 from dpo_scale.io import atomic_open
 
@@ -25,11 +28,14 @@ if TYPE_CHECKING:
 
 def run_report(config: TrainConfig, out: str | Path, eval_path: str | None = None) -> dict:
     """Build or reuse the run's token store exactly as `train` does, then write the report into `out`. The eval
-    set: `eval_path`, else the run's held-out pairs (eval.every > 0), else none."""
+    set: `eval_path`, else the run's held-out pairs (eval.every > 0), else none. Every input path is checked
+    before anything is tokenized."""
     from dpo_scale.config import ConfigError
     from dpo_scale.data import load_prepared, run_tokenizer, split_held_out, store_directory
     from dpo_scale.data.filters import read_eval_prompts
+    from dpo_scale.data.prepare import check_input_paths, input_paths
 
+    check_input_paths({**input_paths(config.data), **({"--eval": eval_path} if eval_path else {})})
     tokenizer = run_tokenizer(config.data, config.model.path)
     store = load_prepared(config.data, tokenizer, store_directory(config.data, tokenizer, config.run_dir))
     if not isinstance(store, TokenStore):
@@ -41,9 +47,8 @@ def run_report(config: TrainConfig, out: str | Path, eval_path: str | None = Non
         eval_name = eval_path
     elif config.eval.every and config.eval.fraction:
         held_out = split_held_out(len(store.pairs), config.eval.fraction, config.seed)[1]
-        prompts = [store.pairs[int(p)] for p in held_out]
-        evals = _prompts(prompts, filters.ngram)
-        eval_sources, eval_name = [p.source for p in prompts], f"the run's held-out pairs (eval.fraction={config.eval.fraction})"
+        evals, eval_sources = held_out_prompts(store, held_out, filters.ngram)
+        eval_name = f"the run's held-out pairs (eval.fraction={config.eval.fraction})"
     margins = _reference(config, tokenizer, store) if config.reference.source == "cache" else None
     return report_store(store, out, config.data.path, config.data.max_length, evals, eval_sources, eval_name,
                         held_out, filters.ngram_threshold, margins)  # fmt: skip
@@ -80,12 +85,6 @@ def report_store(
     with atomic_open(out / "report.md") as handle:
         handle.write(markdown(report))
     return report
-
-
-def _prompts(pairs, n: int) -> EvalPrompts:
-    lengths = np.array([len(p.prompt_ids) for p in pairs], np.int64)
-    tokens = np.array([t for p in pairs for t in p.prompt_ids], np.int64)
-    return EvalPrompts.from_tokens(tokens, span_starts(lengths), lengths, n)
 
 
 def _reference(config: TrainConfig, tokenizer, store: TokenStore) -> tuple[np.ndarray, np.ndarray]:

@@ -21,23 +21,30 @@ import importlib.util
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from dpo_scale.config import ConfigError, EvalRunConfig, GenerationConfig, LossConfig, ModelConfig
+from dpo_scale.config import (
+    ConfigError, EvalRunConfig, GenerationConfig, LossConfig, ModelConfig, TrainConfig, build,
+)  # fmt: skip
 from dpo_scale.data import (
     Pair, PairView, load_prepared, load_tokenizer, padding_id, run_tokenizer, split_held_out, store_directory,
 )  # fmt: skip
+from dpo_scale.data.build import store_differences
+from dpo_scale.data.store import TokenStore, read_manifest
 from dpo_scale.hub import check_model_source
 from dpo_scale.io import atomic_open
 from dpo_scale.loss import build_preference_loss, preference_metrics
 from dpo_scale.model.generation import distinct_n, generate
 from dpo_scale.model.layout import collate
-from dpo_scale.model.wrapper import PairLogpsModel, check_attention_device, load_causal_lm
+from dpo_scale.model.wrapper import (
+    PairLogpsModel, PositionLimit, check_attention_device, load_causal_lm, position_limit,
+)  # fmt: skip
 from dpo_scale.reference.cache import open_cache
 from dpo_scale.reference.sources import CachedReference
-from dpo_scale.training.checkpoint import is_checkpoint
+from dpo_scale.training.checkpoint import is_checkpoint, saved_config
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 
@@ -49,16 +56,24 @@ def run_eval(config: EvalRunConfig) -> dict:
     check_model_source(config.policy, "policy", "give a run directory, one of its checkpoints or a model directory")
     if config.reference:
         check_model_source(config.reference, "reference", "give the model directory or hub id the policy started from")
-    policy, run = _load_policy(config.policy)
+    run = _run_config(config.policy)
     reference_path = config.reference or (run.model.path if run else None)
     if reference_path is None:
         raise ConfigError(f"policy={config.policy} is a model directory: set reference=DIR (the model it started from)")
+    limits = _position_limits(config, run, reference_path)
+    data_config = config.data or (run.data if run else None)
+    for limit in limits:
+        limit.check_max_length(data_config.max_length if data_config else None)
     tokenizer = run_tokenizer(run.data, run.model.path) if run else load_tokenizer(config.policy, "policy")
     reward_fn = load_reward_fn(config.generation.reward_fn) if config.generation.reward_fn else None
     pairs = _held_out_pairs(config, run, tokenizer)
+    prompts = _prompts(config.generation, pairs, tokenizer) if config.generation.num_prompts else []
+    for limit in limits:
+        limit.check_pairs(pairs)
+        limit.check_generation(prompts, config.generation.max_new_tokens, "generation.max_new_tokens")
     loss_config = config.loss or (run.loss if run else LossConfig())
 
-    policy = policy.to(device=device, dtype=dtype).eval()
+    policy = _load_policy(config.policy).to(device=device, dtype=dtype).eval()
     reference = load_causal_lm(ModelConfig(reference_path, dtype=config.dtype)).to(device).eval()
     result: dict = {
         "policy": config.policy, "reference": reference_path, "reference_cache": config.reference_cache,
@@ -72,7 +87,6 @@ def run_eval(config: EvalRunConfig) -> dict:
     result["preference"] = score_pairs(policy, reference, pairs, config, loss_config, tokenizer, device, cache)
     samples: list[dict] = []
     if config.generation.num_prompts:
-        prompts = _prompts(config.generation, pairs, tokenizer)
         result["generation"], samples = evaluate_generations(
             policy, reference, prompts, config.generation, config.logps, tokenizer, device, reward_fn
         )
@@ -89,21 +103,39 @@ def samples_path(out: str | Path) -> Path:
     return Path(out).with_suffix(".samples.md")
 
 
-def _load_policy(path: str) -> tuple[torch.nn.Module, object]:
-    """(model, the run's TrainConfig) for a run or checkpoint directory; (model, None) for a model directory."""
+def _is_run(path: str) -> bool:
+    return (Path(path) / "checkpoints").is_dir() or is_checkpoint(path)
+
+
+def _run_config(path: str) -> TrainConfig | None:
+    """The TrainConfig of a run or checkpoint directory, from its checkpoint's JSON (no weights read); None for a
+    model directory."""
+    from dpo_scale.training.trained_policy import latest_checkpoint
+
+    return build(TrainConfig, saved_config(latest_checkpoint(path))) if _is_run(path) else None
+
+
+def _load_policy(path: str) -> torch.nn.Module:
+    """The policy's weights: a run's latest checkpoint (LoRA merged), one checkpoint, or a model directory."""
     from dpo_scale.training.trained_policy import load_trained_policy
 
-    if (Path(path) / "checkpoints").is_dir() or is_checkpoint(path):
-        return load_trained_policy(path, merge_lora=True)
-    return load_causal_lm(ModelConfig(path)), None
+    return load_trained_policy(path, merge_lora=True)[0] if _is_run(path) else load_causal_lm(ModelConfig(path))
+
+
+def _position_limits(config: EvalRunConfig, run: TrainConfig | None, reference_path: str) -> list[PositionLimit]:
+    """The positions the policy and the reference take (one model's when both are the run's base), from their
+    config.json: eval refuses what either cannot score or sample before loading any weights."""
+    policy = run.model if run else ModelConfig(config.policy)
+    reference = ModelConfig(reference_path, dtype=config.dtype)
+    models = {model.path: model for model in (reference, policy)}  # one path: the run's settings win
+    return [position_limit(model) for model in models.values()]
 
 
 def _held_out_pairs(config: EvalRunConfig, run, tokenizer) -> list[Pair]:
     if config.data is not None:
         pairs = load_prepared(config.data, tokenizer, config.data.cache_dir).pairs
     elif run is not None and run.eval.every and run.eval.fraction:
-        directory = store_directory(run.data, tokenizer, run.run_dir)  # the run's store: its config records it
-        stored = load_prepared(run.data, tokenizer, directory).pairs
+        stored = _run_store(config.policy, run, tokenizer).pairs
         pairs = PairView(stored, split_held_out(len(stored), run.eval.fraction, run.seed)[1])
     else:
         raise ConfigError(
@@ -112,6 +144,25 @@ def _held_out_pairs(config: EvalRunConfig, run, tokenizer) -> list[Pair]:
             + ")"
         )
     return pairs[: config.num_pairs]
+
+
+def _run_store(policy: str, run, tokenizer) -> TokenStore:
+    """The token store the run trained on (its config names it), whose positions the held-out split picks; built
+    again in its own place under the cache root when it is gone. Never rebuilt or replaced here."""
+    data = replace(run.data, rebuild=False)
+    recorded = Path(data.cache_dir) if data.cache_dir else None
+    if recorded is None or read_manifest(recorded) is None:
+        data = replace(data, cache_dir=None)
+    directory = store_directory(data, tokenizer, run.run_dir)
+    differences = store_differences(directory, data, tokenizer)
+    if differences:
+        raise ConfigError(
+            f"policy={policy}: the token store the run trained on, {directory}, no longer matches the run's data and "
+            f"settings ({'; '.join(differences)}), so the pairs it held out cannot be picked out again. Fix: score "
+            "held-out pairs of your own with --data FILE, or restore the data the run trained on (its config.yaml "
+            "names it)"
+        )
+    return load_prepared(data, tokenizer, directory)
 
 
 @torch.no_grad()

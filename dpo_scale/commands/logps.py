@@ -13,15 +13,18 @@ from dpo_scale.config import LogpsRunConfig
 from dpo_scale.data import load_prepared, padding_id, run_tokenizer
 from dpo_scale.io import atomic_open
 from dpo_scale.model.layout import collate
-from dpo_scale.model.wrapper import PairLogpsModel, check_attention_device, load_causal_lm
+from dpo_scale.model.wrapper import PairLogpsModel, check_attention_device, load_causal_lm, position_limit
 
 
 def run_logps(config: LogpsRunConfig) -> dict[str, float]:
     """Write `config.out` and return counts: pairs, dropped, tokens computed and unique tokens."""
     check_attention_device(config.logps, torch.device("cpu"))  # this command computes on the CPU
+    positions = position_limit(config.model)
+    positions.check_max_length(config.data.max_length)
     tokenizer = run_tokenizer(config.data, config.model.path)
     data = load_prepared(config.data, tokenizer, config.data.cache_dir)
     print(data.summary(), flush=True)
+    positions.check_prepared(data)
     model = PairLogpsModel(load_causal_lm(config.model), config.logps).eval()
     pad_token_id = padding_id(tokenizer)
 

@@ -28,14 +28,15 @@ import torch
 from dpo_scale import distributed
 from dpo_scale.config import ConfigError, LogpsConfig, TrainConfig
 from dpo_scale.data import Pair, load_prepared, padding_id, run_tokenizer, store_directory
+from dpo_scale.distributed.sequence_parallel import check_sequence_parallel
 from dpo_scale.ds_config import AUTO, resolve_deepspeed_config
 from dpo_scale.io import atomic_open
 from dpo_scale.model.layout import collate
-from dpo_scale.model.wrapper import PairLogpsModel, check_attention_device, load_causal_lm
+from dpo_scale.model.wrapper import PairLogpsModel, check_attention_device, load_causal_lm, position_limit
 from dpo_scale.reference.cache import (
     FIELDS, MANIFEST, differences, fingerprint, shard_name, write_manifest, write_shard,
 )  # fmt: skip
-from dpo_scale.training.tracking import ProgressBar, print0
+from dpo_scale.training.tracking import ProgressBar, print0, print_line
 
 FINGERPRINT = "fingerprint.json"
 
@@ -55,6 +56,9 @@ def precompute(config: TrainConfig) -> Path:
 
 def _precompute(config: TrainConfig, world: distributed.World) -> Path:
     check_attention_device(config.logps, world.device)
+    check_sequence_parallel(config, world.size)
+    positions = position_limit(config.model)
+    positions.check_max_length(config.data.max_length)
     directory = Path(config.reference.cache_dir)
     replicas = config.data_parallel_size(world.size)
     sequence = distributed.init_groups(config.sequence_parallel_size)
@@ -63,6 +67,7 @@ def _precompute(config: TrainConfig, world: distributed.World) -> Path:
     tokenizer = run_tokenizer(config.data, config.model.path)
     data = load_prepared(config.data, tokenizer, store_directory(config.data, tokenizer, config.run_dir))
     print0(data.summary())
+    positions.check_prepared(data)
     made_for = fingerprint(config.model, config.data, tokenizer)
     if world.is_main:
         _claim(directory, made_for)
@@ -85,7 +90,7 @@ def _precompute(config: TrainConfig, world: distributed.World) -> Path:
         }  # fmt: skip
 
     forwards = sum(math.ceil(len(_shard(data.pairs, i, shard_size)) / batch_size) for i in mine)
-    progress = ProgressBar(len(mine), 0, config.logging.progress_bar)
+    progress = ProgressBar(len(mine), 0, config.logging.progress_bar, label="precompute-ref", unit="shard")
     with torch.no_grad():
         for done, index in enumerate(mine, start=1):
             pairs = _shard(data.pairs, index, shard_size)
@@ -136,7 +141,7 @@ def _reference(
     else:
         reference = distributed.load_model(config.model, ds_config)
         held, total = distributed.held_parameters(reference)
-        print(f"rank {world.rank}: holds {held:,} of the reference's {total:,} parameters", flush=True)
+        print_line(f"rank {world.rank}: holds {held:,} of the reference's {total:,} parameters")
     module = PairLogpsModel(reference, scoring, sequence=sequence)
     if ds_config is None:
         return module.to(world.device).eval(), module.length_multiple

@@ -10,7 +10,7 @@ from pathlib import Path
 from dpo_scale.config import ConfigError, DataConfig, LogpsConfig, ModelConfig
 from dpo_scale.data import load_prepared, padding_id, run_tokenizer
 from dpo_scale.io import atomic_open
-from dpo_scale.model.wrapper import check_attention_device, load_causal_lm
+from dpo_scale.model.wrapper import check_attention_device, load_causal_lm, position_limit
 from dpo_scale.reference.drift import DriftReport, measure_drift
 from dpo_scale.reference.nf4 import default_device, load_nf4_reference, nf4_memory
 
@@ -37,12 +37,15 @@ def run_drift(
     logps_config = logps_config or LogpsConfig()
     device = default_device()
     check_attention_device(logps_config, device)
+    positions = position_limit(model_config)
+    positions.check_max_length(data_config.max_length)
     tokenizer = run_tokenizer(data_config, model_path)
     data = load_prepared(data_config, tokenizer, data_config.cache_dir)
     print(data.summary(), flush=True)
     pairs = data.pairs[:num_pairs]
     if not pairs:
         raise ConfigError(f"data.path={data_config.path}: no pairs left after preparation to measure drift on")
+    positions.check_pairs(pairs)
     pad_token_id = padding_id(tokenizer)
 
     full = load_causal_lm(model_config).to(device).eval()

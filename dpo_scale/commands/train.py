@@ -24,12 +24,17 @@ import torch
 from dpo_scale import distributed
 from dpo_scale.config import ConfigError, GenerationConfig, TrainConfig, to_dict
 from dpo_scale.data import Pair, PairView, load_prepared, padding_id, run_tokenizer, split_held_out, store_directory
+from dpo_scale.data.build import store_differences
+from dpo_scale.data.store import read_manifest
+from dpo_scale.distributed.sequence_parallel import check_sequence_parallel
 from dpo_scale.ds_config import AUTO, resolve_deepspeed_config, shipped_config_for, single_process_advice
 from dpo_scale.io import atomic_open
 from dpo_scale.loss import build_preference_loss, preference_metrics
 from dpo_scale.model.generation import distinct_n, generate
 from dpo_scale.model.layout import collate
-from dpo_scale.model.wrapper import PairLogpsModel, add_lora, check_attention_device, enable_activation_checkpointing
+from dpo_scale.model.wrapper import (
+    PairLogpsModel, add_lora, check_attention_device, enable_activation_checkpointing, position_limit,
+)  # fmt: skip
 from dpo_scale.reference.cache import open_cache
 from dpo_scale.reference.drift import concatenate, drift_statistics
 from dpo_scale.reference.nf4 import NF4Reference, load_nf4_reference, nf4_memory
@@ -38,8 +43,7 @@ from dpo_scale.training import checkpoint
 from dpo_scale.training.failure_signs import FailureSigns
 from dpo_scale.training.run_files import STOP_REQUEST, set_aside_earlier_run
 from dpo_scale.training.sampler import StepSampler
-from dpo_scale.training.tracking import MetricsLog, ProgressBar, build_tracker, print0
-
+from dpo_scale.training.tracking import MetricsLog, ProgressBar, build_tracker, print0, print_line
 
 
 class NonFiniteError(RuntimeError):
@@ -92,8 +96,11 @@ def run(config: TrainConfig) -> list[dict]:
 
 
 def build(config: TrainConfig, world: distributed.World) -> Run:
+    check_sequence_parallel(config, world.size)
     config = config.for_world(world.size)
     check_attention_device(config.logps, world.device)
+    positions = position_limit(config.model)
+    positions.check_max_length(config.data.max_length)
     replicas = config.data_parallel_size(world.size)  # groups of sequence_parallel_size ranks share a micro-batch
     replica = world.rank // config.sequence_parallel_size
     _seed(config.seed)
@@ -104,19 +111,21 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
     config = replace(config, data=replace(config.data, cache_dir=str(store)))  # the saved config names the store read
     data = load_prepared(config.data, tokenizer, store)
     print0(data.summary())
+    positions.check_prepared(data)
     train_positions, eval_positions = split_held_out(
         len(data.pairs), config.eval.fraction if config.eval.every else 0.0, config.seed
     )
     train_pairs, eval_pairs = PairView(data.pairs, train_positions), PairView(data.pairs, eval_positions)
-    if config.eval.every and len(eval_pairs) < config.micro_batch_size * replicas:
+    if config.eval.every and not eval_pairs:
         raise ConfigError(
-            f"eval.fraction={config.eval.fraction} holds out {len(eval_pairs)} pairs, fewer than one evaluation "
-            f"round of {config.micro_batch_size * replicas}: raise eval.fraction or set eval.every=0"
+            f"eval.fraction={config.eval.fraction} holds out no pair of {len(data.pairs)}: raise eval.fraction or set "
+            "eval.every=0"
         )
-    unscored = len(eval_pairs) % (config.micro_batch_size * replicas)
-    if config.eval.every and unscored:
-        print0(f"evaluation runs whole rounds of micro_batch_size x data-parallel replicas: {unscored} held-out "
-               "pairs are not scored")  # fmt: skip
+    if config.eval.every and config.eval.generate_prompts:
+        positions.check_generation(
+            _generated_prompts(eval_pairs, config.eval.generate_prompts, world.size),
+            config.eval.generate_max_new_tokens, "eval.generate_max_new_tokens",
+        )  # fmt: skip
     sampler = StepSampler(
         len(train_pairs), config.micro_batch_size, config.gradient_accumulation_steps, replicas, config.seed
     )
@@ -138,8 +147,8 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
     sequence = distributed.init_groups(config.sequence_parallel_size, ds_config)
     if sequence.size > 1:
         node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()  # SLURM's name tells nodes of one host apart
-        print(f"rank {world.rank} on node {node}: sequence-parallel group {replica} "
-              f"(ranks {replica * sequence.size}-{(replica + 1) * sequence.size - 1})", flush=True)  # fmt: skip
+        print_line(f"rank {world.rank} on node {node}: sequence-parallel group {replica} "
+                   f"(ranks {replica * sequence.size}-{(replica + 1) * sequence.size - 1})")  # fmt: skip
     if latest is not None:  # before any model is loaded: a refused resume costs seconds, not a model load
         checkpoint.check_resumable(latest, config, world, (ds_config.get("zero_optimization") or {}).get("stage", 0))
     if config.deepspeed.config == AUTO:
@@ -165,7 +174,7 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
     if config.deepspeed.activation_checkpointing:
         enable_activation_checkpointing(policy)
     held, total = distributed.held_parameters(policy)
-    print(f"rank {world.rank}: holds {held:,} of the policy's {total:,} parameters", flush=True)
+    print_line(f"rank {world.rank}: holds {held:,} of the policy's {total:,} parameters")
     policy_module = PairLogpsModel(policy, config.logps, weighting=config.loss.use_weighting, sequence=sequence)
     distributed.register_lm_head(policy_module, policy)
     engine = distributed.training_engine(policy_module, ds_config, sequence)
@@ -211,13 +220,20 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
 
 
 def _token_store(config: TrainConfig, tokenizer, latest: Path | None) -> Path:
-    """data.cache_dir; when resuming without it, the store the checkpoint's run read (so a resumed run is refused,
-    not silently moved, when its data file has changed since); else the store's place under the cache root."""
-    if latest is not None and not config.data.cache_dir:
-        recorded = checkpoint.saved_config(latest)["data"].get("cache_dir")
-        if recorded:
-            return Path(recorded)
-    return store_directory(config.data, tokenizer, config.run_dir)
+    """data.cache_dir, else the store's place under the cache root. Resuming, first refuse (before anything is
+    built) a checkpoint trained on another model, data or settings, comparing with the store its run read: a
+    run_dir holding another run is never resumed, and that run's store never opened, with this run's data. Then
+    read that store while it exists (a data file touched since, its content unchanged, needs no new one)."""
+    if latest is None:
+        return store_directory(config.data, tokenizer, config.run_dir)
+    recorded = checkpoint.saved_config(latest)["data"].get("cache_dir")
+    trained_on = Path(recorded) if recorded and read_manifest(Path(recorded)) is not None else None
+    checkpoint.check_same_run(
+        latest, config, lambda: (store_differences(trained_on, config.data, tokenizer) or []) if trained_on else []
+    )
+    if config.data.cache_dir or trained_on is None:
+        return store_directory(config.data, tokenizer, config.run_dir)
+    return trained_on
 
 
 def train(state: Run) -> None:
@@ -282,18 +298,26 @@ def _stop_requested(state: Run) -> bool:
 
 @torch.no_grad()
 def evaluate(state: Run) -> dict[str, float]:
-    """The same metrics on the held-out pairs, each data-parallel replica taking every replicas-th micro-batch."""
+    """The same metrics on every held-out pair (what `dpo-scale eval` of the run scores), each data-parallel replica
+    taking every replicas-th micro-batch."""
     config, world = state.config, state.world
     sums: dict[str, torch.Tensor] = {}
     size, replicas = config.micro_batch_size, state.sampler.world_size
-    # every rank must run the same number of forwards (ZeRO-3 gathers weights collectively): whole rounds only
-    usable = len(state.eval_pairs) // (replicas * size) * (replicas * size)
-    for start in range(state.replica * size, usable, replicas * size):
-        pairs = state.eval_pairs[start : start + size]
-        batch = collate(pairs, config.logps, state.pad_token_id, state.length_multiple).to(world.device)
+    rounds = -(-len(state.eval_pairs) // (replicas * size))
+    for start in range(state.replica * size, rounds * replicas * size, replicas * size):
+        pairs = state.eval_pairs[start : start + size]  # the last round's may be short, or empty
+        # every rank runs the same number of forwards (ZeRO-3 gathers weights collectively): a replica past the
+        # last pair scores the first one again and keeps nothing of it
+        batch = collate(pairs or state.eval_pairs[:1], config.logps, state.pad_token_id, state.length_multiple)
+        batch = batch.to(world.device)
         policy = state.engine(batch)
         reference = state.reference.logps(batch) if state.reference else None
-        _accumulate(sums, preference_metrics(state.loss_fn(policy, reference), policy), batch)
+        scored = preference_metrics(state.loss_fn(policy, reference), policy)
+        if pairs:
+            _accumulate(sums, scored, batch)
+        else:  # zeros under every key: the all-reduce sums the same tensors on every rank
+            for key in [*scored, "pairs", "tokens", "unique_tokens"]:
+                sums.setdefault(key, torch.zeros((), device=world.device))
     metrics = _reduce(sums, state.sequence.size)
     if config.eval.generate_prompts:
         metrics.update(_generation_metrics(state))
@@ -306,7 +330,7 @@ def _generation_metrics(state: Run) -> dict[str, float]:
     number of prompts); rank 0 measures the diversity of all of them."""
     config, world = state.config, state.world
     per_rank = config.eval.generate_prompts // world.size
-    prompts = [p.prompt_ids for p in state.eval_pairs[: per_rank * world.size]][world.rank :: world.size]
+    prompts = _generated_prompts(state.eval_pairs, config.eval.generate_prompts, world.size)[world.rank :: world.size]
     settings = GenerationConfig(
         num_prompts=per_rank, samples_per_prompt=1, max_new_tokens=config.eval.generate_max_new_tokens,
         batch_size=config.micro_batch_size, seed=config.seed,
@@ -319,6 +343,11 @@ def _generation_metrics(state: Run) -> dict[str, float]:
         "generations/distinct_2": distinct_n(samples, 2),
         "generations/mean_length": sum(map(len, samples)) / max(len(samples), 1),
     }
+
+
+def _generated_prompts(eval_pairs: Sequence[Pair], generate_prompts: int, ranks: int) -> list[list[int]]:
+    """The held-out prompts evaluation samples from: the first eval.generate_prompts, as many for every rank."""
+    return [pair.prompt_ids for pair in eval_pairs[: generate_prompts // ranks * ranks]]
 
 
 def _accumulate(sums: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor], batch) -> None:

@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -45,11 +46,12 @@ from dpo_scale.data.fingerprint import (
 from dpo_scale.data.filters import filter_store
 from dpo_scale.data.formats import Format, input_format, normalise
 from dpo_scale.data.pairs import SIGNAL_REASONS, PreparedData
-from dpo_scale.data.prepare import check_not_empty, prepare
+from dpo_scale.data.prepare import check_input_paths, check_not_empty, input_paths, prepare
+from dpo_scale.data.prompt_heads import write_heads
 from dpo_scale.data.sources import Row, read_rows
 from dpo_scale.data.store import (
-    BUILD_CLAIM, TokenStore, filtered_name, mark_used, read_manifest, rows_name, shard_done, source_prefix,
-    token_dtype, write_manifest, write_shard,
+    BUILD_CLAIM, STORE_FORMAT, TokenStore, filtered_name, is_shared, mark_used, read_manifest, rows_name, shard_done,
+    source_prefix, token_dtype, write_manifest, write_shard,
 )  # fmt: skip
 from dpo_scale.io import atomic_open
 
@@ -68,8 +70,9 @@ def load_prepared(
     """The prepared pairs: the token store in `directory` (built if it is missing), or in memory when None."""
     if directory is None:
         return prepare(config, tokenizer)
+    check_input_paths(input_paths(config))  # before the store's directory is made
     store = open_or_build(config, tokenizer, Path(directory))
-    check_not_empty(config, store.summary(), len(store.pairs))
+    check_not_empty(config, store.summary(), len(store.pairs), store.drop_counts())
     if config.strict and any(store.drop_counts().get(reason) for reason in SIGNAL_REASONS):
         first = next(d for d in store.dropped if d.reason in SIGNAL_REASONS)
         raise no_signal_error(first.source, first.reason, config.max_length)
@@ -79,7 +82,9 @@ def load_prepared(
 def store_fingerprint(
     config: DataConfig, tokenizer: PreTrainedTokenizerBase, known_files: list[dict] | None = None
 ) -> dict[str, Any]:
-    """Everything that decides the stored tokens, one key per setting so a refusal can name the one that differs."""
+    """Everything that decides the stored tokens, one key per setting so a refusal can name the one that differs.
+    Refuses a missing input file first, naming its setting: the fingerprint describes every file preparation reads."""
+    check_input_paths(input_paths(config))
     files = data_files(config.path)
     root = Path(config.path)
     return {
@@ -103,6 +108,7 @@ def tokenizing_settings(config: DataConfig, tokenizer: PreTrainedTokenizerBase) 
         "tokenizer": tokenizer_digest(tokenizer),
         "chat_template": chat_template_digest(tokenizer),
         "dpo_scale_version": __version__,
+        "store_format": STORE_FORMAT,
         **{f"data.{name}": value for name, value in config.shaping_settings().items()},
         **({"data.filters.eval_files": describe_files(eval_files, Path(eval_path))} if eval_files else {}),
     }
@@ -151,17 +157,32 @@ def open_or_build(
         _build(config, tokenizer, directory, launch)
         manifest = _wait_for_manifest(directory, launch)
     differences = _differences_from(manifest["fingerprint"], config, tokenizer)
+    if differences and is_shared(directory):
+        raise ConfigError(
+            f"token store {directory}: made for other data or settings than this run's ({'; '.join(differences)}). "
+            f"It is shared by every run of its own data and settings, so it is never rebuilt for one run (not even "
+            "with data.rebuild=true). Fix: leave data.cache_dir unset (this run's data and settings get a store of "
+            "their own, under their own name), or set it to a directory of your own"
+        )
     if differences:
         raise ConfigError(
             f"data.cache_dir={directory}: the token store there was made for other data or settings than this "
-            f"run's ({'; '.join(differences)}). Fix: set data.rebuild=true to replace it, or point data.cache_dir "
-            "elsewhere"
+            f"run's ({'; '.join(differences)}). Fix: point data.cache_dir at another directory (or leave it unset: "
+            f"each data and settings get a store of their own), or set data.rebuild=true to replace the store in "
+            f"{directory}"
         )
     if launch.is_main and not built_now:
         print(f"token store {directory}: reusing it (built earlier for this data and these settings)", flush=True)
     if launch.is_main:
         mark_used(directory)
     return TokenStore(directory, manifest)
+
+
+def store_differences(directory: Path, config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> list[str] | None:
+    """What differs between the complete store in `directory` and the one `config` makes; None when there is no
+    complete store there. Builds nothing."""
+    manifest = read_manifest(directory)
+    return None if manifest is None else _differences_from(manifest["fingerprint"], config, tokenizer)
 
 
 def _differences_from(stored: dict[str, Any], config: DataConfig, tokenizer) -> list[str]:
@@ -173,19 +194,21 @@ def _differences_from(stored: dict[str, Any], config: DataConfig, tokenizer) -> 
 
 
 def _replace_if_stale(config: DataConfig, tokenizer, directory: Path, launch: Launch) -> None:
-    """data.rebuild: the first rank empties a directory whose store or build is for other settings, or is damaged;
-    the other ranks wait for its decision (a marker named for this launch) before they look."""
+    """data.rebuild: the first rank empties a directory whose store or build is for other settings, when a user
+    named it (a shared store is left for the refusal that follows), or whose store is damaged (its data is this
+    run's); the other ranks wait for its decision (a marker named for this launch) before they look."""
     decided = directory / f".rebuild-checked-{launch.token}"
     if not launch.is_main:
         _wait(lambda: decided.exists(), f"rank {launch.rank}: waiting for rank 0 to check {directory}")
         return
     manifest = read_manifest(directory)
     recorded = manifest or _read_claim(directory)
-    stale = recorded is not None and bool(
+    other = recorded is not None and bool(
         _differences_from(recorded["fingerprint"], config, tokenizer)
         or (manifest is None and recorded["shard_rows"] != config.shard_rows)  # only an unfinished build's matters
     )
-    if manifest is not None and not stale:
+    stale = other and not is_shared(directory)
+    if manifest is not None and not other:
         try:
             TokenStore(directory, manifest).verify()
         except ConfigError as damage:
@@ -216,10 +239,18 @@ def _claim(directory: Path, claim: dict[str, Any]) -> None:
     differences = fingerprint_differences(found["fingerprint"], claim["fingerprint"], "store")
     if found["shard_rows"] != claim["shard_rows"]:
         differences.append(f"data.shard_rows: store {found['shard_rows']}, this run {claim['shard_rows']}")
+    if differences and is_shared(directory):
+        raise ConfigError(
+            f"token store {directory}: an unfinished build there (by another process now, or interrupted) is for "
+            f"other settings than this run's ({'; '.join(differences)}). It is shared by every run of its data and "
+            "settings, so it is never replaced for one run. Fix: run with the settings it records (the process "
+            "that gets there first finishes it), or set data.cache_dir to a directory of your own"
+        )
     if differences:
         raise ConfigError(
             f"data.cache_dir={directory} holds an unfinished token store for other data or settings "
-            f"({'; '.join(differences)}). Fix: set data.rebuild=true to replace it, or point data.cache_dir elsewhere"
+            f"({'; '.join(differences)}). Fix: point data.cache_dir at another directory, or set data.rebuild=true "
+            f"to replace the unfinished store in {directory}"
         )
 
 
@@ -299,8 +330,9 @@ class ShardWriter:
 
     def __call__(self, shard: int, rows: list[Row]) -> int:
         examples = [normalise(row, self.fmt, self.config.columns) for row in rows]
-        pairs, dropped, cut = prepare_examples(examples, self.config, self.tokenizer)
-        write_shard(self.directory, shard, pairs, dropped, cut, self.dtype)
+        prepared = prepare_examples(examples, self.config, self.tokenizer)
+        write_heads(self.directory, shard, prepared.prompt_heads, self.dtype)  # before the rows file that completes it
+        write_shard(self.directory, shard, prepared.pairs, prepared.dropped, prepared.cut, self.dtype)
         return len(rows)
 
 
@@ -310,6 +342,9 @@ _worker_writer: ShardWriter | None = None
 def _start_worker(writer: ShardWriter) -> None:
     global _worker_writer
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: the pool is the parallelism
+    # Ctrl-C reaches the whole process group: the builder decides (its pool ends the workers), so a worker prints no
+    # traceback of its own; a shard it was writing is never renamed into place, the next build makes it again
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker_writer = writer
 
 

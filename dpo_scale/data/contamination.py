@@ -3,6 +3,13 @@
 The eval prompts' distinct n-grams are held sorted in memory (eval sets are small); training prompts stream past
 them a block (a store shard) at a time, so a million training pairs cost one pass and a few arrays per block.
 An eval prompt shorter than n tokens has no n-gram: it is matched only whole, by a training prompt equal to it.
+
+Contamination is about the data, not the window: both sides are whole prompts. Eval prompts are tokenized without
+data.max_length; training prompts are read with the tokens truncation cut from their start (data/prompt_heads.py).
+Compared as stored instead, keep_end hides a training copy of an eval dialogue behind its cut (HH-RLHF
+helpful-base as its own eval file, on stories260K's 512 positions: 1,922 of 2,352 pairs flagged, not all), and
+prompts cut to the same last token count as equal. The share stays one-sided (of the eval prompt's n-grams): a short,
+common training prompt found inside a long eval prompt is not flagged.
 """
 
 from __future__ import annotations

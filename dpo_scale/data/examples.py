@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from dpo_scale.config import DataConfig
@@ -15,7 +16,7 @@ from dpo_scale.data.errors import DataError
 from dpo_scale.data.formats import Example
 from dpo_scale.data.pairs import Dropped, DropReason, Pair
 from dpo_scale.data.tokenize import tokenize_examples
-from dpo_scale.data.truncation import missing_signal, truncate
+from dpo_scale.data.truncation import missing_signal, prompt_head, truncate
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -25,27 +26,38 @@ SIDES = ("prompt_ids", "chosen_ids", "rejected_ids")
 BATCH_SIZE = 1024
 
 
+@dataclass
+class PreparedBatch:
+    """What preparation keeps and drops of some examples, in input order, before `config.filters`."""
+
+    pairs: list[Pair] = field(default_factory=list)
+    dropped: list[Dropped] = field(default_factory=list)
+    cut: list[tuple[int, int, int]] = field(default_factory=list)
+    """The prompt, chosen and rejected tokens truncation cut from each kept pair."""
+    prompt_heads: list[list[int]] = field(default_factory=list)
+    """The prompt tokens truncation cut from the start of each kept pair's prompt: head + prompt_ids is the whole
+    prompt, which contamination compares (truncation.prompt_head)."""
+
+
 def prepare_examples(
     examples: Iterable[Example], config: DataConfig, tokenizer: PreTrainedTokenizerBase
-) -> tuple[list[Pair], list[Dropped], list[tuple[int, int, int]]]:
-    """Tokenize, truncate and drop-and-count: (kept pairs, dropped pairs, the prompt, chosen and rejected tokens
-    truncation cut from each kept pair), in input order. `config.filters` are not applied: they look at every
-    pair at once (filters.py)."""
-    pairs: list[Pair] = []
-    dropped: list[Dropped] = []
-    cut: list[tuple[int, int, int]] = []
+) -> PreparedBatch:
+    """Tokenize, truncate and drop-and-count. `config.filters` are not applied: they look at every pair at once
+    (filters.py)."""
+    prepared = PreparedBatch()
     for batch in _batches(examples, BATCH_SIZE):
         for whole in tokenize_examples(batch, tokenizer):
             pair = truncate(whole, config.max_length, config.truncation_mode)
             reason = missing_signal(pair)
             if reason is None:
-                pairs.append(pair)
-                cut.append(tuple(len(getattr(whole, side)) - len(getattr(pair, side)) for side in SIDES))
+                prepared.pairs.append(pair)
+                prepared.cut.append(tuple(len(getattr(whole, side)) - len(getattr(pair, side)) for side in SIDES))
+                prepared.prompt_heads.append(prompt_head(whole, pair))
             elif config.strict:
                 raise no_signal_error(pair.source, reason, config.max_length)
             else:
-                dropped.append(Dropped(pair.index, pair.source, reason))
-    return pairs, dropped, cut
+                prepared.dropped.append(Dropped(pair.index, pair.source, reason))
+    return prepared
 
 
 def no_signal_error(source: str, reason: DropReason, max_length: int | None) -> DataError:

@@ -5,6 +5,9 @@ preparation: over the pairs in memory (`prepare`), or, for the token store, in o
 that writes each shard's rows again with the filters' drops (`shard-k.filtered.npy`) before the manifest. Both go
 through `filter_reasons` on the same per-pair hashes, so the store and the in-memory path drop the same pairs. The
 shards' own files are never rewritten: a pass killed half-way is redone from them whole.
+
+Duplicates, contradictions and the length ratio look at the pairs as stored (what training sees); contamination
+looks at each prompt whole, before truncation (prompt_heads.py): it is about the data, not the window.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dpo_scale.data.contamination import EvalPrompts
 from dpo_scale.data.examples import prepare_examples
 from dpo_scale.data.formats import read_examples
 from dpo_scale.data.pairs import DROP_REASONS, Dropped, Pair
+from dpo_scale.data.prompt_heads import read_heads, whole_prompts
 from dpo_scale.data.spans import mix, span_hashes, span_starts
 from dpo_scale.data.store import KEPT, filtered_name, rows_name, tokens_name
 from dpo_scale.io import atomic_open
@@ -31,6 +35,11 @@ if TYPE_CHECKING:
 CONTRADICTORY, DUPLICATE, CONTAMINATED, LENGTH_RATIO = (
     1 + DROP_REASONS.index(name) for name in ("contradictory", "duplicate", "contaminated", "length_ratio")
 )
+FILTER_SETTINGS = {
+    "contradictory": "drop_contradictory", "duplicate": "drop_duplicates", "contaminated": "drop_contaminated",
+    "length_ratio": "max_length_ratio",
+}  # fmt: skip
+"""The data.filters setting behind each filter's drop reason."""
 
 
 def pair_keys(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -125,7 +134,7 @@ def read_eval_prompts(config: DataConfig, tokenizer: PreTrainedTokenizerBase, pa
     """The prompts of the preference file `path`, read and tokenized as data.path is but whole (no max_length),
     and each one's source (`eval.jsonl line 3`)."""
     settings = dataclasses.replace(config, path=path, max_length=None, strict=False, filters=FilterConfig())
-    pairs, _, _ = prepare_examples(read_examples(settings), settings, tokenizer)
+    pairs = prepare_examples(read_examples(settings), settings, tokenizer).pairs
     lengths = np.array([len(p.prompt_ids) for p in pairs], np.int64)
     tokens = np.fromiter(itertools.chain.from_iterable(p.prompt_ids for p in pairs), np.int64, int(lengths.sum()))
     return EvalPrompts.from_tokens(tokens, span_starts(lengths), lengths, n), [p.source for p in pairs]
@@ -141,9 +150,11 @@ def contaminated_mask(evals: EvalPrompts, tokens, prompt_starts, prompt_lengths,
 
 
 def filter_pairs(
-    pairs: list[Pair], dropped: list[Dropped], config: DataConfig, tokenizer: PreTrainedTokenizerBase
+    pairs: list[Pair], dropped: list[Dropped], prompt_heads: list[list[int]], config: DataConfig,
+    tokenizer: PreTrainedTokenizerBase,
 ) -> tuple[list[Pair], list[Dropped]]:
-    """The in-memory path: (pairs the filters keep, every dropped pair in input order)."""
+    """The in-memory path: (pairs the filters keep, every dropped pair in input order). `prompt_heads`: the tokens
+    truncation cut from the start of each pair's prompt."""
     if not config.filters.any or not pairs:
         return pairs, dropped
     lengths = np.array([[len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)] for p in pairs], np.int64)
@@ -153,7 +164,12 @@ def filter_pairs(
     contaminated = np.zeros(len(pairs), bool)
     if config.filters.drop_contaminated:
         evals, _ = read_eval_prompts(config, tokenizer, config.filters.eval_path, config.filters.ngram)
-        contaminated = contaminated_mask(evals, tokens, starts, lengths[:, 0], config.filters.ngram_threshold)
+        whole = [head + pair.prompt_ids for head, pair in zip(prompt_heads, pairs)]
+        whole_lengths = np.array([len(ids) for ids in whole], np.int64)
+        whole_tokens = np.fromiter(itertools.chain.from_iterable(whole), np.int64, int(whole_lengths.sum()))
+        contaminated = contaminated_mask(
+            evals, whole_tokens, span_starts(whole_lengths), whole_lengths, config.filters.ngram_threshold
+        )
     reasons = filter_reasons(block_hashes(tokens, starts, lengths), lengths, contaminated, config.filters)
     kept = [pair for pair, reason in zip(pairs, reasons) if reason == KEPT]
     filtered = [Dropped(p.index, p.source, DROP_REASONS[r - 1]) for p, r in zip(pairs, reasons) if r != KEPT]
@@ -162,8 +178,8 @@ def filter_pairs(
 
 def filter_store(config: DataConfig, tokenizer: PreTrainedTokenizerBase, directory: Path, num_shards: int) -> None:
     """Write `filtered_name(k)` for every shard: its rows with the filters' drops, kept pairs first in input order,
-    then every dropped row in input order. Two passes over the shards' rows, one over their tokens; holds 56
-    bytes per pair (three hashes, three lengths and the contamination flag)."""
+    then every dropped row in input order. Two passes over the shards' rows, one over their tokens (and prompt
+    heads, for contamination); holds 56 bytes per pair (three hashes, three lengths and the contamination flag)."""
     from tqdm import tqdm
 
     evals = None
@@ -176,7 +192,9 @@ def filter_store(config: DataConfig, tokenizer: PreTrainedTokenizerBase, directo
         hashes.append(block_hashes(tokens, kept[:, 3], kept[:, 4:7]))
         lengths.append(kept[:, 4:7])
         if evals is not None:
-            mask = contaminated_mask(evals, tokens, kept[:, 3], kept[:, 4], config.filters.ngram_threshold)
+            prompts = whole_prompts(tokens, read_heads(directory, shard), rows, np.flatnonzero(rows[:, 2] == KEPT))
+            mask = contaminated_mask(evals, *prompts, config.filters.ngram_threshold)
+            del prompts  # may be views of the shard's mapped tokens
         else:
             mask = np.zeros(len(kept), bool)
         contaminated.append(mask)

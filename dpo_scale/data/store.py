@@ -6,6 +6,7 @@
         shard-00000.rows.npy      (rows, 10) int64, one line per input row (ROW_FIELDS): the kept pairs first, in
                                   input order, then the dropped rows with their reason
         shard-00000.filtered.npy  only with data.filters: the rows file with the filters' drops (filters.py)
+        shard-00000.prompt-heads.npy  the prompt tokens truncation cut from each kept pair (prompt_heads.py)
         ...
         manifest.json             fingerprint, counts, and every file's size and sha256: written last
         last-used                 empty; touched whenever a process opens the store (for the listing)
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,19 @@ ROW_FIELDS = ("index", "location", "reason", "start", "prompt", "chosen", "rejec
 pair, else 1 + its position in DROP_REASONS; start: offset of its tokens in the shard; then the three lengths, and
 the tokens truncation cut from each (for `data-report`)."""
 KEPT = 0
+STORE_FORMAT = 2
+"""In every store's fingerprint, so a store written by code that laid its files out otherwise is never opened, and a
+new one is built under its own name beside it. 2: the prompt heads file."""
+
+
+SHARED_NAME = re.compile(r"[A-Za-z0-9._-]*-[0-9a-f]{16}")
+"""How cache.store_name names a store: `<data name>-<16 hex digits of its data and settings>`."""
+
+
+def is_shared(directory: str | Path) -> bool:
+    """A store named for its data and settings (cache.py), which every run of them opens, whatever directory named
+    it: it is never rebuilt for one run's sake, unlike a directory a user named with data.cache_dir."""
+    return SHARED_NAME.fullmatch(Path(directory).name) is not None
 
 
 def tokens_name(shard: int) -> str:
@@ -56,6 +71,10 @@ def rows_name(shard: int) -> str:
 
 def filtered_name(shard: int) -> str:
     return f"shard-{shard:05d}.filtered.npy"
+
+
+def heads_name(shard: int) -> str:
+    return f"shard-{shard:05d}.prompt-heads.npy"
 
 
 def shard_done(directory: Path, shard: int) -> bool:
@@ -74,7 +93,8 @@ def write_shard(
     """The shard's two files, each written aside and renamed; the rows file last, so it marks the shard complete.
     `cut`: the tokens truncation removed from each pair's prompt, chosen and rejected. Equal inputs give
     byte-identical files, whichever process writes them."""
-    lengths = np.array([[len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)] for p in pairs], np.int64)
+    lengths = [[len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)] for p in pairs]
+    lengths = np.array(lengths, np.int64).reshape(-1, 3)  # (pairs, 3), also when every row of the shard was dropped
     starts = np.concatenate([[0], np.cumsum(lengths.sum(axis=1))[:-1]]).astype(np.int64)
     sequences = (ids for p in pairs for ids in (p.prompt_ids, p.chosen_ids, p.rejected_ids))
     flat = list(itertools.chain.from_iterable(sequences))
@@ -83,7 +103,7 @@ def write_shard(
     rows[: len(pairs), 0] = [p.index for p in pairs]
     rows[: len(pairs), 1] = [_location(p.source) for p in pairs]
     rows[: len(pairs), 3] = starts
-    rows[: len(pairs), 4:7] = lengths.reshape(-1, 3)
+    rows[: len(pairs), 4:7] = lengths
     rows[: len(pairs), 7:] = np.array(cut, np.int64).reshape(-1, 3)
     rows[len(pairs) :, 0] = [d.index for d in dropped]
     rows[len(pairs) :, 1] = [_location(d.source) for d in dropped]
@@ -117,7 +137,7 @@ def write_manifest(
         shards.append({
             "rows": len(rows), "pairs": int(reasons[KEPT]),
             "dropped": {reason: int(n) for reason, n in zip(DROP_REASONS, reasons[1:])},
-            "files": [_describe(directory / name) for name in (tokens_name(shard), rows_file(shard))],
+            "files": [_describe(directory / name) for name in (tokens_name(shard), rows_file(shard), heads_name(shard))],
         })  # fmt: skip
     manifest = {**build, "fingerprint": fingerprint, "shards": shards}
     with atomic_open(directory / MANIFEST) as handle:
@@ -161,8 +181,9 @@ class TokenStore:
 
     def _damaged(self, name: str, problem: str) -> str:
         return (
-            f"token store {self.directory}: {name} {problem} since the store was built; rebuild it with "
-            "data.rebuild=true (or delete the directory)"
+            f"token store {self.directory}: {name} {problem} since the store was built (damaged, or changed by "
+            f"hand). Fix: delete {self.directory} (the next command that needs it builds it again from the data), or "
+            "add data.rebuild=true to the train, prepare-data or precompute-ref command that reads it"
         )
 
     def drop_counts(self) -> dict[DropReason, int]:
@@ -193,9 +214,9 @@ class TokenStore:
         """(tokens, rows) of a shard, memory-mapped, unchecked and not kept open: for one pass over every shard,
         whose mapped pages are released with the arrays."""
         # allow_pickle=False: a store from elsewhere can hold only plain arrays, never code
+        tokens, rows = self.manifest["shards"][shard]["files"][:2]  # then the prompt heads (prompt_heads.py)
         return tuple(  # type: ignore[return-value]
-            np.load(self.directory / entry["name"], mmap_mode="r", allow_pickle=False)
-            for entry in self.manifest["shards"][shard]["files"]
+            np.load(self.directory / entry["name"], mmap_mode="r", allow_pickle=False) for entry in (tokens, rows)
         )
 
     def pair(self, position: int) -> Pair:

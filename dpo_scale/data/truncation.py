@@ -10,6 +10,10 @@ The shared prompt is what lets a prefix-shared forward compute it once for chose
   something; completions that still do not fit are then cut at their end. TRL's keep_end instead cuts each
   sequence's start independently, so the shorter sequence may keep more of the prompt than the longer one and
   the two no longer share a prompt.
+
+A kept pair's prompt is always the end of its whole prompt: keep_end cuts the start, and keep_start cuts a prompt
+only when it fills max_length, which leaves no completion (the pair is dropped). `prompt_head` is the part cut
+away, which the store keeps for contamination (prompt_heads.py): that compares the data, not the window.
 """
 
 from __future__ import annotations
@@ -44,6 +48,12 @@ def keep_end(
         prompt_ids = prompt_ids[len(prompt_ids) - kept:]
     room = max_length - len(prompt_ids)
     return prompt_ids, chosen_ids[:room], rejected_ids[:room]
+
+
+def prompt_head(whole: Pair, truncated: Pair) -> list[int]:
+    """The tokens truncation cut from the start of the prompt: head + truncated.prompt_ids == whole.prompt_ids for
+    every pair that keeps a completion."""
+    return whole.prompt_ids[: len(whole.prompt_ids) - len(truncated.prompt_ids)]
 
 
 def missing_signal(pair: Pair) -> DropReason | None:

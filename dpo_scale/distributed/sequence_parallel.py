@@ -27,7 +27,8 @@ from deepspeed.module_inject.layers import ColumnParallel, RowParallel
 from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
 from torch import nn
 
-from dpo_scale.config import ConfigError
+from dpo_scale.config import ConfigError, TrainConfig
+from dpo_scale.model.wrapper import read_text_config
 from dpo_scale.model.unit_attention import ModelKernel
 
 
@@ -67,9 +68,9 @@ class SequenceGroup:
 
 def init_groups(size: int, ds_config: dict | None = None) -> SequenceGroup:
     """Create the sequence-parallel groups (consecutive ranks) and DeepSpeed's data x sequence group; after
-    `distributed.init` (and TrainConfig.data_parallel_size's check that `size` divides the world), before any
-    engine. `size` 1 creates nothing. `ds_config`: the training engine's, whose gradient reduction the group's
-    sum must match (None: forward only).
+    `distributed.init` (and `check_sequence_parallel`: `size` divides the world and splits the model's heads),
+    before any engine. `size` 1 creates nothing. `ds_config`: the training engine's, whose gradient reduction the
+    group's sum must match (None: forward only).
 
     DeepSpeed 0.19.8 divides the gradients it reduces by the data-parallel degree (ranks / SP) in stages 0-2 and
     in ZeRO-3's all-reduce path, but by all ranks in ZeRO-3's reduce-scatter (its default): there the group's
@@ -96,22 +97,40 @@ def release_groups() -> None:
     sequence_parallel_state._release_sequence_parallel_groups()
 
 
-def check_heads(model: nn.Module, size: int) -> None:
-    """Ulysses hands each rank heads/SP query heads; KV heads split the same way or, fewer than SP, are replicated.
-    Refuse, when the run is built, a model whose head counts allow neither, naming the sizes that work."""
-    if size == 1:
+def splits_heads(config, size: int) -> bool:
+    """Whether Ulysses can split the heads of `config` (a transformers text config) over `size` ranks: each rank gets
+    heads/SP query heads; key/value heads split the same way or, fewer than SP, are replicated."""
+    heads, kv_heads = _head_counts(config)
+    return heads % size == 0 and (kv_heads % size == 0 or size % kv_heads == 0)
+
+
+def check_sequence_parallel(config: TrainConfig, ranks: int) -> None:
+    """Refuse, before any model loads (its config.json is read, not its weights), a sequence_parallel_size that does
+    not divide this launch's ranks or whose heads Ulysses cannot split, naming the sizes that pass both."""
+    if config.sequence_parallel_size == 1:
         return
-    config = model.config.get_text_config()
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    if heads % size == 0 and (kv_heads % size == 0 or size % kv_heads == 0):
+    model = read_text_config(config.model)
+    config.data_parallel_size(ranks, allowed={size for size in range(1, ranks + 1) if splits_heads(model, size)})
+    check_heads(model, config.sequence_parallel_size, ranks)
+
+
+def check_heads(config, size: int, ranks: int) -> None:
+    """Refuse a `size` whose heads Ulysses cannot split (see `splits_heads`), naming the sizes that can and that
+    divide the `ranks` of this launch."""
+    if splits_heads(config, size):
         return
-    fits = [s for s in range(1, heads + 1) if heads % s == 0 and (kv_heads % s == 0 or s % kv_heads == 0)]
+    heads, kv_heads = _head_counts(config)
+    fits = [s for s in range(1, ranks + 1) if ranks % s == 0 and splits_heads(config, s)]
     raise ConfigError(
-        f"sequence_parallel_size={size}: {type(model).__name__} has {heads} query heads and {kv_heads} key/value "
-        f"heads; Ulysses needs the query heads divisible by it and the key/value heads divisible by it or dividing it. "
-        f"Sizes that work for this model: {', '.join(map(str, fits))}"
+        f"sequence_parallel_size={size}: the model ({config.model_type}) has {heads} query heads and {kv_heads} "
+        "key/value heads; Ulysses needs the query heads divisible by it and the key/value heads divisible by it or "
+        f"dividing it. Sizes that work for this model on {ranks} ranks: {', '.join(map(str, fits))}"
     )
+
+
+def _head_counts(config) -> tuple[int, int]:
+    heads = config.num_attention_heads
+    return heads, getattr(config, "num_key_value_heads", None) or heads
 
 
 def _no_mask(*args, **kwargs) -> None:
@@ -156,7 +175,7 @@ def install_ulysses(model: nn.Module, sequence: SequenceGroup) -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    check_heads(model, sequence.size)
+    check_heads(model.config.get_text_config(), sequence.size, torch.distributed.get_world_size())
     inner = model.config._attn_implementation
     name = f"dpo_scale_ulysses_{inner}_{id(model)}"
     AttentionInterface.register(name, _UlyssesAttention(model, inner, sequence))

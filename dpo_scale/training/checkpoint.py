@@ -36,6 +36,7 @@ import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -155,6 +156,48 @@ def check_resumable(path: Path, config: TrainConfig, world: World, zero_stage: i
             f"only as it was written: resume once with deepspeed.config={saved_ds} on {ranks or 'any number of'} "
             "ranks (its next checkpoint is portable), or start a new run_dir"
         )
+
+
+def check_same_run(path: Path, config: TrainConfig, data_differences: Callable[[], list[str]]) -> None:
+    """Refuse, before anything is built or loaded, to resume checkpoint `path` with another model, data or data
+    settings than it was trained with: its run_dir holds another run (or the data changed under it), and resuming
+    would train that run on this config's data. `data_differences` compares the token store the checkpoint's run
+    read with this run's data (asked only when the configs agree: it finds an edited data file or tokenizer)."""
+    saved, ours = saved_config(path), to_dict(config)
+    keys = ["model.path", "data.path", *(f"data.{name}" for name in config.data.shaping_settings())]
+    differences = [
+        f"{key}: checkpoint {_shown(before)}, this run {_shown(now)}"
+        for key in keys
+        if not _same_setting(key, before := _lookup(saved, key), now := _lookup(ours, key))
+    ] or data_differences()
+    if differences:
+        run_dir = Path(config.run_dir)
+        raise ConfigError(
+            f"run_dir={run_dir} holds a run trained on another model, data or settings than this run's: its "
+            f"checkpoint {path.name} differs in {'; '.join(differences)}. Resuming it (checkpoint.resume=auto) "
+            "would continue that run with this run's model and data. Fix: train into another run_dir, or set "
+            f"checkpoint.resume=never to start afresh here (the earlier run's files move aside into "
+            f"{run_dir / 'previous-runs'}/N; its token store stays as it is), or resume it with the model, data and "
+            "settings it was trained with"
+        )
+
+
+def _lookup(tree: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def _same_setting(key: str, before: Any, now: Any) -> bool:
+    """Paths are the same when they name the same place, however written."""
+    if before == now:
+        return True
+    paths = key in ("model.path", "data.path", "data.filters.eval_path") and isinstance(before, str)
+    return paths and isinstance(now, str) and Path(before).expanduser().resolve() == Path(now).expanduser().resolve()
+
+
+def _shown(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def restore(engine, path: Path, world: World) -> int:

@@ -4,7 +4,10 @@ A run with `checkpoint.resume=never` in a directory holding an earlier run's fil
 earlier `metrics.jsonl` (the same step numbers twice, which plots and sweep summaries then mix) and leave the old
 checkpoints to be resumed from later. So the earlier run's files are moved aside, whole, into
 `run_dir/previous-runs/N` (N = 1, 2, ... in order) before the new run writes anything. Other files in the directory
-(a token store, the user's own) stay where they are.
+(the user's own, a token store) stay where they are. That includes `run_dir/token-stores`, where stores go when no
+cache root is writable: each store there is named for its data and settings (data/cache.py), so the new run
+reuses one only for the same data and settings and builds its own beside it otherwise, and the earlier run's
+config, which names its store by that path, still finds it.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,10 +23,20 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def print_line(text: str) -> None:
+    """`text` and its newline in one write, flushed, so that lines ranks print at the same moment arrive whole.
+    `print` writes the text and the newline separately, and the deepspeed launcher runs its ranks unbuffered
+    (`python -u`), where each write reaches the shared output at once: two ranks' lines ran together, their newlines
+    after them. One write of a line under the pipe's atomic size (4 KiB) is never split."""
+    sys.stdout.write(f"{text}\n")
+    sys.stdout.flush()
+
+
 def print0(*args: Any) -> None:
-    """`print` on rank 0 only, flushed at once so the lines of a multi-node log arrive in order."""
+    """`print` on rank 0 only, as one write (`print_line`), flushed at once so the lines of a multi-node log arrive
+    in order."""
     if is_main_process():
-        print(*args, flush=True)
+        print_line(" ".join(map(str, args)))
 
 
 class MetricsLog:
@@ -143,17 +154,20 @@ def stop_tqdm_monitor() -> None:
 
 
 class ProgressBar:
-    """tqdm over optimizer steps on rank 0 (off on other ranks or when `enabled` is False).
+    """tqdm on rank 0 (off on other ranks or when `enabled` is False), labelled for the work it counts: training's
+    optimizer steps by default, precompute-ref's shards.
 
     Starts at `initial` so a resumed run shows its true position.
     """
 
-    def __init__(self, total_steps: int, initial: int = 0, enabled: bool = True):
+    def __init__(
+        self, total_steps: int, initial: int = 0, enabled: bool = True, label: str = "train", unit: str = "step"
+    ):
         self._bar = None
         if enabled and is_main_process():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+            self._bar = tqdm(total=total_steps, initial=initial, desc=label, unit=unit, dynamic_ncols=True)
 
     def update(self, step: int, metrics: Mapping[str, float]) -> None:
         """Move to `step`; show the loss, reward accuracy and margin of `metrics` if it has them (the loop passes

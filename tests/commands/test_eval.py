@@ -57,6 +57,30 @@ def test_eval_of_a_run_reproduces_its_last_training_eval(trained_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_training_scores_every_held_out_pair_and_eval_of_the_run_reports_the_same(material, tmp_path):
+    """24 held-out pairs on 2 ranks of micro-batch 5: rounds of 10, the last one 4 pairs on replica 0 and none on
+    replica 1, which still runs its forwards (ZeRO-3 gathers weights collectively) and keeps nothing. Training used
+    to score whole rounds only (20 pairs, "4 held-out pairs are not scored") while `dpo-scale eval --policy RUN`
+    scored all 24. Now both score all 24 and report the same loss: per-pair means of the same values, batched
+    differently, so only fp32 rounding differs (1e-5)."""
+    run_dir = tmp_path / "run"
+    tree = base_config(material, run_dir, micro_batch_size=5, max_steps=4, eval={"every": 2, "fraction": 0.25})
+    trained = train(tree, ranks=2)
+    assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-3000:]
+    assert "not scored" not in trained.stdout
+    logged = train_metrics(run_dir, split="eval")
+    assert [row["pairs"] for row in logged] == [24.0, 24.0]
+    out = tmp_path / "eval.json"
+    evaluated = subprocess.run([DPO_SCALE, "eval", "--policy", str(run_dir), "--out", str(out),
+                                "generation.num_prompts=0"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    scored = json.loads(out.read_text())["preference"]
+    assert scored["pairs"] == 24
+    for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert scored[key] == pytest.approx(logged[-1][key], abs=1e-5), key
+
+
+@pytest.mark.slow
 def test_eval_against_a_reference_cache_matches_the_reference_model(trained_run, tmp_path):
     """The cache made by precompute-ref for the run's config gives the held-out metrics the reference model gives
     (fp32 rounding across batch compositions only); a cache for other data is refused by its fingerprint."""
@@ -73,8 +97,8 @@ def test_eval_against_a_reference_cache_matches_the_reference_model(trained_run,
     for key, value in online["preference"].items():
         assert cached["preference"][key] == pytest.approx(value, abs=1e-5), key
     other_data = {**settings, "out": str(tmp_path / "x.json"), "reference_cache": str(tmp_path / "cache"),
-                  "data": {"path": config["data"]["path"], "max_length": 200}}  # fmt: skip
-    with pytest.raises(ConfigError, match="data.max_length: cache null, this run 200"):
+                  "data": {"path": config["data"]["path"], "max_length": 100}}  # fmt: skip
+    with pytest.raises(ConfigError, match="data.max_length: cache null, this run 100"):
         run_eval(build(EvalRunConfig, other_data))
 
 

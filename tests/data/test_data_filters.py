@@ -1,7 +1,10 @@
 """data.filters drop exactly the planted pairs, the same in memory and in the token store, counted by reason; a
 store built with other filters is refused; the span hashes and n-gram shares equal what plain Python computes."""
 
+import gzip
 import json
+import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -9,10 +12,15 @@ import pytest
 from dpo_scale.cli import main
 from dpo_scale.commands.demo import write_demo_material
 from dpo_scale.config import ConfigError, DataConfig, FilterConfig
+from dpo_scale.data import DataError, load_prepared, load_tokenizer, prepare, store_directory
+from dpo_scale.data.build import store_fingerprint
+from dpo_scale.data.contamination import EvalPrompts
 from dpo_scale.data import load_prepared, prepare
 from dpo_scale.data import spans
 from dpo_scale.data.contamination import EvalPrompts
 from dpo_scale.data.spans import ngram_hashes, span_hashes
+from dpo_scale.commands.demo import write_demo_material
+from launch import DPO_SCALE
 
 PARAGRAPH = "the committee met on a rainy tuesday to weigh the harbour plan"  # 62 bytes: 50 byte 13-grams
 ROWS = 80
@@ -268,3 +276,111 @@ def test_span_helpers_and_training_prompts_shorter_than_n():
     assert len(hits.entries) == 0 and not hits.equal_short.any()
     train, evaluated, shares = evals.shares(hits, 2)
     assert len(train) == len(evaluated) == len(shares) == 0
+
+
+def _dialogues(path, rows: int, long_answers: tuple[int, ...] = ()) -> None:
+    """Prompts of about 140 bytes of random words, each its own; rows in `long_answers` have a 63-token rejected
+    answer, so that keep_end at data.max_length=64 leaves their prompt one token."""
+    rng = np.random.default_rng(0)
+    words = "harbour plan rainy tuesday committee weather lantern copper violin meadow orbit pickle".split()
+    lines = []
+    for i in range(rows):
+        prompt = "Human: " + " ".join(rng.choice(words, 20).tolist())[:130] + f" {i} Assistant:"
+        answer = f"sure {i}" if i not in long_answers else f"{i:>3} " + "a long answer " * 5
+        lines.append({"prompt": prompt, "chosen": answer[:61], "rejected": answer[:61][::-1] + "!"})
+    path.write_text("".join(json.dumps(row) + "\n" for row in lines))
+
+
+@pytest.mark.parametrize(("mode", "max_length"), [("keep_end", 64), ("keep_start", 200)])
+def test_a_training_file_used_as_its_own_eval_file_is_contaminated_whole_under_truncation(
+    tmp_path, byte_tokenizer, mode, max_length
+):
+    """Contamination compares prompts whole, before truncation: keep_end cuts every prompt here to under half of
+    it (and rows 3 and 7 to one token), and still every pair is flagged, in memory and in the store. (Compared as
+    stored, none was.) keep_start keeps a kept pair's prompt whole by construction."""
+    data = tmp_path / "pairs.jsonl"
+    _dialogues(data, 12, long_answers=(3, 7))
+    filters = FilterConfig(drop_contaminated=True, eval_path=str(data), drop_duplicates=True)
+    config = DataConfig(str(data), max_length=max_length, truncation_mode=mode, shard_rows=5, num_workers=1,
+                        filters=filters)  # fmt: skip
+    unfiltered = prepare(DataConfig(str(data), max_length=max_length, truncation_mode=mode), byte_tokenizer)
+    assert len(unfiltered.pairs) == 12
+    if mode == "keep_end":
+        assert all(len(p.prompt_ids) < 60 for p in unfiltered.pairs)
+        assert [len(unfiltered.pairs[i].prompt_ids) for i in (3, 7)] == [1, 1]
+    message = r"data.filters dropped all 12 pairs that preparation kept \(contaminated: 12\)"
+    with pytest.raises(DataError, match=message):
+        prepare(config, byte_tokenizer)
+    with pytest.raises(DataError, match=message):
+        load_prepared(config, byte_tokenizer, tmp_path / "store")
+
+
+def test_contamination_in_the_store_equals_memory_with_cut_prompts_and_other_filters(tmp_path, byte_tokenizer):
+    """An eval file holding rows 0-5 of the training file (whole, untruncated) and a stranger: exactly those six
+    are contaminated, in memory and in the store, whose shards also drop duplicates (the filtered rows file
+    reorders rows: the prompt heads must still be found)."""
+    data, evaluation = tmp_path / "pairs.jsonl", tmp_path / "eval.jsonl"
+    _dialogues(data, 14, long_answers=(2,))
+    rows = data.read_text().splitlines()
+    data.write_text("\n".join(rows + [rows[9], rows[1]]) + "\n")  # rows 14 and 15 copy rows 9 and 1
+    evaluation.write_text("\n".join(rows[:6] + ['{"prompt": "Human: hi", "chosen": "a", "rejected": "b"}']) + "\n")
+    filters = FilterConfig(drop_contaminated=True, eval_path=str(evaluation), drop_duplicates=True)
+    config = DataConfig(str(data), max_length=64, truncation_mode="keep_end", shard_rows=4, num_workers=1,
+                        filters=filters)  # fmt: skip
+    memory = prepare(config, byte_tokenizer)
+    assert _dropped_by_reason(memory) == {"contaminated": {0, 1, 2, 3, 4, 5}, "duplicate": {14, 15}}
+    store = load_prepared(config, byte_tokenizer, tmp_path / "store")
+    assert store.dropped == memory.dropped and list(store.pairs) == memory.pairs
+
+
+def test_filters_that_drop_every_pair_are_named_as_the_cause(files, byte_tokenizer, tmp_path):
+    """Not 'raise data.max_length': which filters dropped how many, in memory and from the store."""
+    data, _ = files
+    config = DataConfig(str(data), shard_rows=16, num_workers=1,
+                        filters=FilterConfig(drop_contaminated=True, eval_path=str(data), drop_duplicates=True))  # fmt: skip
+    message = (
+        rf"{data}: no pair is left to train on \(80 rows: 0 pairs kept, 80 dropped \(contaminated: 78, duplicate: 2\)\)"
+        r": data.filters dropped all 80 pairs that preparation kept \(duplicate: 2, contaminated: 78\). Fix: check or "
+        r"turn off data.filters.drop_duplicates and data.filters.drop_contaminated$"
+    )
+    with pytest.raises(DataError, match=message):
+        prepare(config, byte_tokenizer)
+    with pytest.raises(DataError, match=message):
+        load_prepared(config, byte_tokenizer, tmp_path / "store")
+
+
+def test_the_eval_file_makes_no_new_store_unless_drop_contaminated_reads_it(files, byte_tokenizer, tmp_path):
+    """eval_path, ngram and ngram_threshold (read by `data-report --eval` too) are in the store's fingerprint and
+    name only with drop_contaminated."""
+    data, evaluation = files
+    plain = DataConfig(str(data))
+    unused = DataConfig(str(data), filters=FilterConfig(eval_path=str(evaluation), ngram=8, ngram_threshold=0.3))
+    used = DataConfig(str(data), filters=FilterConfig(eval_path=str(evaluation), drop_contaminated=True))
+    names = [store_directory(config, byte_tokenizer, tmp_path) for config in (plain, unused, used)]
+    assert names[0] == names[1] != names[2]
+    assert store_fingerprint(plain, byte_tokenizer) == store_fingerprint(unused, byte_tokenizer)
+    assert "data.filters.eval_files" in store_fingerprint(used, byte_tokenizer)
+
+
+@pytest.mark.slow  # a dpo-scale process: about 4 s
+def test_prepare_data_drops_training_copies_of_eval_dialogues_cut_by_keep_end(shared_data, tmp_path):
+    """The user's case at the shell: 8 HH-RLHF dialogues, all inside a 40-row eval file, on stories260K's 512
+    positions with keep_end (every one's prompt cut). Each is dropped as contaminated; the message says the filter
+    dropped them all."""
+    with gzip.open(shared_data / "preferences" / "hh-rlhf" / "helpful-base" / "test.jsonl.gz", "rt") as rows:
+        first = [next(rows) for _ in range(40)]
+    longest = sorted(range(40), key=lambda i: -len(first[i]))[:8]
+    (tmp_path / "hh40.jsonl").write_text("".join(first))
+    (tmp_path / "hh8.jsonl").write_text("".join(first[i] for i in sorted(longest)))
+    settings = ["model.path=" + str(shared_data / "models" / "stories260K"), "data.path=hh8.jsonl",
+                "data.max_length=512", "data.truncation_mode=keep_end", "data.num_workers=1", f"run_dir={tmp_path}",
+                "data.filters.drop_contaminated=true", "data.filters.eval_path=hh40.jsonl"]  # fmt: skip
+    environment = {**os.environ, "DPO_SCALE_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run([DPO_SCALE, "prepare-data", *settings], cwd=tmp_path, capture_output=True, text=True,
+                            env=environment, timeout=300)  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "data.filters dropped all 8 pairs that preparation kept (contaminated: 8)" in result.stderr
+    cut = prepare(DataConfig(str(tmp_path / "hh8.jsonl"), max_length=512, truncation_mode="keep_end"),
+                  load_tokenizer(str(shared_data / "models" / "stories260K")))  # fmt: skip
+    assert len(cut.pairs) == 8  # all kept before the filter, every prompt cut:
+    assert all(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) == 512 for p in cut.pairs)

@@ -2,11 +2,14 @@
 
 import json
 import logging
+import os
+import subprocess
 
 import pytest
 
 from dpo_scale.config import DataConfig
 from dpo_scale.data import DataError, load_tokenizer, prepare
+from launch import DPO_SCALE
 
 HH_IDENTICAL_ROWS = [721, 2168]  # helpful-base rows whose chosen == rejected
 
@@ -100,3 +103,29 @@ def test_strict_raises_on_the_first_pair_without_signal(tmp_path, byte_tokenizer
     assert prepare(DataConfig(path=str(path)), byte_tokenizer).drop_counts() == {"identical_completions": 1}
     with pytest.raises(DataError, match=r"pairs.json row 1, fields 'chosen' and 'rejected': identical_completions"):
         prepare(DataConfig(path=str(path), strict=True), byte_tokenizer)
+
+
+@pytest.mark.slow  # dpo-scale processes: about 3 s each
+@pytest.mark.parametrize(
+    ("setting", "key"),
+    [("data.filters.eval_path=nope.jsonl", "data.filters.eval_path"), ("data.path=nope.jsonl", "data.path")],
+)
+def test_prepare_data_refuses_a_missing_input_file_before_making_a_store(tmp_path, byte_tokenizer, setting, key):
+    """At the shell: exit 2 with the setting that names the file, before any tokenizing, and nothing under the
+    cache root that `prepare-data --list` would show as an unfinished store forever."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "Q:", "chosen": " a", "rejected": " b"}\n')
+    byte_tokenizer.save_pretrained(tmp_path / "tokenizer")
+    settings = [f"model.path={tmp_path / 'no-model'}", f"data.tokenizer={tmp_path / 'tokenizer'}", f"data.path={data}",
+                "data.filters.drop_contaminated=true", f"data.filters.eval_path={data}", f"run_dir={tmp_path}", setting]
+    environment = {**os.environ, "DPO_SCALE_CACHE": str(tmp_path / "cache")}
+
+    def prepare_data(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([DPO_SCALE, "prepare-data", *args], cwd=tmp_path, capture_output=True, text=True,
+                              env=environment, timeout=300)  # fmt: skip
+
+    result = prepare_data(*settings)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"error: {key}=nope.jsonl: no such file or directory. Fix: check {key} " in result.stderr
+    assert "tokenizing" not in result.stdout + result.stderr
+    assert "0 token store(s)" in prepare_data("--list").stdout

@@ -2,7 +2,9 @@
 (plain Python over the in-memory pairs); a cache with known margins comes back in the store's order; HH-RLHF."""
 
 import json
+import subprocess
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +14,8 @@ import yaml
 from dpo_scale.cli import main
 from dpo_scale.config import DataConfig, ModelConfig
 from dpo_scale.data import load_prepared, prepare
+from dpo_scale.reference.cache import FIELDS, fingerprint, write_manifest, write_shard
+from launch import DPO_SCALE
 from dpo_scale.reference.cache import FIELDS, fingerprint, write_manifest, write_shard
 
 PARAGRAPH = "the committee met on a rainy tuesday to weigh the harbour plan"
@@ -168,3 +172,85 @@ def test_hh_rlhf_report_finds_the_length_bias_and_the_identical_rows(shared_data
     bias = report["length_bias"]
     assert bias["chosen_longer_share"] > 0.55
     assert bias["by_difference"][-1]["chosen_longer_share"] > bias["by_difference"][1]["chosen_longer_share"]
+
+
+def _cut_dialogues(tmp_path, byte_tokenizer, rows: int) -> tuple:
+    """`rows` prompts of random words, each its own, with 63-token answers: keep_end at data.max_length=64 cuts
+    every prompt to its last token, ':', the same for all. A training config over them, and the data file."""
+    rng = np.random.default_rng(0)
+    words = "harbour plan rainy tuesday committee weather lantern copper violin meadow orbit pickle".split()
+    lines = []
+    for i in range(rows):
+        prompt = "Human: " + " ".join(rng.choice(words, 20).tolist())[:130] + f" {i} Assistant:"
+        answer = (f"{i:>3} " + "a long answer " * 5)[:61]
+        lines.append({"prompt": prompt, "chosen": answer, "rejected": answer[::-1] + "!"})
+    data = tmp_path / "dialogues.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in lines))
+    tokenizer_dir = tmp_path / "tokenizer"
+    byte_tokenizer.save_pretrained(tokenizer_dir)
+    settings = {"path": str(data), "tokenizer": str(tokenizer_dir), "max_length": 64, "truncation_mode": "keep_end",
+                "num_workers": 1, "shard_rows": 8, "cache_dir": str(tmp_path / "store")}  # fmt: skip
+    config = tmp_path / "cut.yaml"
+    config.write_text(yaml.safe_dump({"model": {"path": str(tmp_path / "no-model")}, "data": settings,
+                                      "run_dir": str(tmp_path / "r")}))  # fmt: skip
+    return config, data
+
+
+def test_a_training_file_is_its_own_eval_set_however_truncation_cut_its_prompts(tmp_path, byte_tokenizer):
+    """Every prompt cut to one token, the training file as --eval: each eval prompt is whole in training and holds
+    all its n-grams there (compared as stored: none, and 0 >= 0.5)."""
+    config, data = _cut_dialogues(tmp_path, byte_tokenizer, 20)
+    cut = prepare(DataConfig(str(data), max_length=64, truncation_mode="keep_end"), byte_tokenizer).pairs
+    assert len({tuple(p.prompt_ids) for p in cut}) == 1 and len(cut[0].prompt_ids) == 1
+    contamination = _report(config, tmp_path / "report", "--eval", str(data))["contamination"]
+    assert contamination["exact"]["prompts"] == contamination["over_threshold"]["prompts"] == 20
+    assert {e["eval"].replace("line", "") for e in contamination["examples"]} == {
+        e["training"].replace("line", "") for e in contamination["examples"]}  # each matched by its own row
+
+
+def test_held_out_prompts_cut_to_the_same_token_are_not_found_whole_in_training(tmp_path, byte_tokenizer):
+    """The run's held-out pairs as the eval set: their prompts all end in ':', as every training prompt's cut
+    window does, yet no two prompts are the same, so nothing appears whole in training and no finding says so."""
+    config, _ = _cut_dialogues(tmp_path, byte_tokenizer, 20)
+    report = _report(config, tmp_path / "report", "eval.every=1", "eval.fraction=0.5")
+    contamination = report["contamination"]
+    assert contamination["eval_prompts"] == 10
+    assert contamination["exact"]["prompts"] == contamination["over_threshold"]["prompts"] == 0
+    assert not any("eval prompts appear whole" in line for line in report["findings"])
+
+
+def test_contamination_reads_whole_prompts_from_a_filtered_store(run, tmp_path):
+    """With data.filters the store's rows file is the filtered one, in another order than the prompt heads: the
+    report still finds the eval prompts whole (row 61's prompt, cut by keep_end, among them)."""
+    config, _, data, _ = run
+    evaluation = tmp_path / "cut-eval.jsonl"
+    evaluation.write_text(json.dumps(_rows()[61]) + "\n" + json.dumps(_rows()[70]) + "\n")
+    report = _report(config, tmp_path / "report", "--eval", str(evaluation), "data.filters.drop_duplicates=true",
+                     f"data.cache_dir={tmp_path / 'filtered-store'}")  # fmt: skip
+    assert report["data"]["dropped"] == {"duplicate": 3}
+    assert report["contamination"]["exact"]["prompts"] == 2
+    found = {e["eval"]: e["training"] for e in report["contamination"]["examples"]}
+    assert found == {f"{evaluation} line 1": f"{data.path} line 62", f"{evaluation} line 2": f"{data.path} line 71"}
+
+
+@pytest.mark.slow  # a dpo-scale process: about 3 s
+def test_data_report_refuses_a_missing_eval_file_before_tokenizing(run, tmp_path):
+    """`--eval nope.jsonl` at the shell: exit 2 naming the flag, and no token store made (nor begun)."""
+    config, _, data, _ = run
+    result = subprocess.run([DPO_SCALE, "data-report", "--config", str(config), "--out", str(tmp_path / "report"),
+                             "--eval", "nope.jsonl"], cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "--eval=nope.jsonl: no such file or directory. Fix: check --eval" in result.stderr
+    assert "Traceback" not in result.stderr and not Path(data.cache_dir).exists() and "tokenizing" not in result.stdout
+
+
+def test_a_store_without_prompt_heads_is_refused_for_contamination_naming_the_fix(run, tmp_path, capsys):
+    """A store missing a prompt heads file (damaged: every shard has one, checksummed; a store of the earlier layout
+    has another store_format, so it is never opened) cannot compare prompts whole: the report says so in one line
+    rather than comparing cut prompts."""
+    config, evaluation, data, _ = run
+    _report(config, tmp_path / "report")
+    (Path(data.cache_dir) / "shard-00001.prompt-heads.npy").unlink()
+    args = ["data-report", "--config", str(config), "--out", str(tmp_path / "again"), "--eval", str(evaluation)]
+    assert main(args) == 2
+    assert "shard-00001.prompt-heads.npy is missing" in capsys.readouterr().err

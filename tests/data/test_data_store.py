@@ -1,6 +1,7 @@
 """The token store: what it reads back equals in-memory preparation on every input format, it refuses what it was
 not made for (naming the setting and both values), and a reader holds a micro-batch, not the dataset."""
 
+import dataclasses
 import gzip
 import json
 import math
@@ -14,6 +15,9 @@ from conftest import make_byte_tokenizer
 from dpo_scale.config import ConfigError, DataConfig
 from dpo_scale.data import DataError, PairView, load_prepared, load_tokenizer, prepare, split_held_out
 from dpo_scale.data.formats import split_transcripts
+from dpo_scale.data.cache import store_name
+from dpo_scale.data.store import LAST_USED, rows_name, tokens_name
+from dpo_scale.training.sampler import StepSampler
 from dpo_scale.data.store import rows_name, tokens_name
 from dpo_scale.training.sampler import StepSampler
 
@@ -110,7 +114,9 @@ def built(byte_tokenizer, tmp_path):
 def test_refuses_another_max_length_naming_both_values(built, byte_tokenizer):
     config, store = built
     config.max_length = 12
-    with pytest.raises(ConfigError, match=r"data.max_length: store 16, this run 12\). Fix: set data.rebuild=true"):
+    with pytest.raises(ConfigError, match=rf"^data.cache_dir={store}: .*\(data.max_length: store 16, this run 12\). "
+                                          rf"Fix: point data.cache_dir .* or set data.rebuild=true to replace the "
+                                          rf"store in {store}$"):  # fmt: skip
         load_prepared(config, byte_tokenizer, store)
 
 
@@ -143,7 +149,8 @@ def test_refuses_damaged_files(built, byte_tokenizer):
     tokens.write_bytes(bytes(data))
     opened = load_prepared(config, byte_tokenizer, store)
     opened.pairs[0]  # shard 0 is intact
-    with pytest.raises(ConfigError, match=rf"{tokens_name(1)} fails its checksum .* data.rebuild=true"):
+    with pytest.raises(ConfigError, match=rf"{tokens_name(1)} fails its checksum .*Fix: delete {store} .* or add "
+                                          "data.rebuild=true to the train, prepare-data or precompute-ref command"):
         opened.pairs[25]
     (store / rows_name(2)).write_bytes(b"short")
     with pytest.raises(ConfigError, match=rf"{rows_name(2)} has changed size"):
@@ -158,6 +165,61 @@ def test_refuses_to_mix_an_unfinished_build_with_other_settings(built, byte_toke
     config.max_length = 8
     with pytest.raises(ConfigError, match=r"holds an unfinished token store .*data.max_length: store 16, this run 8"):
         load_prepared(config, byte_tokenizer, store)
+
+
+@pytest.fixture
+def shared(built, byte_tokenizer):
+    """The built store where cache.py would put it: under a root, named for its data and settings."""
+    config, store = built
+    directory = store.parent / "cache" / store_name(config, byte_tokenizer)
+    directory.parent.mkdir()
+    store.rename(directory)
+    return config, directory
+
+
+def _contents(directory) -> dict[str, bytes]:
+    """The store's files (not its last-use mark, nor the hidden marks of ranks' rebuild decisions)."""
+    files = (p for p in sorted(directory.iterdir()) if p.is_file() and p.name != LAST_USED)
+    return {p.name: p.read_bytes() for p in files if not p.name.startswith(".")}
+
+
+def test_a_shared_store_is_never_rebuilt_for_other_settings(shared, byte_tokenizer):
+    """Other settings (as when a run's recorded store is opened with another run's config) are refused even with
+    data.rebuild=true, which would replace the store every run of its own data and settings opens."""
+    config, store = shared
+    before = _contents(store)
+    other = dataclasses.replace(config, max_length=12, rebuild=True, cache_dir=str(store))
+    with pytest.raises(ConfigError, match=rf"^token store {store}: made for other data or settings than this run's "
+                                          r"\(data.max_length: store 16, this run 12\)\. It is shared .* never rebuilt "
+                                          r"for one run \(not even with data.rebuild=true\)\. Fix: leave "
+                                          "data.cache_dir unset"):  # fmt: skip
+        load_prepared(other, byte_tokenizer, store)
+    assert _contents(store) == before
+    (store / "manifest.json").unlink()  # an unfinished build (interrupted, or another process's) of other settings
+    before = _contents(store)
+    with pytest.raises(ConfigError, match=rf"^token store {store}: an unfinished build there .*data.shard_rows: store "
+                                          "20, this run 10.* never replaced for one run"):  # fmt: skip
+        load_prepared(dataclasses.replace(config, shard_rows=10, rebuild=True), byte_tokenizer, store)
+    assert _contents(store) == before
+
+
+def test_a_damaged_shared_store_is_rebuilt_when_asked(shared, byte_tokenizer):
+    """Its data and settings are this run's: replacing it gives every run of them the same pairs again."""
+    config, store = shared
+    (store / rows_name(1)).write_bytes(b"short")
+    with pytest.raises(ConfigError, match=rf"{rows_name(1)} has changed size"):
+        load_prepared(config, byte_tokenizer, store)
+    rebuilt = load_prepared(dataclasses.replace(config, rebuild=True), byte_tokenizer, store)
+    assert len(rebuilt.pairs) == 50 and rebuilt.verify() is None
+
+
+def test_a_shard_whose_every_row_is_dropped(byte_tokenizer, tmp_path):
+    """Its files hold no pair and every drop; the store reads like in-memory preparation."""
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"q{i}", "chosen": "same" if i < 4 else "yes", "rejected": "same" if i < 4 else "no"}
+            for i in range(6)]  # fmt: skip
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    _same_as_prepare(DataConfig(str(path), shard_rows=2), byte_tokenizer, tmp_path / "store")
 
 
 def _allocated_peak(function) -> int:

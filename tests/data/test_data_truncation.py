@@ -1,9 +1,11 @@
 """Pair-level truncation on hand-made token lists: one prompt shared by both completions, cut as documented."""
 
+import random
+
 import pytest
 
 from dpo_scale.data.pairs import Pair
-from dpo_scale.data.truncation import keep_end, keep_start, missing_signal, truncate
+from dpo_scale.data.truncation import keep_end, keep_start, missing_signal, prompt_head, truncate
 
 PROMPT = [1, 2, 3, 4, 5]
 CHOSEN = [10, 11, 12]
@@ -77,3 +79,15 @@ def test_truncation_can_make_completions_identical():
     pair = truncate(Pair(0, "row 0", [1, 2], [5, 6, 7], [5, 6, 9]), 4, "keep_start")
     assert (pair.chosen_ids, pair.rejected_ids) == ([5, 6], [5, 6])
     assert missing_signal(pair) == "identical_completions"
+
+
+@pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
+def test_the_prompt_head_and_the_kept_prompt_make_the_whole_prompt(mode):
+    """What contamination reads as the whole prompt: for every pair that keeps a completion, its head (the tokens
+    cut from the prompt's start) followed by the prompt as kept."""
+    rng = random.Random(0)
+    for _ in range(500):
+        whole = Pair(0, "row 0", *([rng.randrange(50) for _ in range(rng.randint(0, 20))] for _ in range(3)))
+        cut = truncate(whole, rng.randint(2, 30), mode)
+        if missing_signal(cut) != "empty_completion":
+            assert prompt_head(whole, cut) + cut.prompt_ids == whole.prompt_ids

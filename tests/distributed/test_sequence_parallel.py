@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,9 +17,12 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from transformers import LlamaConfig
 
 from dpo_scale.commands.demo import write_demo_material
 from dpo_scale.config import ConfigError, EvalConfig, TrainConfig, build
+from dpo_scale.commands.demo import write_demo_material, write_tokenizer
+from dpo_scale.distributed.sequence_parallel import check_heads, check_sequence_parallel
 from dpo_scale.distributed.sequence_parallel import check_heads
 from dpo_scale.training.checkpoint import load_weights
 from launch import DPO_SCALE, base_config, train, train_metrics
@@ -160,7 +164,9 @@ def test_sequence_parallel_trains_as_data_parallel(runs, setting):
     """4 ranks as SP 2 x DP 2 against 2 ranks DP 2, the same global batch of 4 for 8 steps: per-step losses and the
     final weights (LoRA: the adapters and the frozen base) within 1e-5 (fp32 order of sums: _tree's docstring)."""
     (plain_dir, _), (sliced_dir, log) = runs["runs"][(setting, 1)], runs["runs"][(setting, 2)]
-    assert "rank 3 on node" in log and "sequence-parallel group 1 (ranks 2-3)" in log
+    # each rank's line arrives whole, even when the ranks print at the same moment (tracking.print_line)
+    groups = re.findall(r"^rank (\d) on node \S+: sequence-parallel group (\d) \(ranks (\d-\d)\)$", log, re.MULTILINE)
+    assert sorted(groups) == [("0", "0", "0-1"), ("1", "0", "0-1"), ("2", "1", "2-3"), ("3", "1", "2-3")]
     plain, sliced = train_metrics(plain_dir), train_metrics(sliced_dir)
     assert [r["step"] for r in sliced] == list(range(1, STEPS + 1))
     assert [r["pairs"] for r in sliced] == [4.0] * STEPS  # a group's ranks count their micro-batch once
@@ -229,14 +235,65 @@ def test_generation_during_training_is_refused_with_sequence_parallelism():
         _config(sequence_parallel_size=2, eval=EvalConfig(every=10, generate_prompts=4).__dict__)
 
 
+def _model_dir(tmp_path: Path, heads: int, kv_heads: int) -> Path:
+    """A model directory with only its config.json: the sequence-parallel checks read nothing else."""
+    config = LlamaConfig(hidden_size=8 * heads, num_attention_heads=heads, num_key_value_heads=kv_heads)
+    config.save_pretrained(tmp_path)
+    return tmp_path
+
+
 def test_head_counts_that_ulysses_cannot_split_are_refused_naming_the_sizes_that_work():
-    """4 query heads, 2 key/value heads: SP 2 splits both, SP 4 replicates the KV heads; SP 3 splits neither."""
-    model = tiny_model("llama")
-    check_heads(model, 2)
-    check_heads(model, 4)
-    with pytest.raises(ConfigError, match=r"LlamaForCausalLM has 4 query heads and 2 key/value heads.*Sizes that "
-                                          r"work for this model: 1, 2, 4"):  # fmt: skip
-        check_heads(model, 3)
+    """4 query heads, 2 key/value heads: SP 2 splits both, SP 4 replicates the KV heads; SP 3 splits neither. The
+    sizes named also divide the ranks of the launch."""
+    config = tiny_model("llama").config
+    check_heads(config, 2, ranks=8)
+    check_heads(config, 4, ranks=8)
+    with pytest.raises(ConfigError, match=r"the model \(llama\) has 4 query heads and 2 key/value heads.*Sizes that "
+                                          r"work for this model on 12 ranks: 1, 2, 4$"):  # fmt: skip
+        check_heads(config, 3, ranks=12)
+
+
+@pytest.mark.parametrize(
+    "heads,kv_heads,size,ranks,refusal",
+    [
+        # stories260K's heads on 3 ranks: 3 divides the ranks but not the heads, so only 1 is suggested
+        (8, 4, 2, 3, r"sequence_parallel_size=2 does not divide the 3 ranks of this launch: use 1, or launch a "
+                     r"multiple of 2 ranks$"),
+        # 4 does not split 6 heads: neither suggested, nor "launch a multiple of 4"
+        (6, 6, 4, 6, r"sequence_parallel_size=4 does not divide the 6 ranks of this launch: use one of 1, 2, 3, 6$"),
+        (8, 4, 3, 6, r"sequence_parallel_size=3: the model \(llama\) has 8 query heads and 4 key/value heads; .* "
+                     r"Sizes that work for this model on 6 ranks: 1, 2$"),
+    ],
+)
+def test_sequence_parallel_size_refusals_suggest_only_sizes_that_pass_both_checks(
+    tmp_path, heads, kv_heads, size, ranks, refusal
+):
+    config = _config(model={"path": str(_model_dir(tmp_path, heads, kv_heads))}, sequence_parallel_size=size)
+    with pytest.raises(ConfigError, match=refusal):
+        check_sequence_parallel(config, ranks)
+
+
+def test_sequence_parallel_sizes_that_work_pass_before_any_weights_exist(tmp_path):
+    """8 query / 4 key-value heads on 8 ranks: SP 2, 4 and 8 split both (8 replicates the 4 KV heads)."""
+    model_dir = _model_dir(tmp_path, 8, 4)
+    for size in (1, 2, 4, 8):
+        check_sequence_parallel(_config(model={"path": str(model_dir)}, sequence_parallel_size=size), 8)
+
+
+@pytest.mark.slow
+def test_three_ranks_with_sequence_parallel_size_2_suggest_only_a_size_that_works(tmp_path):
+    """What a user met at the shell: `sequence_parallel_size=2` on 3 ranks suggested "1, 3", and 3 then failed the
+    heads check after the model had loaded. Now the suggestion is 1 alone, before any model loads (the directory
+    holds only a config.json and a tokenizer: loading weights would fail differently)."""
+    _, data_path = write_demo_material(tmp_path / "demo", rows=16)
+    model_dir = _model_dir(tmp_path / "heads-8-4", 8, 4)
+    write_tokenizer(model_dir)
+    tree = base_config((model_dir, data_path), tmp_path / "run", sequence_parallel_size=2)
+    result = train(tree, ranks=3, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    refusals = [line for line in result.stderr.splitlines() if line.startswith("dpo-scale train: error:")]
+    assert refusals and set(refusals) == {"dpo-scale train: error: sequence_parallel_size=2 does not divide the 3 "
+                                          "ranks of this launch: use 1, or launch a multiple of 2 ranks"}  # fmt: skip
 
 
 def test_eval_and_logps_take_no_sequence_parallel_setting(tmp_path):

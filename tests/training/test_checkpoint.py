@@ -3,15 +3,23 @@ where the uninterrupted run ends (per-step losses, final weights and optimizer s
 resuming reads no pickle. Real `deepspeed` launcher on 2 CPU ranks, fp32."""
 
 import json
+import os
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
-from dpo_scale.commands.demo import write_demo_material
+from dpo_scale.training.checkpoint import SafetensorsWriter, _owners, _read, check_same_run, load_weights
+from dpo_scale.config import ConfigError, TrainConfig, build, to_dict
+from dpo_scale.commands.demo import preference_rows, write_demo_material
 from dpo_scale.ds_config import DS_CONFIGS
+from launch import DPO_SCALE, base_config, train, train_metrics
+from dpo_scale.commands.demo import write_demo_material
 from dpo_scale.training.checkpoint import SafetensorsWriter, _owners, _read, load_weights
 from launch import base_config, train, train_metrics
 
@@ -244,3 +252,109 @@ def test_each_rank_writes_about_an_equal_share():
     owners = _owners(sizes, 3)
     load = [sum(size for name, size in sizes if owners[name] == rank) for rank in range(3)]
     assert sorted(load) == [1000, 1000, 1010]  # the embedding alone on one rank, the layers split over the others
+
+
+def _saved_checkpoint(run_dir: Path, tree: dict) -> Path:
+    """A checkpoint directory holding only what check_same_run reads: the config it was trained with."""
+    path = run_dir / "checkpoints" / "step-00000003"
+    path.mkdir(parents=True)
+    (path / "trainer_state.json").write_text(json.dumps({"config": to_dict(build(TrainConfig, tree))}))
+    return path
+
+
+def _tree(run_dir: Path, **data) -> dict:
+    return {"model": {"path": "/models/tiny"}, "data": {"path": "/data/a.jsonl", **data}, "run_dir": str(run_dir)}
+
+
+def test_a_checkpoint_of_another_run_is_refused_naming_what_differs(tmp_path):
+    """A run_dir reused for another model, data file or data setting: refused with what differs and the ways out,
+    before the data of the checkpoint's run is compared at all."""
+    run_dir = tmp_path / "run"
+    path = _saved_checkpoint(run_dir, _tree(run_dir))
+    asked = []
+    other = build(TrainConfig, {**_tree(run_dir, path="/data/b.jsonl", max_length=64), "model": {"path": "/m/other"}})
+    with pytest.raises(ConfigError) as refusal:
+        check_same_run(path, other, lambda: asked.append(1) or [])
+    assert str(refusal.value) == (
+        f"run_dir={run_dir} holds a run trained on another model, data or settings than this run's: its checkpoint "
+        "step-00000003 differs in model.path: checkpoint /models/tiny, this run /m/other; data.path: checkpoint "
+        "/data/a.jsonl, this run /data/b.jsonl; data.max_length: checkpoint null, this run 64. Resuming it "
+        "(checkpoint.resume=auto) would continue that run with this run's model and data. Fix: train into another "
+        "run_dir, or set "
+        f"checkpoint.resume=never to start afresh here (the earlier run's files move aside into {run_dir}/"
+        "previous-runs/N; its token store stays as it is), or resume it with the model, data and settings it was "
+        "trained with"
+    )
+    assert asked == []
+
+
+def test_the_same_run_is_resumed_and_its_data_compared(tmp_path, monkeypatch):
+    """The same settings (a path written another way names the same file) pass on to the data comparison, whose
+    findings (a data file edited since) are refused the same way."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.jsonl").write_text("")
+    run_dir = tmp_path / "run"
+    path = _saved_checkpoint(run_dir, _tree(run_dir, path=str(tmp_path / "data" / "a.jsonl"), max_length=64))
+    same = build(TrainConfig, _tree(run_dir, path="data/../data/a.jsonl", max_length=64))
+    check_same_run(path, same, lambda: [])
+    edited = "data file a.jsonl: its content differs (store 10 bytes, sha256 0123456789ab; this run ...)"
+    with pytest.raises(ConfigError, match=rf"checkpoint step-00000003 differs in {re.escape(edited)}\. Resuming it"):
+        check_same_run(path, same, lambda: [edited])
+
+
+@pytest.mark.slow
+def test_a_run_dir_holding_another_run_is_refused_and_its_store_kept(material, tmp_path):
+    """The user's sequence at the shell: run A trains (DPO_SCALE_CACHE relative, as set in a shell); `train` with
+    other data and run_dir=A, even with data.rebuild=true, exits 2 before anything is built, naming the other run
+    and the ways out, and A's store keeps every byte; `eval --policy A` from another directory then reads that store
+    (the path A recorded is absolute). Once A's data file is edited, eval says so and advises --data, not a
+    setting that cannot work there."""
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir()
+    elsewhere.mkdir()
+    env = {"DPO_SCALE_CACHE": "relcache"}
+    run_a, data_a = tmp_path / "A", tmp_path / "a.jsonl"
+    shutil.copy(material[1], data_a)
+    tree = base_config(material, run_a, max_steps=2, micro_batch_size=4, eval={"every": 2, "fraction": 0.25})
+    tree["data"] = {"path": str(data_a)}
+    _ok(train(tree, env_extra=env, cwd=start))
+    (store,) = (start / "relcache").iterdir()
+    assert yaml.safe_load((run_a / "config.yaml").read_text())["data"]["cache_dir"] == str(store)
+    assert json.loads((run_a / "token-store.json").read_text())["path"] == str(store)
+    before = _store_files(store)
+
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps(row) + "\n" for row in preference_rows(128, seed=1)))
+    refused = train({**tree, "data": {"path": str(other)}}, overrides=("data.rebuild=true",), env_extra=env, cwd=start)
+    assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
+    assert f"run_dir={run_a} holds a run trained on another model, data or settings" in refused.stderr
+    assert f"data.path: checkpoint {data_a}, this run {other}" in refused.stderr
+    assert "checkpoint.resume=never" in refused.stderr and "data.rebuild" not in refused.stderr
+    assert "Traceback" not in refused.stderr and "tokenizing" not in refused.stdout + refused.stderr
+    assert list((start / "relcache").iterdir()) == [store]
+    assert _store_files(store) == before
+
+    def evaluate():
+        command = [DPO_SCALE, "eval", "--policy", str(run_a), "--out", str(tmp_path / "eval.json"),
+                   "generation.num_prompts=0"]  # fmt: skip
+        environment = {**os.environ, "HF_HUB_OFFLINE": "1", **env}
+        return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=elsewhere, env=environment)
+
+    evaluated = evaluate()
+    _ok(evaluated)
+    assert f"token store {store}: reusing it" in evaluated.stdout and not (elsewhere / "relcache").exists()
+    assert json.loads((tmp_path / "eval.json").read_text())["preference"]["pairs"] == 32
+
+    data_a.write_text(data_a.read_text().replace("moo", "baa"))
+    edited = evaluate()
+    assert edited.returncode == 2, edited.stdout[-3000:] + edited.stderr[-3000:]
+    assert (f"policy={run_a}: the token store the run trained on, {store}, no longer matches the run's data and "
+            "settings (data file a.jsonl: its content differs") in edited.stderr  # fmt: skip
+    assert "--data FILE" in edited.stderr and "data.rebuild" not in edited.stderr
+    assert _store_files(store) == before
+
+
+def _store_files(store: Path) -> dict[Path, bytes]:
+    """Every file of a token store (not the lock files of its build)."""
+    return {p: p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file() and ".locks" not in p.parts}

@@ -21,6 +21,7 @@ from dpo_scale.training.tracking import (
     build_tracker,
     is_main_process,
     print0,
+    print_line,
     read_metrics,
     redact_secrets,
 )
@@ -35,6 +36,31 @@ def test_rank_zero_prints_and_others_stay_quiet(monkeypatch, capsys, rank, main)
     assert is_main_process() is main
     print0("step", 3)
     assert capsys.readouterr().out == ("step 3\n" if main else "")
+
+
+class _Writes:
+    """A stdout that records each write."""
+
+    def __init__(self):
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> None:
+        self.writes.append(text)
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("say", [print0, print_line])
+def test_a_line_reaches_stdout_in_one_write_with_its_newline(monkeypatch, say):
+    """The deepspeed launcher runs ranks under `python -u`, where every write reaches the shared output at once:
+    `print` wrote a line and its newline separately, so two ranks' lines ran together ("...group 0 (ranks
+    0-1)rank 1 on node ...")."""
+    monkeypatch.delenv("RANK", raising=False)
+    stdout = _Writes()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    say("rank 0 on node n1: sequence-parallel group 0 (ranks 0-1)")
+    assert stdout.writes == ["rank 0 on node n1: sequence-parallel group 0 (ranks 0-1)\n"]
 
 
 def test_metrics_log_appends_one_json_line_per_call(tmp_path):
@@ -201,6 +227,15 @@ def test_progress_bar_shows_step_loss_accuracy_and_margin(monkeypatch, capsys):
     assert "4/10" in err
     assert "loss=0.6931" in err and "acc=0.5000" in err and "margin=0.1235" in err
     assert "lr" not in err
+
+
+def test_progress_bar_is_labelled_for_the_work_it_counts(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "0")
+    bar = ProgressBar(total_steps=4, initial=0, enabled=True, label="precompute-ref", unit="shard")
+    bar.update(4, {})
+    bar.close()
+    err = capsys.readouterr().err
+    assert "precompute-ref: 100%" in err and "4/4" in err and "shard/s" in err and "train" not in err
 
 
 @pytest.mark.parametrize(("rank", "enabled"), [("1", True), ("0", False)])

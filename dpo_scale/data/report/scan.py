@@ -1,5 +1,6 @@
 """One streaming pass over a token store: per kept pair, the few numbers the report needs (lengths, tokens cut,
-span hashes, where it came from), and the eval prompts' n-grams found in the training prompts.
+span hashes, where it came from), and the eval prompts' n-grams found in the training prompts, each read whole
+(its prompt head and stored prompt: data/prompt_heads.py).
 
 A shard at a time, memory-mapped and released after use, so resident memory is the per-pair arrays (56 bytes a
 pair: 56 MB at a million pairs, allocated once at their full size and filled shard by shard, never concatenated)
@@ -14,6 +15,8 @@ import numpy as np
 
 from dpo_scale.data.contamination import EvalPrompts
 from dpo_scale.data.filters import block_hashes
+from dpo_scale.data.prompt_heads import read_heads, whole_prompts
+from dpo_scale.data.spans import expand_ranges, span_starts
 from dpo_scale.data.store import TokenStore
 
 
@@ -45,6 +48,24 @@ class Overlap:
     train_prompts: list[np.ndarray] = field(default_factory=list)  # whole-prompt hashes of the training pairs
 
 
+def held_out_prompts(store: TokenStore, positions: np.ndarray, n: int) -> tuple[EvalPrompts, list[str]]:
+    """The whole prompts of the store's pairs at `positions` (sorted) as eval prompts, and where each came from."""
+    tokens_read, lengths, sources, first = [], [], [], 0
+    for shard, entry in enumerate(store.manifest["shards"]):
+        inside = positions[(positions >= first) & (positions < first + entry["pairs"])] - first
+        if len(inside):
+            tokens, rows = store.shard_arrays(shard)
+            prompts, starts, spans = whole_prompts(tokens, read_heads(store.directory, shard), rows, inside)
+            tokens_read.append(np.asarray(prompts)[expand_ranges(starts, spans)].astype(np.int64))
+            lengths.append(spans)
+            sources += [f"{store.manifest['source_prefix']} {location}" for location in rows[inside, 1].tolist()]
+            del tokens, rows, prompts  # unmaps the shard
+        first += entry["pairs"]
+    lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    tokens = np.concatenate(tokens_read) if tokens_read else np.zeros(0, np.int64)
+    return EvalPrompts.from_tokens(tokens, span_starts(lengths), lengths, n), sources
+
+
 def scan(store: TokenStore, evals: EvalPrompts | None, held_out: np.ndarray | None) -> tuple[PairTable, Overlap | None]:
     """`held_out`: positions of pairs that are the eval set themselves (not training), or None."""
     from tqdm import tqdm
@@ -70,18 +91,21 @@ def scan(store: TokenStore, evals: EvalPrompts | None, held_out: np.ndarray | No
             table.hashes[block] = block_hashes(tokens, kept[:, 3], kept[:, 4:7])
             if overlap is not None:
                 training = np.flatnonzero(~is_held[first : first + len(kept)])
-                _overlap_block(evals, overlap, tokens, kept[training], first + training)
+                prompts = whole_prompts(tokens, read_heads(store.directory, shard), rows, training)
+                _overlap_block(evals, overlap, prompts, first + training)
+                del prompts
             first += len(kept)
             progress.update(len(kept))
             del tokens, rows, kept  # unmaps the shard before the next one is read
     return table, overlap
 
 
-def _overlap_block(evals: EvalPrompts, overlap: Overlap, tokens, kept: np.ndarray, positions: np.ndarray) -> None:
-    hits = evals.hits(tokens, kept[:, 3], kept[:, 4])
+def _overlap_block(evals: EvalPrompts, overlap: Overlap, prompts: tuple, positions: np.ndarray) -> None:
+    """`prompts`: (tokens, starts, lengths) spans of the block's whole training prompts, at store `positions`."""
+    hits = evals.hits(*prompts)
     overlap.found[hits.entries] = True
     overlap.train_prompts.append(hits.whole)
-    train, evaluated, shares = evals.shares(hits, len(kept))
+    train, evaluated, shares = evals.shares(hits, len(positions))
     if not len(shares):
         return
     order = np.lexsort((-shares, evaluated))  # per eval prompt, its best match in this block first

@@ -126,7 +126,8 @@ def duplicates(table: PairTable, where: Where) -> dict:
 
 def contamination(evals: EvalPrompts, overlap: Overlap, eval_sources: list[str], threshold: float, where: Where) -> dict:
     """Eval prompts found in training: whole (a training prompt with the same tokens), and by n-gram overlap (the
-    share of each eval prompt's distinct n-grams that some training prompt holds, and the most one prompt holds)."""
+    share of each eval prompt's distinct n-grams that some training prompt holds, and the most one prompt holds).
+    Both sides are prompts before truncation (the scan's), so a cut cannot make or hide a match."""
     trained = np.concatenate(overlap.train_prompts) if overlap.train_prompts else np.empty(0, np.uint64)
     exact = np.isin(evals.prompt_hash, trained)
     found = np.bincount(evals.ngram_owner, weights=overlap.found, minlength=len(evals))
