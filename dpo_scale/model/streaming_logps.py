@@ -7,7 +7,8 @@ fp32 gradient accumulator, against 2+ full (rows x seq x vocab) tensors for the 
 taken in fp32.
 
 The LM head weight is an explicit input rather than read from a module, so a caller running under ZeRO-3 can gather
-it (inside a hooked module forward) and pass the full tensor; gradients flow back to that same tensor.
+it (inside a hooked module forward) and pass the full tensor; gradients flow back to that same tensor, or through
+`LMHead.weight_grad_via` when the caller wants them to take another autograd path (model.py, for a tied embedding).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ class LMHead:
     """Multiplier applied to the raw logits (Cohere's logit_scale, 1 / Granite's logits_scaling)."""
     softcap: float | None = None
     """Gemma-style final_logit_softcapping."""
+    weight_grad_via: torch.Tensor | None = None
+    """A (V, H) tensor that receives the weight's gradient in place of `weight` itself (which then gets none): an
+    autograd path of the caller's choosing back to the weight. None: the gradient goes to `weight`."""
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -50,8 +54,8 @@ def _chunk_logits(hidden: torch.Tensor, head: LMHead) -> tuple[torch.Tensor, tor
 
 class _StreamingTokenLogps(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_size, scale, softcap, with_log_sum_sq):
-        # hidden (N, H), weight (V, H), bias (V,) or None, labels (N,)
+    def forward(ctx, hidden, weight, bias, weight_grad_via, labels, chunk_size, scale, softcap, with_log_sum_sq):
+        # hidden (N, H), weight (V, H), bias (V,) or None, weight_grad_via (V, H) or None, labels (N,)
         head = LMHead(weight, bias, scale, softcap)
         logps = hidden.new_empty(hidden.shape[0], dtype=_accumulation_dtype(hidden.dtype))  # (N,)
         lse = torch.empty_like(logps)  # (N,), kept for backward so softmax needs no second reduction
@@ -81,7 +85,8 @@ class _StreamingTokenLogps(torch.autograd.Function):
     def backward(ctx, grad_logps, *unused_grad_log_sum_sq):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         head = LMHead(weight, bias, ctx.scale, ctx.softcap)
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        need_hidden, to_weight, need_bias, to_via = ctx.needs_input_grad[:4]
+        need_weight = to_weight or to_via
         grad_hidden = torch.empty_like(hidden) if need_hidden else None  # every row is written below
         grad_weight = torch.zeros_like(weight, dtype=lse.dtype) if need_weight else None  # (V, H) fp32 sum
         grad_bias = torch.zeros_like(bias, dtype=lse.dtype) if need_bias else None
@@ -109,7 +114,9 @@ class _StreamingTokenLogps(torch.autograd.Function):
             grad_weight = grad_weight.to(weight.dtype)
         if need_bias:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+        if to_via:  # one path back to the weight, not two
+            return grad_hidden, None, grad_bias, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 # The default chunk's fp32 logits: bounded in bytes, not positions, so a larger vocabulary means narrower chunks
@@ -130,7 +137,7 @@ def streaming_token_logps(
     if chunk_size is None:
         chunk_size = default_chunk_size(head.weight.shape[0])
     return _StreamingTokenLogps.apply(
-        hidden, head.weight, head.bias, labels, chunk_size, head.scale, head.softcap, False
+        hidden, head.weight, head.bias, head.weight_grad_via, labels, chunk_size, head.scale, head.softcap, False
     )
 
 
@@ -142,7 +149,9 @@ def streaming_token_logps_and_log_sum_sq(
     exponentials, no other buffer."""
     if chunk_size is None:
         chunk_size = default_chunk_size(head.weight.shape[0])
-    return _StreamingTokenLogps.apply(hidden, head.weight, head.bias, labels, chunk_size, head.scale, head.softcap, True)
+    return _StreamingTokenLogps.apply(
+        hidden, head.weight, head.bias, head.weight_grad_via, labels, chunk_size, head.scale, head.softcap, True
+    )
 
 
 def full_logits_token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -109,6 +109,53 @@ def lm_head_of(model: nn.Module) -> LMHead:
     return LMHead(head.weight, head.bias, scale, getattr(config, "final_logit_softcapping", None))
 
 
+def tied_input_embedding(model: nn.Module) -> nn.Embedding | None:
+    """The input embedding of a transformers causal LM when it is a trainable nn.Embedding whose weight is the LM
+    head's (Llama with tie_word_embeddings, Gemma, small Qwen); None when untied, frozen (LoRA) or another module."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = isinstance(embedding, nn.Embedding) and head is not None and embedding.weight is head.weight
+    return embedding if tied and embedding.weight.requires_grad else None
+
+
+class _HeadGradientAfterLookup(torch.autograd.Function):
+    """A path from the streaming head back to a tied weight that autograd takes after the embedding lookup's backward.
+
+    Why: a tied weight gets two gradients, the head's (V, H) and the lookup's, which torch makes dense: a (V, H) of
+    zeros with the looked-up rows added. Both are alive while autograd sums them (51 MiB each at a 16M Llama over
+    GPT-2's vocabulary, BENCHMARKS.md). Made sparse (`nn.Embedding.sparse`), the lookup's gradient is its rows only,
+    and autograd adds sparse rows into a dense gradient in place, but only when the rows arrive first (torch's
+    autograd/input_buffer.cpp; arriving second, they are summed into a new (V, H)). The head runs last in forward, so
+    its gradient would arrive first. Among nodes ready at once, autograd runs the one made latest first; made before
+    the backbone runs, this node hands the head's gradient on after every node the backbone made, the lookup
+    included. Only where the sum is made depends on that order, never its value, and the sum is dense: `.grad`,
+    DeepSpeed's gradient hooks and the optimizer see what they saw before (tests/test_tied_embedding.py)."""
+
+    @staticmethod
+    def forward(ctx, weight):
+        return weight.new_zeros(()).expand_as(weight)  # (V, H) over one element: the gradient's shape, no copy
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def _make_lookup_gradient_sparse(embedding: nn.Embedding) -> None:
+    """The lookup's gradient as the rows it read (_HeadGradientAfterLookup), summed per token before autograd adds
+    them into the head's gradient. Unsummed, CUDA would add each row with an atomic add: in bf16 one rounding per
+    occurrence of a token, in no fixed order, where torch's dense lookup gradient sums a token's rows in fp32 first
+    and in a fixed order, as `coalesce` does (its CUDA kernel accumulates in fp32 after a sort)."""
+    embedding.sparse = True
+    embedding.register_forward_hook(_sum_lookup_rows_per_token)
+
+
+def _sum_lookup_rows_per_token(module: nn.Embedding, args, output: torch.Tensor) -> None:
+    node = output.grad_fn  # the lookup's backward, under the module's own elementwise steps (Gemma 3's scale)
+    while node is not None and node.name() != "EmbeddingBackward0":
+        node = node.next_functions[0][0] if node.next_functions else None
+    if node is not None:  # None without gradients (a no_grad forward, a frozen reference)
+        node.register_hook(lambda grad_weight, grad_output: (grad_weight[0].coalesce(),))
+
+
 # Attention implementations that honour an arbitrary additive 4D mask with explicit position ids.
 _MASKABLE_ATTENTION = ("sdpa", "eager")
 # ... and those that take packed units as position ids restarting per unit, with no mask: flash-attention's varlen
@@ -203,6 +250,10 @@ class PairLogpsModel(nn.Module):
         if config.streaming:
             lm_head_of(_unwrap_peft(model))
         causal_lm = _unwrap_peft(model)
+        tied = tied_input_embedding(causal_lm) if config.streaming else None
+        if tied is not None and not tied.sparse:  # once per model, however many modules wrap it
+            _make_lookup_gradient_sparse(tied)
+        self.tied_head = tied is not None
         self.attention = resolve_attention(config, causal_lm, torch.cuda.is_available(), self.sequence is not None)
         if self.attention == "flex":
             causal_lm.set_attn_implementation("flex_attention")
@@ -254,9 +305,11 @@ class PairLogpsModel(nn.Module):
         if self.config.streaming:
             causal_lm = _unwrap_peft(self.model)
             backbone = getattr(causal_lm, causal_lm.base_model_prefix)
+            head, chunk_size = lm_head_of(causal_lm), self.config.chunk_size
+            if self.tied_head:  # made before the backbone runs, for autograd to take after the lookup's backward
+                head.weight_grad_via = _HeadGradientAfterLookup.apply(head.weight)
             hidden = backbone(**inputs).last_hidden_state  # (R, T or T/SP, H)
             scored = hidden[rows, cols]  # (N, H): completion positions only
-            head, chunk_size = lm_head_of(causal_lm), self.config.chunk_size
             if self.weighting:
                 token_logps, log_sum_sq = streaming_token_logps_and_log_sum_sq(scored, head, labels, chunk_size)
             else:

@@ -146,9 +146,24 @@ def test_no_gradient_requested_for_frozen_head():
     assert weight.grad is None and hidden.grad is not None
 
 
-def _peak_allocated_bytes(step) -> int:
+def test_weight_gradient_goes_through_weight_grad_via():
+    """`weight_grad_via` receives exactly the gradient `weight` would (the same accumulator, so bit for bit) and
+    `weight` gets none from the head: one path back to the weight, chosen by the caller (model.py, tied embeddings)."""
+    hidden, weight, bias, labels = _inputs(bias=True)
+    streaming_token_logps(hidden, LMHead(weight, bias, scale=0.5), labels, 8).sum().backward()
+    expected_weight, expected_hidden, expected_bias = weight.grad, hidden.grad, bias.grad
+    weight.grad = hidden.grad = bias.grad = None
+    via = torch.zeros_like(weight, requires_grad=True)
+    streaming_token_logps(hidden, LMHead(weight, bias, scale=0.5, weight_grad_via=via), labels, 8).sum().backward()
+    assert weight.grad is None
+    assert torch.equal(via.grad, expected_weight)
+    assert torch.equal(hidden.grad, expected_hidden) and torch.equal(bias.grad, expected_bias)
+
+
+def peak_allocated_bytes(step, only_size: int | None = None) -> int:
     """Most bytes held at once by tensors allocated inside `step`, from the profiler's record of every allocation
-    and free (in time order)."""
+    and free (in time order). `only_size`: count only allocations of exactly that many bytes, e.g. one (V, H) fp32
+    gradient (test_tied_embedding.py)."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
@@ -158,7 +173,7 @@ def _peak_allocated_bytes(step) -> int:
     while pending:
         event = pending.pop()
         pending.extend(event.children)
-        if event.tag == _EventType.Allocation:
+        if event.tag == _EventType.Allocation and only_size in (None, abs(event.extra_fields.alloc_size)):
             records.append((event.start_time_ns, event.extra_fields.alloc_size))  # negative for a free
     live = peak = 0
     for _, size in sorted(records):
@@ -176,13 +191,13 @@ def test_one_chunk_of_logits_is_alive_at_a_time():
     chunk_bytes = chunk_size * vocab * 4
     accumulator_bytes = vocab * hidden_size * 4
 
-    peak = _peak_allocated_bytes(lambda: streaming_token_logps(hidden, head, labels, chunk_size).sum().backward())
+    peak = peak_allocated_bytes(lambda: streaming_token_logps(hidden, head, labels, chunk_size).sum().backward())
 
     small = 16 * n * 4 + 2 * n * hidden_size * 4  # a few fp32 per-token vectors (lse, log-probs, ...), d hidden
     assert chunk_bytes + accumulator_bytes <= peak <= chunk_bytes + accumulator_bytes + small
 
     # with WPO's log Σ p² from the same chunks: one more (n,) vector, no second chunk-sized buffer
-    with_sq = _peak_allocated_bytes(
+    with_sq = peak_allocated_bytes(
         lambda: streaming_token_logps_and_log_sum_sq(hidden, head, labels, chunk_size)[0].sum().backward()
     )
     assert chunk_bytes + accumulator_bytes <= with_sq <= chunk_bytes + accumulator_bytes + small
