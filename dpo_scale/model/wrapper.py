@@ -128,7 +128,7 @@ class _HeadGradientAfterLookup(torch.autograd.Function):
     its gradient would arrive first. Among nodes ready at once, autograd runs the one made latest first; made before
     the backbone runs, this node hands the head's gradient on after every node the backbone made, the lookup
     included. Only where the sum is made depends on that order, never its value, and the sum is dense: `.grad`,
-    DeepSpeed's gradient hooks and the optimizer see what they saw before (tests/test_tied_embedding.py)."""
+    DeepSpeed's gradient hooks and the optimizer see what they saw before (tests/model/test_tied_embedding.py)."""
 
     @staticmethod
     def forward(ctx, weight):

@@ -12,14 +12,10 @@ import pytest
 from dpo_scale.cli import main
 from dpo_scale.commands.demo import write_demo_material
 from dpo_scale.config import ConfigError, DataConfig, FilterConfig
-from dpo_scale.data import DataError, load_prepared, load_tokenizer, prepare, store_directory
+from dpo_scale.data import DataError, load_prepared, load_tokenizer, prepare, spans, store_directory
 from dpo_scale.data.build import store_fingerprint
 from dpo_scale.data.contamination import EvalPrompts
-from dpo_scale.data import load_prepared, prepare
-from dpo_scale.data import spans
-from dpo_scale.data.contamination import EvalPrompts
 from dpo_scale.data.spans import ngram_hashes, span_hashes
-from dpo_scale.commands.demo import write_demo_material
 from launch import DPO_SCALE
 
 PARAGRAPH = "the committee met on a rainy tuesday to weigh the harbour plan"  # 62 bytes: 50 byte 13-grams

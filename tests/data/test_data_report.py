@@ -16,7 +16,6 @@ from dpo_scale.config import DataConfig, ModelConfig
 from dpo_scale.data import load_prepared, prepare
 from dpo_scale.reference.cache import FIELDS, fingerprint, write_manifest, write_shard
 from launch import DPO_SCALE
-from dpo_scale.reference.cache import FIELDS, fingerprint, write_manifest, write_shard
 
 PARAGRAPH = "the committee met on a rainy tuesday to weigh the harbour plan"
 ROWS = 120

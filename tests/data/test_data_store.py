@@ -14,11 +14,9 @@ import torch
 from conftest import make_byte_tokenizer
 from dpo_scale.config import ConfigError, DataConfig
 from dpo_scale.data import DataError, PairView, load_prepared, load_tokenizer, prepare, split_held_out
-from dpo_scale.data.formats import split_transcripts
 from dpo_scale.data.cache import store_name
+from dpo_scale.data.formats import split_transcripts
 from dpo_scale.data.store import LAST_USED, rows_name, tokens_name
-from dpo_scale.training.sampler import StepSampler
-from dpo_scale.data.store import rows_name, tokens_name
 from dpo_scale.training.sampler import StepSampler
 
 HH = ("preferences", "hh-rlhf", "helpful-base", "test.jsonl.gz")

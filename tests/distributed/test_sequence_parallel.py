@@ -19,11 +19,9 @@ import yaml
 from safetensors.torch import load_file
 from transformers import LlamaConfig
 
-from dpo_scale.commands.demo import write_demo_material
-from dpo_scale.config import ConfigError, EvalConfig, TrainConfig, build
 from dpo_scale.commands.demo import write_demo_material, write_tokenizer
+from dpo_scale.config import ConfigError, EvalConfig, TrainConfig, build
 from dpo_scale.distributed.sequence_parallel import check_heads, check_sequence_parallel
-from dpo_scale.distributed.sequence_parallel import check_heads
 from dpo_scale.training.checkpoint import load_weights
 from launch import DPO_SCALE, base_config, train, train_metrics
 from tiny import shared_path, tiny_model

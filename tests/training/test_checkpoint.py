@@ -14,14 +14,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from dpo_scale.training.checkpoint import SafetensorsWriter, _owners, _read, check_same_run, load_weights
-from dpo_scale.config import ConfigError, TrainConfig, build, to_dict
 from dpo_scale.commands.demo import preference_rows, write_demo_material
+from dpo_scale.config import ConfigError, TrainConfig, build, to_dict
 from dpo_scale.ds_config import DS_CONFIGS
+from dpo_scale.training.checkpoint import SafetensorsWriter, _owners, _read, check_same_run, load_weights
 from launch import DPO_SCALE, base_config, train, train_metrics
-from dpo_scale.commands.demo import write_demo_material
-from dpo_scale.training.checkpoint import SafetensorsWriter, _owners, _read, load_weights
-from launch import base_config, train, train_metrics
 
 HOOKS = Path(__file__).resolve().parents[1] / "checkpoint_hooks.py"
 LORA = {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}

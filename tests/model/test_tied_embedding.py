@@ -7,12 +7,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dpo_scale import model as model_module
-from dpo_scale.checkpoint import load_weights
+from dpo_scale.model import wrapper as model_module
+from dpo_scale.training.checkpoint import load_weights
 from dpo_scale.config import LogpsConfig, LoraConfig
-from dpo_scale.demo import write_demo_material
-from dpo_scale.layout import collate
-from dpo_scale.model import PairLogpsModel, add_lora, enable_activation_checkpointing, tied_input_embedding
+from dpo_scale.commands.demo import write_demo_material
+from dpo_scale.model.layout import collate
+from dpo_scale.model.wrapper import PairLogpsModel, add_lora, enable_activation_checkpointing, tied_input_embedding
 from launch import base_config, train, train_metrics
 from test_logps import peak_allocated_bytes
 from tiny import random_pairs, tiny_llama, tiny_model
@@ -192,8 +192,8 @@ def _run(material, run_dir: Path, ranks: int, dense: bool, **sections) -> tuple[
     ids=["zero0-one-process-accumulating-checkpointed", "zero3-two-ranks"],
 )
 def test_training_equals_the_dense_route_holding_one_gradient(tied_material, tmp_path, ranks, sections):
-    """`dpo-scale train` on a tied Llama, this route against torch's dense one (tests/tied_embedding_hooks.py) in the
-    same test. fp32: per-step losses and final weights agree to the rounding of one reordered sum per step (1e-6).
+    """`dpo-scale train` on a tied Llama, this route against torch's dense one (tests/model/tied_embedding_hooks.py)
+    in the same test. fp32: per-step losses and final weights agree to the rounding of one reordered sum per step (1e-6).
     Counted by torch's profiler, each rank's backward holds one (V, H) fp32 tensor at a time, against two. (Under
     ZeRO-3 the head's weight is gathered whole on each rank, and the backward's total peak is the gradient
     reduce-scatter's flat copy of every gradient, after the tied one is summed: so the (V, H) tensors are counted.)"""
