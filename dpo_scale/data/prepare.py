@@ -17,7 +17,7 @@ from dpo_scale.data.examples import prepare_examples
 from dpo_scale.data.filters import FILTER_SETTINGS, filter_pairs
 from dpo_scale.data.formats import read_examples
 from dpo_scale.data.pairs import FILTER_REASONS, DropReason, PreparedData
-from dpo_scale.data.sources import _HUB_ID, FILE_SUFFIXES
+from dpo_scale.data.sources import FILE_SUFFIXES, HUB_ID
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -53,7 +53,7 @@ def check_input_paths(paths: Mapping[str, str]) -> None:
     that holds it: checked before anything is tokenized or a store directory made, so a typo in the last file read
     costs nothing. The test is read_rows' own (a name with a data file's suffix must be local)."""
     for key, path in paths.items():
-        if not Path(path).exists() and (path.lower().endswith(FILE_SUFFIXES) or not _HUB_ID.match(path)):
+        if not Path(path).exists() and (path.lower().endswith(FILE_SUFFIXES) or not HUB_ID.match(path)):
             raise DataError(
                 f"{key}={path}: no such file or directory. Fix: check {key} (relative paths start from the working "
                 "directory)"

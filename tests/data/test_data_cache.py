@@ -178,11 +178,7 @@ def test_prepare_data_names_a_dpo_scale_cache_that_is_a_file(data_file, tmp_path
     ), listing.stdout + listing.stderr
     model = tmp_path / "model"
     write_tokenizer(model)
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({"model": {"path": str(model)}, "data": {"path": str(data_file)},
-                                      "run_dir": str(tmp_path / "run")}))  # fmt: skip
-    build = subprocess.run([DPO_SCALE, "prepare-data", "--config", str(config)], capture_output=True, text=True,
-                           env=env)  # fmt: skip
+    build = _prepare_data(tmp_path, model, data_file, env)
     assert build.returncode == 2, build.stdout + build.stderr
     assert f"DPO_SCALE_CACHE={blocker}: is a file, not a directory, so no token store can be kept there" in build.stderr
     assert "Traceback" not in build.stderr and not (tmp_path / "run").exists()
@@ -203,11 +199,7 @@ def test_a_new_run_directory_store_never_replaces_the_earlier_runs(tmp_path):
         path.write_text("".join(json.dumps(row) + "\n" for row in preference_rows(8, seed)))
     stores = tmp_path / "run" / "token-stores"
     for number, path in enumerate(paths):
-        config = tmp_path / "run.yaml"
-        config.write_text(yaml.safe_dump({"model": {"path": str(model)}, "data": {"path": str(path)},
-                                          "run_dir": str(tmp_path / "run")}))  # fmt: skip
-        result = subprocess.run([DPO_SCALE, "prepare-data", "--config", str(config)], capture_output=True, text=True,
-                                env=env)  # fmt: skip
+        result = _prepare_data(tmp_path, model, path, env)
         assert result.returncode == 0, result.stdout + result.stderr
         if number == 0:
             (first,) = stores.iterdir()
@@ -218,3 +210,11 @@ def test_a_new_run_directory_store_never_replaces_the_earlier_runs(tmp_path):
 
 def _contents(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _prepare_data(tmp_path, model, data, env) -> subprocess.CompletedProcess:
+    """`dpo-scale prepare-data` at the shell for a training config of `model` and `data`, run_dir tmp_path/run."""
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"model": {"path": str(model)}, "data": {"path": str(data)},
+                                      "run_dir": str(tmp_path / "run")}))  # fmt: skip
+    return subprocess.run([DPO_SCALE, "prepare-data", "--config", str(config)], capture_output=True, text=True, env=env)
