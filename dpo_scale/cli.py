@@ -99,7 +99,10 @@ def _config(args: argparse.Namespace) -> None:
 
     from dpo_scale.config import TrainConfig, to_dict
 
-    value = to_dict(build(TrainConfig, _config_tree(args, {})))
+    config = build(TrainConfig, _config_tree(args, {}))
+    if args.get == "run_dir":  # job scripts write there (slurm/common.sh): an empty answer would point them at /
+        config.require_run_dir("train")
+    value = to_dict(config)
     for part in args.get.split(".") if args.get else []:
         if not isinstance(value, dict) or part not in value:
             raise ConfigError(f"--get {args.get}: no such key in the training config")

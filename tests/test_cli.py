@@ -116,6 +116,9 @@ def test_config_prints_resolved_values_for_job_scripts(tmp_path, capsys):
     assert "beta: 0.5" in capsys.readouterr().out
     assert main(["config", "--config", str(run), "--get", "loss.nope"]) == 2
     assert "--get loss.nope: no such key" in capsys.readouterr().err
+    run.write_text("model: {path: m}\ndata: {path: d}\n")
+    assert main(["config", "--config", str(run), "--get", "run_dir"]) == 2  # never an empty run_dir for a job script
+    assert "run_dir is required by dpo-scale train" in capsys.readouterr().err
 
 
 def test_every_command_stops_the_tqdm_monitor_before_it_runs(monkeypatch):
