@@ -69,7 +69,7 @@ def _logps(args: argparse.Namespace) -> None:
     from dpo_scale.commands.logps import run_logps
 
     tree = _config_tree(args, SHORTCUTS, LogpsRunConfig)
-    _require(tree, "out", "dpo-scale logps needs --out FILE.jsonl (or out= in the config)")
+    _require(tree, "out", "--out FILE.jsonl is required (or out= in the config)")
     config = build(LogpsRunConfig, tree)
     check_output_path(config.out, "--out")
     counts = run_logps(config)
@@ -172,7 +172,7 @@ def _ref_drift(args: argparse.Namespace) -> None:
     from dpo_scale.config import DriftRunConfig
 
     tree = _config_tree(args, SHORTCUTS, DriftRunConfig)
-    _require(tree, "out", "dpo-scale ref-drift needs --out FILE.json (or out= in the config)")
+    _require(tree, "out", "--out FILE.json is required (or out= in the config)")
     config = build(DriftRunConfig, tree)
     check_output_path(config.out, "--out")
     run_drift(
@@ -192,9 +192,9 @@ def _eval(args: argparse.Namespace) -> None:
     file_tree = load_yaml(args.config) if args.config else {}
     _, ignored = sections_for(EvalRunConfig, file_tree)
     run_dir = file_tree.get("run_dir") if "run_dir" in ignored else None
-    _require(tree, "policy", "dpo-scale eval needs --policy RUN_DIR: the run directory (or one of its checkpoints, or a "
-             "model directory) to evaluate" + (f"; this config's run is --policy {run_dir}" if run_dir else ""))
-    _require(tree, "out", "dpo-scale eval needs --out FILE.json (the samples go beside it)")
+    _require(tree, "policy", "--policy RUN_DIR is required: the run directory (or one of its checkpoints, or a model "
+             "directory) to evaluate" + (f"; this config's run is --policy {run_dir}" if run_dir else ""))
+    _require(tree, "out", "--out FILE.json is required (the samples go beside it)")
     if "data" in ignored and "data" not in tree:
         print("eval: --config is a training config; its data section is the training data, so the held-out pairs "
               "are the run's own (--data FILE scores other pairs)")  # fmt: skip

@@ -213,7 +213,7 @@ def test_eval_of_a_training_config_points_to_policy(demo, tmp_path, capsys):
     config = _training_config(tmp_path, model_dir, data_path)
     assert main(["eval", "--config", config, "--out", str(tmp_path / "e.json")]) == 2
     error = capsys.readouterr().err.strip()
-    assert error == (f"dpo-scale eval: error: dpo-scale eval needs --policy RUN_DIR: the run directory (or one of its "
+    assert error == (f"dpo-scale eval: error: --policy RUN_DIR is required: the run directory (or one of its "
                      f"checkpoints, or a model directory) to evaluate; this config's run is --policy {tmp_path / 'run'}")
 
 

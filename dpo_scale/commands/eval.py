@@ -139,9 +139,8 @@ def _held_out_pairs(config: EvalRunConfig, run, tokenizer) -> list[Pair]:
         pairs = PairView(stored, split_held_out(len(stored), run.eval.fraction, run.seed)[1])
     else:
         raise ConfigError(
-            "no held-out pairs: set data.path to a preference file (the run held none out: eval.every was 0"
-            + ("" if run else ", or policy is not a run directory")
-            + ")"
+            "no held-out pairs: pass --data FILE (data.path), a preference file to score"
+            + (" (the run held none out: eval.every was 0)" if run else " (--policy is a model directory, not a run)")
         )
     return pairs[: config.num_pairs]
 

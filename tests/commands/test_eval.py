@@ -182,7 +182,7 @@ def test_cli_eval_prints_and_refuses_a_model_without_reference(material, trained
     config = tmp_path / "eval.yaml"
     config.write_text(yaml.safe_dump({"policy": str(material[0]), "reference": str(material[0]), "out": "o.json"}))
     assert main(["eval", "--config", str(config)]) == 2
-    assert "no held-out pairs: set data.path" in capsys.readouterr().err
+    assert "no held-out pairs: pass --data FILE (data.path)" in capsys.readouterr().err
 
 
 def test_readme_names_the_samples_file_eval_writes():
