@@ -39,9 +39,8 @@ from dpo_scale.io import atomic_open
 from dpo_scale.loss import build_preference_loss, preference_metrics
 from dpo_scale.model.generation import distinct_n, generate
 from dpo_scale.model.layout import collate
-from dpo_scale.model.wrapper import (
-    PairLogpsModel, PositionLimit, check_attention_device, load_causal_lm, position_limit,
-)  # fmt: skip
+from dpo_scale.model.positions import PositionLimit, position_limit
+from dpo_scale.model.wrapper import PairLogpsModel, check_attention_device, load_causal_lm
 from dpo_scale.reference.cache import open_cache
 from dpo_scale.reference.sources import CachedReference
 from dpo_scale.training.checkpoint import is_checkpoint, saved_config

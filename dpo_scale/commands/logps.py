@@ -13,7 +13,8 @@ from dpo_scale.config import LogpsRunConfig
 from dpo_scale.data import load_prepared, padding_id, run_tokenizer
 from dpo_scale.io import atomic_open
 from dpo_scale.model.layout import collate
-from dpo_scale.model.wrapper import PairLogpsModel, check_attention_device, load_causal_lm, position_limit
+from dpo_scale.model.positions import position_limit
+from dpo_scale.model.wrapper import PairLogpsModel, check_attention_device, load_causal_lm
 
 
 def run_logps(config: LogpsRunConfig) -> dict[str, float]:

@@ -32,7 +32,8 @@ from dpo_scale.distributed.sequence_parallel import check_sequence_parallel
 from dpo_scale.ds_config import AUTO, resolve_deepspeed_config
 from dpo_scale.io import atomic_open
 from dpo_scale.model.layout import collate
-from dpo_scale.model.wrapper import PairLogpsModel, check_attention_device, load_causal_lm, position_limit
+from dpo_scale.model.positions import position_limit
+from dpo_scale.model.wrapper import PairLogpsModel, check_attention_device, load_causal_lm
 from dpo_scale.reference.cache import (
     FIELDS, MANIFEST, differences, fingerprint, shard_name, write_manifest, write_shard,
 )  # fmt: skip

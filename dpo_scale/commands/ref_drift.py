@@ -10,7 +10,8 @@ from pathlib import Path
 from dpo_scale.config import ConfigError, DataConfig, LogpsConfig, ModelConfig
 from dpo_scale.data import load_prepared, padding_id, run_tokenizer
 from dpo_scale.io import atomic_open
-from dpo_scale.model.wrapper import check_attention_device, load_causal_lm, position_limit
+from dpo_scale.model.positions import position_limit
+from dpo_scale.model.wrapper import check_attention_device, load_causal_lm
 from dpo_scale.reference.drift import DriftReport, measure_drift
 from dpo_scale.reference.nf4 import default_device, load_nf4_reference, nf4_memory
 

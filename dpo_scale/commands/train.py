@@ -32,9 +32,8 @@ from dpo_scale.io import atomic_open
 from dpo_scale.loss import build_preference_loss, preference_metrics
 from dpo_scale.model.generation import distinct_n, generate
 from dpo_scale.model.layout import collate
-from dpo_scale.model.wrapper import (
-    PairLogpsModel, add_lora, check_attention_device, enable_activation_checkpointing, position_limit,
-)  # fmt: skip
+from dpo_scale.model.positions import position_limit
+from dpo_scale.model.wrapper import PairLogpsModel, add_lora, check_attention_device, enable_activation_checkpointing
 from dpo_scale.reference.cache import open_cache
 from dpo_scale.reference.drift import concatenate, drift_statistics
 from dpo_scale.reference.nf4 import NF4Reference, load_nf4_reference, nf4_memory

@@ -28,7 +28,7 @@ from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
 from torch import nn
 
 from dpo_scale.config import ConfigError, TrainConfig
-from dpo_scale.model.wrapper import read_text_config
+from dpo_scale.model.positions import read_text_config
 from dpo_scale.model.unit_attention import ModelKernel
 
 

@@ -17,7 +17,7 @@ from dpo_scale.config import ConfigError, DataConfig, LogpsConfig, ModelConfig
 from dpo_scale.data import Pair, load_prepared
 from dpo_scale.commands.demo import ANIMALS, PLACES, write_tokenizer
 from dpo_scale.model.layout import collate
-from dpo_scale.model.wrapper import PositionLimit, position_limit, positions_needed
+from dpo_scale.model.positions import PositionLimit, position_limit, positions_needed
 from launch import DPO_SCALE
 from tiny import random_pairs
 
