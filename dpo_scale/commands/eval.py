@@ -33,7 +33,7 @@ from dpo_scale.data import (
     Pair, PairView, load_prepared, load_tokenizer, padding_id, run_tokenizer, split_held_out, store_directory,
 )  # fmt: skip
 from dpo_scale.data.build import store_differences
-from dpo_scale.data.store import TokenStore, read_manifest
+from dpo_scale.data.store import TokenStore, current_manifest
 from dpo_scale.hub import check_model_source
 from dpo_scale.io import atomic_open
 from dpo_scale.loss import build_preference_loss, preference_metrics
@@ -149,7 +149,7 @@ def _run_store(policy: str, run, tokenizer) -> TokenStore:
     again in its own place under the cache root when it is gone. Never rebuilt or replaced here."""
     data = replace(run.data, rebuild=False)
     recorded = Path(data.cache_dir) if data.cache_dir else None
-    if recorded is None or read_manifest(recorded) is None:
+    if recorded is None or current_manifest(recorded) is None:
         data = replace(data, cache_dir=None)
     directory = store_directory(data, tokenizer, run.run_dir)
     differences = store_differences(directory, data, tokenizer)

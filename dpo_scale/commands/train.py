@@ -25,7 +25,7 @@ from dpo_scale import distributed
 from dpo_scale.config import ConfigError, GenerationConfig, TrainConfig, to_dict
 from dpo_scale.data import Pair, PairView, load_prepared, padding_id, run_tokenizer, split_held_out, store_directory
 from dpo_scale.data.build import store_differences
-from dpo_scale.data.store import read_manifest
+from dpo_scale.data.store import current_manifest
 from dpo_scale.distributed.sequence_parallel import check_sequence_parallel
 from dpo_scale.ds_config import AUTO, resolve_deepspeed_config, shipped_config_for, single_process_advice
 from dpo_scale.io import atomic_open
@@ -226,7 +226,7 @@ def _token_store(config: TrainConfig, tokenizer, latest: Path | None) -> Path:
     if latest is None:
         return store_directory(config.data, tokenizer, config.run_dir)
     recorded = checkpoint.saved_config(latest)["data"].get("cache_dir")
-    trained_on = Path(recorded) if recorded and read_manifest(Path(recorded)) is not None else None
+    trained_on = Path(recorded) if recorded and current_manifest(Path(recorded)) is not None else None
     checkpoint.check_same_run(
         latest, config, lambda: (store_differences(trained_on, config.data, tokenizer) or []) if trained_on else []
     )

@@ -163,6 +163,14 @@ def read_manifest(directory: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def current_manifest(directory: Path) -> dict | None:
+    """The manifest of a complete store in this code's STORE_FORMAT, else None. A run resumed, or evaluated, after
+    an upgrade that changed the layout finds its recorded store of an earlier format as if it were gone: the same
+    data and settings then make a store of this format under its own name, with the same pairs in the same order."""
+    manifest = read_manifest(directory)
+    return manifest if manifest is not None and manifest["fingerprint"].get("store_format") == STORE_FORMAT else None
+
+
 class TokenStore:
     """A complete store, opened for reading: `pairs` is a lazy sequence of every kept pair in input order."""
 

@@ -284,3 +284,16 @@ def test_training_sees_the_same_pairs_in_the_same_order_as_before_the_store(shar
         for rank in (0, 1):
             for indices in sampler.micro_batches(step, rank):
                 assert [train[i] for i in indices] == [old_train[i] for i in indices]
+
+
+def test_a_store_of_an_earlier_format_counts_as_gone_for_a_resume(built):
+    """A run resumed after an upgrade that changed the store's layout (STORE_FORMAT) must not be refused for it:
+    its recorded store is passed over (current_manifest), and the same data make a store of this format."""
+    from dpo_scale.data.store import MANIFEST, current_manifest
+
+    directory = built[1]
+    assert current_manifest(directory) is not None
+    manifest = json.loads((directory / MANIFEST).read_text())
+    del manifest["fingerprint"]["store_format"]  # as written before the prompt heads were kept
+    (directory / MANIFEST).write_text(json.dumps(manifest))
+    assert current_manifest(directory) is None
