@@ -273,7 +273,9 @@ def test_ctrl_c_while_tokenizing_is_one_line_and_the_rerun_continues(shared_data
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                start_new_session=True)  # fmt: skip
     assert "tokenizing" in process.stdout.readline()
-    time.sleep(1.0)  # the workers are started and busy
+    deadline = time.monotonic() + 60
+    while not any((tmp_path / "cache").glob("*/shard-*.rows.npy")) and time.monotonic() < deadline:
+        time.sleep(0.02)  # interrupted once the first of 118 shards is written: the workers are busy with others
     os.killpg(process.pid, signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130

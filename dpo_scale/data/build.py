@@ -342,9 +342,7 @@ _worker_writer: ShardWriter | None = None
 def _start_worker(writer: ShardWriter) -> None:
     global _worker_writer
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: the pool is the parallelism
-    # Ctrl-C reaches the whole process group: the builder decides (its pool ends the workers), so a worker prints no
-    # traceback of its own; a shard it was writing is never renamed into place, the next build makes it again
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the builder answers Ctrl-C (_Workers.submit)
     _worker_writer = writer
 
 
@@ -370,7 +368,16 @@ class _Workers:
         if self._pool is None and self.count > 1 and more_follow:
             self._pool = ProcessPoolExecutor(self.count, get_context("spawn"), _start_worker, (self.writer,))
         if self._pool is not None:
-            return self._pool.submit(_write_in_worker, shard, rows)
+            # Ctrl-C reaches the whole process group, and the builder decides (its pool ends the workers; a shard
+            # being written is never renamed into place), so no worker may print a traceback of its own. The pool
+            # starts its workers inside submit: SIGINT blocked in this thread meanwhile, a worker starts with it
+            # blocked (the mask survives fork and exec) until its initializer ignores it; here it stays pending and
+            # arrives as soon as the mask is restored, so no Ctrl-C is lost.
+            previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                return self._pool.submit(_write_in_worker, shard, rows)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         future: Future = Future()
         future.set_result(self.writer(shard, rows))
         return future
