@@ -37,16 +37,18 @@ OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*=")
 
 
 def _config_tree(args: argparse.Namespace, flags: dict[str, str], command_config: type | None = None) -> dict:
-    """Config file (as `command_config` reads it: a training config's other sections left alone), then the named
-    flags, then dotted overrides: later wins."""
+    """Config file, then the named flags, then dotted overrides: later wins. The file and the overrides are each read
+    as `command_config` reads a training config (its other sections left alone, `loss.beta=0.2` as ref-drift's
+    beta), so the overrides a training run takes work here too."""
     tree = load_yaml(args.config) if args.config else {}
+    overrides = parse_overrides(args.overrides)
     if command_config is not None:
-        tree, _ = sections_for(command_config, tree)
+        tree, overrides = sections_for(command_config, tree)[0], sections_for(command_config, overrides)[0]
     for flag, key in flags.items():
         value = getattr(args, flag)
         if value is not None:
             tree = merge(tree, _nested(key, value))  # a path stays a string, never YAML-parsed
-    return merge(tree, parse_overrides(args.overrides))
+    return merge(tree, overrides)
 
 
 def _nested(dotted: str, value: str) -> dict:

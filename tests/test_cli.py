@@ -286,3 +286,21 @@ def test_ctrl_c_while_tokenizing_is_one_line_and_the_rerun_continues(shared_data
     assert rerun.returncode == 0, rerun.stderr
     built = re.search(r"rank 0 built (\d+) of (\d+) shards", rerun.stdout)
     assert built and 0 < int(built.group(1)) < int(built.group(2)) == 118
+
+
+def test_training_overrides_reach_the_commands_that_read_a_training_config(tmp_path):
+    """`loss.beta=0.2` after a training config is ref-drift's beta, as the file's loss.beta is; a training-only
+    override (run_dir, optim) is left alone like the file's; an eval override of its own data is kept."""
+    import argparse
+
+    from dpo_scale.cli import _config_tree
+    from dpo_scale.config import DriftRunConfig, EvalRunConfig
+
+    config = tmp_path / "run.yaml"
+    config.write_text("model: {path: m}\ndata: {path: d.jsonl}\nrun_dir: runs/a\nloss: {beta: 0.1}\n")
+    args = argparse.Namespace(config=str(config), overrides=["loss.beta=0.2", "optim.lr=1e-6", "num_pairs=8"])
+    drift = _config_tree(args, {}, DriftRunConfig)
+    assert drift["beta"] == 0.2 and drift["num_pairs"] == 8 and "optim" not in drift and "loss" not in drift
+    args = argparse.Namespace(config=str(config), overrides=["data.path=held.jsonl", "loss.beta=0.3"])
+    evaluation = _config_tree(args, {}, EvalRunConfig)
+    assert evaluation["data"] == {"path": "held.jsonl"} and evaluation["loss"] == {"beta": 0.3}
