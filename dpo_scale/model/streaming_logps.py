@@ -8,7 +8,7 @@ taken in fp32.
 
 The LM head weight is an explicit input rather than read from a module, so a caller running under ZeRO-3 can gather
 it (inside a hooked module forward) and pass the full tensor; gradients flow back to that same tensor, or through
-`LMHead.weight_grad_via` when the caller wants them to take another autograd path (model.py, for a tied embedding).
+`LMHead.weight_grad_via` when the caller wants them to take another autograd path (wrapper.py, for a tied embedding).
 """
 
 from __future__ import annotations
