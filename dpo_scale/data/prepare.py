@@ -17,7 +17,7 @@ from dpo_scale.data.examples import prepare_examples
 from dpo_scale.data.filters import FILTER_SETTINGS, filter_pairs
 from dpo_scale.data.formats import read_examples
 from dpo_scale.data.pairs import FILTER_REASONS, DropReason, PreparedData
-from dpo_scale.data.sources import FILE_SUFFIXES, HUB_ID
+from dpo_scale.data.sources import must_be_local
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -51,9 +51,9 @@ def input_paths(config: DataConfig) -> dict[str, str]:
 def check_input_paths(paths: Mapping[str, str]) -> None:
     """Refuse a path that is neither a local file or directory nor a hub dataset id, naming the setting or flag
     that holds it: checked before anything is tokenized or a store directory made, so a typo in the last file read
-    costs nothing. The test is read_rows' own (a name with a data file's suffix must be local)."""
+    costs nothing. The test is read_rows' own (`must_be_local`)."""
     for key, path in paths.items():
-        if not Path(path).exists() and (path.lower().endswith(FILE_SUFFIXES) or not HUB_ID.match(path)):
+        if not Path(path).exists() and must_be_local(path):
             raise DataError(
                 f"{key}={path}: no such file or directory. Fix: check {key} (relative paths start from the working "
                 "directory)"

@@ -20,7 +20,15 @@ from dpo_scale.data.errors import DataError
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 
 # owner/name or name, as the hub spells ids; anything else that does not exist locally is a mistyped path.
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def must_be_local(path: str) -> bool:
+    """Whether `path`, found on no local disk, cannot be a hub dataset id either (a data file's suffix, or a name
+    the hub would not take): a mistyped path, refused without asking the hub."""
+    return path.lower().endswith(FILE_SUFFIXES) or not _HUB_ID.match(path)
+
+
 _ROW_EXAMPLE = '{"prompt": ..., "chosen": ..., "rejected": ...}'
 
 
@@ -50,7 +58,7 @@ def read_rows(path: str, split: str) -> Iterator[Row]:
             f"{path}: unknown file type. Fix: give a file ending in {', '.join(FILE_SUFFIXES)}, "
             "a datasets save_to_disk directory, or a hub dataset id"
         )
-    if path.lower().endswith(FILE_SUFFIXES) or not HUB_ID.match(path):
+    if must_be_local(path):
         raise DataError(
             f"{path}: no such file or directory. Fix: check data.path (relative paths start from the working directory)"
         )
