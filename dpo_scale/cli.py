@@ -11,7 +11,9 @@ import re
 import sys
 from pathlib import Path
 
-from dpo_scale.config import ConfigError, LogpsRunConfig, build, load_yaml, merge, parse_overrides, sections_for
+from dpo_scale.config import (
+    ConfigError, LogpsRunConfig, build, load_yaml, merge, parse_overrides, sections_for, training_aliases,
+)  # fmt: skip
 from dpo_scale.data.errors import DataError
 from dpo_scale.io import check_output_path
 from dpo_scale.training.tracking import stop_tqdm_monitor
@@ -37,13 +39,13 @@ OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*=")
 
 
 def _config_tree(args: argparse.Namespace, flags: dict[str, str], command_config: type | None = None) -> dict:
-    """Config file, then the named flags, then dotted overrides: later wins. The file and the overrides are each read
-    as `command_config` reads a training config (its other sections left alone, `loss.beta=0.2` as ref-drift's
-    beta), so the overrides a training run takes work here too."""
+    """Config file, then the named flags, then dotted overrides: later wins. The file is read as `command_config`
+    reads a training config (its other sections left alone); the overrides under the names it reads them by
+    (`loss.beta=0.2` is ref-drift's beta), and one it does not read is refused: asked for, it is not ignored."""
     tree = load_yaml(args.config) if args.config else {}
     overrides = parse_overrides(args.overrides)
     if command_config is not None:
-        tree, overrides = sections_for(command_config, tree)[0], sections_for(command_config, overrides)[0]
+        tree, overrides = sections_for(command_config, tree)[0], training_aliases(command_config, overrides)
     for flag, key in flags.items():
         value = getattr(args, flag)
         if value is not None:

@@ -738,25 +738,43 @@ _READ_FROM_TRAINING: dict[type, tuple[str, ...]] = {
     DriftRunConfig: ("model", "data", "logps"),
     EvalRunConfig: ("loss", "logps"),
 }
+# ... and the training keys a command reads under a name of its own: (section, key) -> its key
+_ALIASES: dict[type, dict[tuple[str, str], str]] = {
+    DriftRunConfig: {("reference", "nf4"): "nf4", ("loss", "beta"): "beta"},
+}
 
 
 def sections_for(cls: type, tree: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """A config file's tree as command `cls` reads it, and the training sections it leaves alone. A file is a
     training config when it has a key of TrainConfig's that `cls` lacks; then only the sections `cls` reads from
-    training are kept (ref-drift also takes reference.nf4 and loss.beta as its nf4 and beta), beside `cls`'s own
-    keys. A key no command knows is kept, so `build` names it."""
+    training are kept, and the keys it reads under its own names (_ALIASES), beside `cls`'s own keys. A key no
+    command knows is kept, so `build` names it."""
     training = {f.name for f in dataclasses.fields(TrainConfig)}
     own = {f.name for f in dataclasses.fields(cls)}
     if cls not in _READ_FROM_TRAINING or not set(tree) & (training - own):
         return tree, []
     kept = {key: value for key, value in tree.items() if key in _READ_FROM_TRAINING[cls] or key not in training}
-    if cls is DriftRunConfig:
-        reference, loss = tree.get("reference"), tree.get("loss")
-        if isinstance(reference, dict) and "nf4" in reference:
-            kept.setdefault("nf4", reference["nf4"])
-        if isinstance(loss, dict) and "beta" in loss:
-            kept.setdefault("beta", loss["beta"])
+    for (section, key), alias in _ALIASES.get(cls, {}).items():
+        if isinstance(tree.get(section), dict) and key in tree[section]:
+            kept.setdefault(alias, tree[section][key])
     return kept, sorted(set(tree) - set(kept))
+
+
+def training_aliases(cls: type, tree: dict[str, Any]) -> dict[str, Any]:
+    """`tree` with the training keys command `cls` reads under its own names (_ALIASES) moved there. What a command
+    line's overrides go through: an override the command does not read stays, and `build` refuses it (asked for
+    explicitly, it is not left alone)."""
+    moved = dict(tree)
+    for (section, key), alias in _ALIASES.get(cls, {}).items():
+        values = moved.get(section)
+        if isinstance(values, dict) and key in values:
+            moved.setdefault(alias, values[key])
+            rest = {name: value for name, value in values.items() if name != key}
+            if rest:
+                moved[section] = rest
+            else:
+                del moved[section]
+    return moved
 
 
 T = typing.TypeVar("T")

@@ -289,8 +289,8 @@ def test_ctrl_c_while_tokenizing_is_one_line_and_the_rerun_continues(shared_data
 
 
 def test_training_overrides_reach_the_commands_that_read_a_training_config(tmp_path):
-    """`loss.beta=0.2` after a training config is ref-drift's beta, as the file's loss.beta is; a training-only
-    override (run_dir, optim) is left alone like the file's; an eval override of its own data is kept."""
+    """`loss.beta=0.2` after a training config is ref-drift's beta, as the file's loss.beta is; an override the
+    command does not read is kept for `build` to refuse (asked for, not ignored); eval's own data override is kept."""
     import argparse
 
     from dpo_scale.cli import _config_tree
@@ -300,7 +300,8 @@ def test_training_overrides_reach_the_commands_that_read_a_training_config(tmp_p
     config.write_text("model: {path: m}\ndata: {path: d.jsonl}\nrun_dir: runs/a\nloss: {beta: 0.1}\n")
     args = argparse.Namespace(config=str(config), overrides=["loss.beta=0.2", "optim.lr=1e-6", "num_pairs=8"])
     drift = _config_tree(args, {}, DriftRunConfig)
-    assert drift["beta"] == 0.2 and drift["num_pairs"] == 8 and "optim" not in drift and "loss" not in drift
+    assert drift["beta"] == 0.2 and drift["num_pairs"] == 8 and "loss" not in drift
+    assert drift["optim"] == {"lr": "1e-6"}  # build names it: unknown key(s) optim
     args = argparse.Namespace(config=str(config), overrides=["data.path=held.jsonl", "loss.beta=0.3"])
     evaluation = _config_tree(args, {}, EvalRunConfig)
     assert evaluation["data"] == {"path": "held.jsonl"} and evaluation["loss"] == {"beta": 0.3}
