@@ -500,13 +500,20 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    micro_batch_size: int = 4
-    """Pairs per rank per forward."""
+    micro_batch_size: int | None = None
+    """Pairs per rank per forward: 4 unless micro_batch_tokens is set (then unused: set one of the two)."""
+    micro_batch_tokens: int | None = None
+    """The most positions one rank computes in one micro-batch, counted as the layout computes them (a shared prompt
+    once, rows padded to the sequence-parallel multiple, padding included; under sequence parallelism per rank, so a
+    group holds SP x this). Set, global_batch_size pairs per step are split by their token cost into as few
+    micro-batches per replica as fit it, balanced across replicas (training/batch_plan.py), with the same update as
+    any fixed split; micro_batch_size and gradient_accumulation_steps are then not used. README: Train."""
     gradient_accumulation_steps: int = 1
     global_batch_size: int | None = None
     """Pairs per optimizer step over all ranks. Set, it fixes the update and each launch derives
     gradient_accumulation_steps = global_batch_size / (micro_batch_size x ranks / sequence_parallel_size): a job
-    requeued onto fewer or more nodes then resumes with the same updates (leave gradient_accumulation_steps at 1)."""
+    requeued onto fewer or more nodes then resumes with the same updates (leave gradient_accumulation_steps at 1).
+    Required with micro_batch_tokens."""
     sequence_parallel_size: int = 1
     """Ranks that share each micro-batch, each running the model on a contiguous 1/SP slice of every row (DeepSpeed
     Ulysses: attention all-to-alls to the whole row for 1/SP of the heads). Groups are consecutive ranks, so they
@@ -521,8 +528,14 @@ class TrainConfig:
     """Steps with a non-finite loss or gradient skipped (with a warning) before the run stops."""
 
     def __post_init__(self) -> None:
-        if self.micro_batch_size < 1 or self.gradient_accumulation_steps < 1 or self.epochs < 1:
-            raise ConfigError("micro_batch_size, gradient_accumulation_steps and epochs must be at least 1")
+        if self.micro_batch_tokens is not None:
+            self._check_token_budget()
+        elif self.micro_batch_size is None:
+            self.micro_batch_size = 4
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ConfigError(f"micro_batch_size={self.micro_batch_size}: must be at least 1")
+        if self.gradient_accumulation_steps < 1 or self.epochs < 1:
+            raise ConfigError("gradient_accumulation_steps and epochs must be at least 1")
         if self.sequence_parallel_size < 1:
             raise ConfigError(f"sequence_parallel_size={self.sequence_parallel_size}: must be at least 1 (1: off)")
         if self.sequence_parallel_size > 1 and self.eval.generate_prompts:
@@ -532,7 +545,9 @@ class TrainConfig:
                 "this run's attention is set up for. Set eval.generate_prompts=0 and sample afterwards with "
                 "`dpo-scale eval` (one process per model, no sequence parallelism)"
             )
-        if self.global_batch_size is not None and self.global_batch_size % self.micro_batch_size:
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            raise ConfigError(f"global_batch_size={self.global_batch_size}: must be at least 1")
+        if self.micro_batch_size and self.global_batch_size is not None and self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"global_batch_size={self.global_batch_size} is not a multiple of micro_batch_size="
                               f"{self.micro_batch_size}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -541,6 +556,37 @@ class TrainConfig:
             raise ConfigError("reference.source=lora needs lora.enabled=true (the reference is the adapter-free base)")
         if self.loss.reference_free and self.reference.source != "copy":
             raise ConfigError("loss.loss_type=simpo is reference-free: leave reference.source at its default")
+
+    def _check_token_budget(self) -> None:
+        if self.micro_batch_tokens < 1:
+            raise ConfigError(f"micro_batch_tokens={self.micro_batch_tokens}: must be at least 1 (or null for "
+                              "micro_batch_size pairs per micro-batch)")
+        if self.global_batch_size is None:
+            raise ConfigError(f"micro_batch_tokens={self.micro_batch_tokens} needs global_batch_size (pairs per "
+                              "optimizer step over every rank): the budget decides only how they are split")
+        for key, unused in (("micro_batch_size", self.micro_batch_size is not None),
+                            ("gradient_accumulation_steps", self.gradient_accumulation_steps != 1)):  # fmt: skip
+            if unused:
+                raise ConfigError(
+                    f"{key}={getattr(self, key)} and micro_batch_tokens={self.micro_batch_tokens} are both set: with "
+                    f"a token budget the micro-batches are sized in tokens; drop {key} (or drop micro_batch_tokens "
+                    "for fixed micro-batches)"
+                )
+        if any(t in ("aot", "aot_unpaired") for t in self.loss.loss_types):
+            raise ConfigError(
+                f"loss.loss_type={self.loss.loss_type} sorts log-ratios over each micro-batch, so its update depends "
+                "on which pairs share one; micro_batch_tokens groups them by length: use micro_batch_size"
+            )
+
+    @property
+    def uses_token_budget(self) -> bool:
+        return self.micro_batch_tokens is not None
+
+    def global_batch(self, ranks: int) -> int:
+        """Pairs per optimizer step on `ranks` ranks (of a config `for_world(ranks)` has resolved)."""
+        if self.uses_token_budget:
+            return self.global_batch_size
+        return self.micro_batch_size * self.gradient_accumulation_steps * self.data_parallel_size(ranks)
 
     def require_run_dir(self, command: str) -> str:
         if not self.run_dir:
@@ -567,6 +613,11 @@ class TrainConfig:
     def for_world(self, ranks: int) -> TrainConfig:
         """This config as it runs on `ranks` ranks: gradient_accumulation_steps derived from global_batch_size."""
         replicas = self.data_parallel_size(ranks)
+        if self.uses_token_budget:
+            if self.global_batch_size < replicas:
+                raise ConfigError(f"global_batch_size={self.global_batch_size} gives fewer pairs than the {replicas} "
+                                  "data-parallel replicas of this launch: raise it or launch fewer ranks")
+            return self
         if self.global_batch_size is None:
             return self
         per_step = self.micro_batch_size * replicas

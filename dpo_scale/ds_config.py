@@ -3,9 +3,10 @@
 The JSON (a name in ds_configs/ or the user's own file) holds the DeepSpeed choices we do not model: ZeRO stage,
 offload, bucket sizes. Everything our config already decides is written "auto" there and filled here:
 
-    train_micro_batch_size_per_gpu   micro_batch_size
-    gradient_accumulation_steps      gradient_accumulation_steps
+    train_micro_batch_size_per_gpu   micro_batch_size (1 under a token budget, whose micro-batches vary)
+    gradient_accumulation_steps      gradient_accumulation_steps (1 under a token budget)
     train_batch_size                 micro_batch_size x gradient_accumulation_steps x world_size
+    managed_gradient_accumulation    false: the loop steps once per optimizer step (see below)
     gradient_clipping                optim.max_grad_norm (0: off, as in DeepSpeed)
     bf16.enabled, fp16.enabled       deepspeed.precision (fp32: both false)
     optimizer                        AdamW with optim.lr, betas, eps, weight_decay
@@ -101,6 +102,20 @@ def resolve_deepspeed_config(
     fix = "deepspeed.precision"
     settle(_subsection(resolved, bf16_key, source), "enabled", section.precision == "bf16", precision, bf16_key, fix)
     settle(_subsection(resolved, "fp16", source), "enabled", section.precision == "fp16", precision, "fp16", fix)
+
+    # The loop owns the accumulation boundary: every micro-batch's backward accumulates locally and engine.step()
+    # reduces and updates once per optimizer step, however many micro-batches the step had (a token budget's count
+    # varies by step). DeepSpeed 0.19.8's caller-owned mode; its managed mode counts a fixed
+    # gradient_accumulation_steps. Losses arrive already divided by the step's pair count (train.py), never by
+    # DeepSpeed's accumulation steps (backward(scale_wrt_gas=False)).
+    resolved["managed_gradient_accumulation"] = False
+    zero = resolved.get("zero_optimization") or {}
+    if zero.get("stage", 0) in (0, 1) and zero.get("overlap_comm"):
+        raise ConfigError(
+            f"{source}: zero_optimization.overlap_comm=true with ZeRO stage {zero.get('stage', 0)}: DeepSpeed "
+            "overlaps communication where the loop owns the accumulation boundary only under stage 2 or 3 (which "
+            "partition gradients); set overlap_comm to false there or use stage 2"
+        )
 
     _resolve_optimizer(resolved, optim, settle, source)
     _resolve_scheduler(resolved, optim, total_steps, settle, source)

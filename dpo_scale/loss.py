@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from dpo_scale.config import FDivergence, LossConfig, LossType
+from dpo_scale.config import FDivergence, LossConfig
 
 LossTriple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (losses, chosen_rewards, rejected_rewards), each (B,)
 
@@ -517,14 +517,21 @@ def nll_loss(policy_chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) ->
     return -chosen / _lengths(chosen_lengths, chosen)
 
 
-def sft_loss(policy_chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
-    """Supervised NLL of the chosen completions, the batch's mean over their tokens (TRL 1.16's `sft`, the third
-    term of MPO, arXiv:2411.10442), given to every pair:
+def sft_loss(
+    policy_chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor, chosen_tokens_per_pair: float | None = None
+) -> torch.Tensor:
+    """Supervised NLL of the chosen completions, the mean over their tokens (TRL 1.16's `sft`, the third term of
+    MPO, arXiv:2411.10442), as per-pair terms whose batch mean is it:
 
-        loss_i = −Σ_b log π(y_w,b|x_b) / Σ_b |y_w,b|                  (B,), the same value for each i
-    """
+        loss_i = −log π(y_w,i|x_i) / (Σ_b |y_w,b| / B)               (B,); mean_i loss_i = −Σ_b log π / Σ_b |y_w,b|
+
+    `chosen_tokens_per_pair` is Σ|y_w| / B over the batch the token mean is taken on: by default this one; the
+    training loop passes the optimizer step's, so that the term is the mean over the step's tokens however the
+    step is split into micro-batches."""
     (chosen,) = _upcast(policy_chosen_logps)
-    return (-chosen.sum() / chosen_lengths.to(chosen.dtype).sum().clamp(min=1.0)).expand_as(chosen)
+    if chosen_tokens_per_pair is None:
+        chosen_tokens_per_pair = chosen_lengths.to(chosen.dtype).sum().clamp(min=1.0) / chosen.numel()
+    return -chosen / chosen_tokens_per_pair
 
 
 def length_desensitised(logps: PairLogps, ld_alpha: float) -> PairLogps:
@@ -624,11 +631,13 @@ def _beta_only(loss: Callable[..., LossTriple]) -> _Variant:
     return lambda policy, reference, config: loss(*_logps(policy, reference, config), config.beta)
 
 
-def _sft(policy: PairLogps, reference: PairLogps, config: LossConfig) -> LossTriple:
+def _sft(
+    policy: PairLogps, reference: PairLogps, config: LossConfig, chosen_tokens_per_pair: float | None = None
+) -> LossTriple:
     """The NLL of the plain sums, LD-DPO or not (TRL); it has no rewards of its own, those logged are DPO's, as TRL
     logs them."""
-    return (sft_loss(policy.chosen_logps, policy.chosen_tokens), *_rewards(*_log_ratios(*_logps(policy, reference, config)),
-                                                                           config.beta))  # fmt: skip
+    rewards = _rewards(*_log_ratios(*_logps(policy, reference, config)), config.beta)
+    return (sft_loss(policy.chosen_logps, policy.chosen_tokens, chosen_tokens_per_pair), *rewards)
 
 
 _VARIANTS: dict[str, _Variant] = {
@@ -655,15 +664,20 @@ def build_preference_loss(config: LossConfig) -> Callable[[PairLogps, PairLogps 
     """The loss of `config.loss_type`, chosen once: one variant, or the weighted sum of several (per pair, so its
     mean is TRL's sum of weighted means), plus `rpo_alpha`·`nll_loss` when `rpo_alpha` is set.
 
-    The returned callable takes the policy's `PairLogps` and the reference's (None for reference-free SimPO);
-    token counts are read from the policy's. Losses are per pair: the caller reduces. Rewards are the first
+    The returned callable takes the policy's `PairLogps` and the reference's (None for reference-free SimPO), and
+    optionally `chosen_tokens_per_pair` for the `sft` term (`sft_loss`); token counts are read from the policy's. Losses are per pair: the caller reduces. Rewards are the first
     variant's: β·log π/π_ref for every variant but SimPO.
     """
     variants = [(_VARIANTS[loss_type], weight) for loss_type, weight in zip(config.loss_types, config.weights)]
     needs_reference = not config.reference_free
     rpo_alpha = config.rpo_alpha
 
-    def preference_loss(policy: PairLogps, reference: PairLogps | None) -> LossOutput:
+    def term(variant: _Variant, policy: PairLogps, reference: PairLogps | None, tokens: float | None) -> LossTriple:
+        return _sft(policy, reference, config, tokens) if variant is _sft else variant(policy, reference, config)
+
+    def preference_loss(
+        policy: PairLogps, reference: PairLogps | None, chosen_tokens_per_pair: float | None = None
+    ) -> LossOutput:
         if needs_reference and reference is None:
             raise ValueError(
                 f"loss.loss_type={config.loss_type} needs reference log-probs: pass the reference model's PairLogps "
@@ -674,10 +688,10 @@ def build_preference_loss(config: LossConfig) -> Callable[[PairLogps, PairLogps 
                 f"loss.loss_type={config.loss_type} is reference-free: pass reference=None (computing reference "
                 "log-probs for it is wasted work)"
             )
-        losses, chosen_rewards, rejected_rewards = variants[0][0](policy, reference, config)  # each (B,)
-        losses = losses if variants[0][1] == 1.0 else variants[0][1] * losses
+        losses, chosen_rewards, rejected_rewards = term(variants[0][0], policy, reference, chosen_tokens_per_pair)
+        losses = losses if variants[0][1] == 1.0 else variants[0][1] * losses  # each (B,)
         for variant, weight in variants[1:]:
-            losses = losses + weight * variant(policy, reference, config)[0]
+            losses = losses + weight * term(variant, policy, reference, chosen_tokens_per_pair)[0]
         if config.use_weighting:
             losses = losses * wpo_weights(policy)
         if rpo_alpha is not None:

@@ -62,3 +62,16 @@ def train(
 def train_metrics(run_dir: Path, split: str = "train") -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [row for row in map(json.loads, path.read_text().splitlines()) if row["split"] == split]
+
+
+def precompute(tree: dict, ranks: int = 1, timeout: int = 300):
+    """`dpo-scale precompute-ref` of the training config `tree` (written beside its run_dir) with `ranks` processes."""
+    config = Path(tree["run_dir"]).with_suffix(".yaml")
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(yaml.safe_dump(tree))
+    command = [DPO_SCALE, "precompute-ref", "--config", str(config)]
+    if ranks > 1:
+        launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+        command = [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), *command]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip

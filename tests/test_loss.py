@@ -256,9 +256,10 @@ def _batch_oracle_aot(rows, beta, eps, unpaired):
 
 
 def _batch_oracle_sft(rows, beta, eps):
-    """The batch's mean NLL per chosen token, the same for every pair."""
-    value = -sum(pc for pc, *_ in rows) / sum(lc for pc, pr, rc, rr, lc, lr in rows)
-    return [value] * len(rows)
+    """Per-pair terms whose mean is the batch's NLL per chosen token: each pair's NLL over the batch's mean chosen
+    length."""
+    tokens_per_pair = sum(lc for pc, pr, rc, rr, lc, lr in rows) / len(rows)
+    return [-pc / tokens_per_pair for pc, *_ in rows]
 
 
 # Losses whose per-pair values depend on the whole batch: our loss, and an oracle on the batch's rows

@@ -1,10 +1,12 @@
 """`dpo-scale train`: build, train, close. The loop body is a handful of named steps.
 
-Per optimizer step, each rank runs `gradient_accumulation_steps` micro-batches: reference log-probs, policy
-forward, loss, backward. The loss of a micro-batch is its per-pair mean; DeepSpeed averages over ranks and divides
-by the accumulation steps, and every micro-batch holds the same number of pairs (see sampler.py), so the update is
-the per-pair mean over the global batch whatever the split. Metrics accumulate on device and are synchronised only
-at the log interval.
+Per optimizer step, the sampler's pairs for the step are split into micro-batches (training/batch_plan.py: a fixed
+number of pairs each, or as many as fit micro_batch_tokens, balanced across replicas), and each rank runs its own:
+reference log-probs, policy forward, loss, backward; then one `engine.step()`. The loss of a micro-batch is the sum
+of its pairs' losses times replicas / (the step's pairs): DeepSpeed averages the gradients over the data-parallel
+replicas and, the loop owning the accumulation boundary, divides by nothing else (ds_config.py), so the update is
+the per-pair mean over the step's pairs whatever the split. Metrics are sums, accumulated on device and
+synchronised only at the log interval.
 
 Stopping early on purpose (a scheduler's time limit): create run_dir/stop-requested; see STOP_REQUEST.
 """
@@ -19,11 +21,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dpo_scale import distributed
 from dpo_scale.config import ConfigError, GenerationConfig, TrainConfig, to_dict
-from dpo_scale.data import Pair, PairView, load_prepared, padding_id, run_tokenizer, split_held_out, store_directory
+from dpo_scale.data import Pair, PairView, lengths_of, load_prepared, padding_id, run_tokenizer, split_held_out, store_directory
 from dpo_scale.data.build import store_differences
 from dpo_scale.data.store import current_manifest
 from dpo_scale.distributed.sequence_parallel import check_sequence_parallel
@@ -31,7 +34,7 @@ from dpo_scale.ds_config import AUTO, resolve_deepspeed_config, shipped_config_f
 from dpo_scale.io import atomic_open
 from dpo_scale.loss import build_preference_loss, preference_metrics
 from dpo_scale.model.generation import distinct_n, generate
-from dpo_scale.model.layout import collate
+from dpo_scale.model.layout import collate, sequence_parallel_multiple
 from dpo_scale.model.positions import position_limit
 from dpo_scale.model.wrapper import PairLogpsModel, add_lora, check_attention_device, enable_activation_checkpointing
 from dpo_scale.reference.cache import open_cache
@@ -41,6 +44,16 @@ from dpo_scale.reference.sources import AdaptersDisabled, CachedReference, Froze
 from dpo_scale.training import checkpoint
 from dpo_scale.training.failure_signs import FailureSigns
 from dpo_scale.training.run_files import STOP_REQUEST, set_aside_earlier_run
+from dpo_scale.training.batch_plan import (
+    FORWARD_BUDGET_FACTOR,
+    CostModel,
+    FixedCount,
+    StepPlan,
+    TokenBudget,
+    check_pairs_fit,
+    forward_budget,
+    scored_chosen_tokens,
+)
 from dpo_scale.training.sampler import StepSampler
 from dpo_scale.training.tracking import MetricsLog, ProgressBar, build_tracker, print0, print_line
 
@@ -65,6 +78,12 @@ class Run:
     """Read from the token store only when a micro-batch needs them."""
     eval_pairs: Sequence[Pair]
     sampler: StepSampler
+    batching: FixedCount | TokenBudget
+    """Splits each step's pairs into this run's micro-batches."""
+    eval_batching: FixedCount | TokenBudget
+    """Splits the held-out pairs into the evaluation's forwards."""
+    chosen_tokens: np.ndarray
+    """(training pairs,) each one's scored chosen tokens: the SFT term's mean is over the step's (loss.sft_loss)."""
     total_steps: int
     pad_token_id: int
     length_multiple: int
@@ -125,23 +144,33 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
             _generated_prompts(eval_pairs, config.eval.generate_prompts, world.size),
             config.eval.generate_max_new_tokens, "eval.generate_max_new_tokens",
         )  # fmt: skip
-    sampler = StepSampler(
-        len(train_pairs), config.micro_batch_size, config.gradient_accumulation_steps, replicas, config.seed
-    )
+    sampler = StepSampler(len(train_pairs), config.global_batch(world.size), config.seed)
     if sampler.steps_per_epoch == 0:
+        made_of = "global_batch_size" if config.uses_token_budget else "micro_batch_size x gradient_accumulation_steps x ranks"
         raise ConfigError(
-            f"{len(train_pairs)} training pairs do not fill one global batch of {sampler.global_batch} "
-            "(micro_batch_size x gradient_accumulation_steps x ranks): lower one of them or add data"
+            f"{len(train_pairs)} training pairs do not fill one global batch of {sampler.global_batch} ({made_of}): "
+            "lower it or add data"
         )
+    lengths = data.pair_lengths()
+    train_lengths, eval_lengths = lengths[train_positions], lengths[eval_positions]
+    if config.uses_token_budget:  # refused before any weights load; the exact row multiple is rechecked below
+        early_multiple = sequence_parallel_multiple(config.sequence_parallel_size, config.logps.attention)
+        check_pairs_fit(train_lengths, config.micro_batch_tokens, config.logps, early_multiple,
+                        config.sequence_parallel_size)  # fmt: skip
+        check_pairs_fit(eval_lengths, forward_budget(config), config.logps, early_multiple,
+                        config.sequence_parallel_size, "held-out pairs", FORWARD_BUDGET_FACTOR)  # fmt: skip
     total_steps = sampler.steps_per_epoch * config.epochs
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     if sampler.left_out_per_epoch:
         print0(f"{sampler.left_out_per_epoch} pairs per epoch do not fill a global batch and are left out of it")
 
+    # Under a token budget DeepSpeed's batch sizes are nominal: the loop owns the accumulation boundary (ds_config.py)
+    per_micro_batch, accumulation = (1, 1) if config.uses_token_budget else (config.micro_batch_size,
+                                                                              config.gradient_accumulation_steps)
     ds_config = resolve_deepspeed_config(
-        config.deepspeed, config.optim, config.micro_batch_size, config.gradient_accumulation_steps, world.size,
-        total_steps, config.sequence_parallel_size,
+        config.deepspeed, config.optim, per_micro_batch, accumulation, world.size, total_steps,
+        config.sequence_parallel_size,
     )  # fmt: skip
     sequence = distributed.init_groups(config.sequence_parallel_size, ds_config)
     if sequence.size > 1:
@@ -199,9 +228,14 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
             distributed.register_lm_head(reference_module, reference_model)
             reference = FrozenCopy(distributed.inference_engine(reference_module, ds_config, sequence))
 
+    cost_model = CostModel.for_hidden_size(policy.config.get_text_config().hidden_size)
+    multiple = policy_module.length_multiple
+    batching = _planner(config, train_lengths, replicas, multiple, cost_model, config.micro_batch_tokens, sampler)
+    eval_batching = _planner(config, eval_lengths, replicas, multiple, cost_model, forward_budget(config))
     state = Run(
         config=config, world=world, sequence=sequence, replica=replica, engine=engine, reference=reference,
-        train_pairs=train_pairs, eval_pairs=eval_pairs, sampler=sampler, total_steps=total_steps,
+        train_pairs=train_pairs, eval_pairs=eval_pairs, sampler=sampler, batching=batching,
+        eval_batching=eval_batching, chosen_tokens=scored_chosen_tokens(train_lengths), total_steps=total_steps,
         pad_token_id=padding_id(tokenizer), length_multiple=policy_module.length_multiple,
         tokenizer=tokenizer,
         loss_fn=build_preference_loss(config.loss), metrics_log=MetricsLog(run_dir / "metrics.jsonl"),
@@ -216,6 +250,22 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
     if world.is_main:  # from step 0 too: rows of a run killed before its first checkpoint are logged again
         state.metrics_log.truncate_after(state.start_step)
     return state
+
+
+def _planner(
+    config: TrainConfig, lengths: np.ndarray, replicas: int, multiple: int, cost_model: CostModel,
+    budget: int | None, sampler: StepSampler | None = None,
+) -> FixedCount | TokenBudget:
+    """The micro-batch split of pairs of these lengths: a token budget of `budget` positions under
+    micro_batch_tokens (its pairs checked to fit, now with the model's own row multiple), else micro_batch_size
+    pairs."""
+    if not config.uses_token_budget:
+        return FixedCount(lengths, config.micro_batch_size, replicas, config.logps, cost_model, sampler)
+    factor = budget // config.micro_batch_tokens
+    what = "training pairs" if factor == 1 else "held-out pairs"
+    check_pairs_fit(lengths, budget, config.logps, multiple, config.sequence_parallel_size, what, factor)
+    return TokenBudget(lengths, budget, replicas, config.logps, multiple, config.sequence_parallel_size, cost_model,
+                       sampler)  # fmt: skip
 
 
 def _token_store(config: TrainConfig, tokenizer, latest: Path | None) -> Path:
@@ -239,32 +289,44 @@ def train(state: Run) -> None:
     config, world, engine = state.config, state.world, state.engine
     progress = ProgressBar(state.total_steps, state.start_step, config.logging.progress_bar)
     sums: dict[str, torch.Tensor] = {}  # metric sums over the micro-batches since the last log, on device
+    plans: list[StepPlan] = []  # the plans of the steps since the last log (the same on every rank)
     window_start, window_first_step = time.perf_counter(), state.start_step
     for step in range(state.start_step, state.total_steps):
         lr = engine.get_lr()[0]  # the rate this step's update uses: engine.step() moves the scheduler on
+        plan = state.batching.plan(step)
+        # the loss's share of the update: DeepSpeed averages over the replicas, so each sums its pairs' losses x
+        # replicas / (the step's pairs)
+        share = state.batching.replicas / plan.num_pairs
+        chosen_tokens_per_pair = float(state.chosen_tokens[state.sampler.step_pairs(step)].mean())
         step_sums: dict[str, torch.Tensor] = {}
         nonfinite = torch.zeros(len(TERMS), device=world.device)  # per term, over this step's micro-batches
-        for indices in state.sampler.micro_batches(step, state.replica):
-            batch = collate(
-                [state.train_pairs[i] for i in indices], config.logps, state.pad_token_id, state.length_multiple
-            )
+        for indices in plan.micro_batches[state.replica]:
+            # an empty micro-batch (a step with fewer pairs than micro-batches) still runs a forward and backward,
+            # which ZeRO-3's collectives need on every rank, and counts for nothing
+            batch = collate([state.train_pairs[i] for i in indices or plan.first_pair], config.logps,
+                            state.pad_token_id, state.length_multiple)  # fmt: skip
             batch = batch.to(world.device)
             reference = state.reference.logps(batch) if state.reference else None
             policy = engine(batch)
-            output = state.loss_fn(policy, reference)
-            distributed.backward(engine, output.losses.mean())
-            engine.step()  # an optimizer step only at the accumulation boundary
-            nonfinite += _nonfinite_terms(policy, reference, output)
-            _accumulate(step_sums, preference_metrics(output, policy), batch)
-        if not _update_skipped(state, step, nonfinite):  # a skipped update's metrics stay out of the log
+            output = state.loss_fn(policy, reference, chosen_tokens_per_pair)
+            distributed.backward(engine, output.losses.sum() * (share if indices else 0.0))
+            if indices:
+                nonfinite += _nonfinite_terms(policy, reference, output)
+                _accumulate(step_sums, preference_metrics(output, policy), batch)
+        engine.step()  # reduces the step's gradients and updates, once per optimizer step
+        if not _update_skipped(state, step, nonfinite, plan):  # a skipped update's metrics stay out of the log
             for key, value in step_sums.items():
                 sums[key] = sums.get(key, 0) + value
+            plans.append(plan)
         done = step + 1
         if done % config.logging.every == 0 or done == state.total_steps:
             metrics = _reduce(sums, state.sequence.size)  # sync point: all-reduce and .item()
-            seconds_per_step = (time.perf_counter() - window_start) / (done - window_first_step)
-            sums, window_start, window_first_step = {}, time.perf_counter(), done
+            elapsed = time.perf_counter() - window_start
+            seconds_per_step = elapsed / (done - window_first_step)
             if metrics:  # empty when every update since the last log was skipped
+                metrics.update(_plan_metrics(plans, metrics, elapsed))
+            sums, plans, window_start, window_first_step = {}, [], time.perf_counter(), done
+            if metrics:
                 _log(state, done, "train", {**metrics, "lr": lr, "seconds_per_step": seconds_per_step})
                 progress.update(done, metrics)
                 for warning in state.signs.train(done, metrics, done * state.sampler.global_batch):
@@ -297,27 +359,26 @@ def _stop_requested(state: Run) -> bool:
 
 @torch.no_grad()
 def evaluate(state: Run) -> dict[str, float]:
-    """The same metrics on every held-out pair (what `dpo-scale eval` of the run scores), each data-parallel replica
-    taking every replicas-th micro-batch."""
+    """The same metrics on every held-out pair (what `dpo-scale eval` of the run scores), split over the
+    data-parallel replicas as a step's pairs are (`eval_batching`)."""
     config, world = state.config, state.world
     sums: dict[str, torch.Tensor] = {}
-    size, replicas = config.micro_batch_size, state.sampler.world_size
-    rounds = -(-len(state.eval_pairs) // (replicas * size))
-    for start in range(state.replica * size, rounds * replicas * size, replicas * size):
-        pairs = state.eval_pairs[start : start + size]  # the last round's may be short, or empty
+    plan = state.eval_batching.split(range(len(state.eval_pairs)))
+    for indices in plan.micro_batches[state.replica]:
         # every rank runs the same number of forwards (ZeRO-3 gathers weights collectively): a replica past the
         # last pair scores the first one again and keeps nothing of it
-        batch = collate(pairs or state.eval_pairs[:1], config.logps, state.pad_token_id, state.length_multiple)
-        batch = batch.to(world.device)
+        pairs = [state.eval_pairs[i] for i in indices or plan.first_pair]
+        batch = collate(pairs, config.logps, state.pad_token_id, state.length_multiple).to(world.device)
         policy = state.engine(batch)
         reference = state.reference.logps(batch) if state.reference else None
         scored = preference_metrics(state.loss_fn(policy, reference), policy)
-        if pairs:
+        if indices:
             _accumulate(sums, scored, batch)
         else:  # zeros under every key: the all-reduce sums the same tensors on every rank
             for key in [*scored, "pairs", "tokens", "unique_tokens"]:
                 sums.setdefault(key, torch.zeros((), device=world.device))
     metrics = _reduce(sums, state.sequence.size)
+    metrics.pop("tokens")
     if config.eval.generate_prompts:
         metrics.update(_generation_metrics(state))
     return metrics
@@ -332,7 +393,7 @@ def _generation_metrics(state: Run) -> dict[str, float]:
     prompts = _generated_prompts(state.eval_pairs, config.eval.generate_prompts, world.size)[world.rank :: world.size]
     settings = GenerationConfig(
         num_prompts=per_rank, samples_per_prompt=1, max_new_tokens=config.eval.generate_max_new_tokens,
-        batch_size=config.micro_batch_size, seed=config.seed,
+        batch_size=config.micro_batch_size or GENERATION_BATCH, seed=config.seed,
     )  # fmt: skip
     completions = generate(state.engine.module.model, prompts, settings, state.tokenizer, world.device)
     everyone = distributed.gather_to_all(completions)
@@ -342,6 +403,10 @@ def _generation_metrics(state: Run) -> dict[str, float]:
         "generations/distinct_2": distinct_n(samples, 2),
         "generations/mean_length": sum(map(len, samples)) / max(len(samples), 1),
     }
+
+
+GENERATION_BATCH = 4
+"""Prompts sampled together during training under a token budget (which sizes forwards of pairs, not prompts)."""
 
 
 def _generated_prompts(eval_pairs: Sequence[Pair], generate_prompts: int, ranks: int) -> list[list[int]]:
@@ -359,8 +424,9 @@ def _accumulate(sums: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor],
 
 
 def _reduce(sums: dict[str, torch.Tensor], ranks_per_batch: int) -> dict[str, float]:
-    """Per-pair means over every rank's sums since the last log. The `ranks_per_batch` ranks of a sequence-parallel
-    group hold the same sums (their per-pair values are reduced over the group), so they count once."""
+    """Per-pair means over every rank's sums since the last log, and the positions computed (`tokens`). The
+    `ranks_per_batch` ranks of a sequence-parallel group hold the same sums (their per-pair values are reduced over
+    the group), so they count once."""
     if not sums:
         return {}
     keys = sorted(sums)
@@ -370,7 +436,19 @@ def _reduce(sums: dict[str, torch.Tensor], ranks_per_batch: int) -> dict[str, fl
     metrics = {k: v / pairs for k, v in totals.items() if k not in ("tokens", "unique_tokens")}
     metrics["tokens_per_unique_token"] = totals["tokens"] / max(totals["unique_tokens"], 1.0)
     metrics["pairs"] = pairs / ranks_per_batch
+    metrics["tokens"] = totals["tokens"] / ranks_per_batch
     return metrics
+
+
+def _plan_metrics(plans: list[StepPlan], metrics: dict[str, float], seconds: float) -> dict[str, float]:
+    """From the window's plans (the same on every rank, no collective): micro-batches per replica per step and the
+    balance (batch_plan.StepPlan.balance), each the mean over its steps; and the positions computed per second, over
+    every replica."""
+    return {
+        "micro_batches": sum(plan.rounds for plan in plans) / len(plans),
+        "balance": sum(plan.balance for plan in plans) / len(plans),
+        "tokens_per_second": metrics.pop("tokens") / seconds,
+    }
 
 
 def _log(state: Run, step: int, split: str, metrics: dict[str, float]) -> None:
@@ -396,7 +474,7 @@ def _nonfinite_terms(policy, reference, output) -> torch.Tensor:
     ])  # fmt: skip
 
 
-def _update_skipped(state: Run, step: int, nonfinite: torch.Tensor) -> bool:
+def _update_skipped(state: Run, step: int, nonfinite: torch.Tensor, plan: StepPlan) -> bool:
     """DeepSpeed discards an update whose gradient norm is not finite; say which term broke, stop after too many."""
     skipped = state.engine.skipped_steps
     if skipped == state.skipped_steps:
@@ -410,8 +488,7 @@ def _update_skipped(state: Run, step: int, nonfinite: torch.Tensor) -> bool:
         f"({skipped} of at most {state.config.max_nonfinite_skips})"
     )
     if skipped > state.config.max_nonfinite_skips:
-        pairs = state.sampler.micro_batches(step, state.replica)
-        sources = [state.train_pairs[i].source for indices in pairs for i in indices][:4]
+        sources = [state.train_pairs[i].source for indices in plan.micro_batches[state.replica] for i in indices][:4]
         raise NonFiniteError(
             f"step {step + 1}: {skipped} updates skipped for non-finite values (limit "
             f"max_nonfinite_skips={state.config.max_nonfinite_skips}); this one in {', '.join(broken)}. "
@@ -429,11 +506,10 @@ def _warn_on_nf4_drift(state: Run) -> None:
     settings = state.config.reference.nf4
     pairs = state.train_pairs[: settings.drift_pairs]
     full, nf4 = [], []
-    for start in range(0, len(pairs), state.config.micro_batch_size):
-        batch = collate(
-            pairs[start : start + state.config.micro_batch_size], state.config.logps, state.pad_token_id,
-            state.length_multiple,
-        )  # fmt: skip
+    planner = _planner(state.config, lengths_of(pairs), 1, state.length_multiple, state.batching.cost_model,
+                       forward_budget(state.config))  # fmt: skip
+    for indices in planner.split(range(len(pairs))).micro_batches[0]:
+        batch = collate([pairs[i] for i in indices], state.config.logps, state.pad_token_id, state.length_multiple)
         batch = batch.to(state.world.device)
         full.append(state.engine(batch))
         nf4.append(state.reference.logps(batch))

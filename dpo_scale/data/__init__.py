@@ -7,7 +7,7 @@ from dpo_scale.data.errors import DataError
 from dpo_scale.data.formats import Example, normalise, read_examples, split_transcripts
 from dpo_scale.data.build import load_prepared
 from dpo_scale.data.cache import store_directory
-from dpo_scale.data.pairs import Dropped, Pair, PairView, PreparedData
+from dpo_scale.data.pairs import Dropped, Pair, PairView, PreparedData, lengths_of
 from dpo_scale.data.prepare import prepare, split_held_out
 from dpo_scale.data.sources import Row, read_rows
 from dpo_scale.data.tokenizer import load_tokenizer, padding_id, run_tokenizer
@@ -21,6 +21,7 @@ __all__ = [
     "PreparedData",
     "Row",
     "load_prepared",
+    "lengths_of",
     "load_tokenizer",
     "normalise",
     "padding_id",

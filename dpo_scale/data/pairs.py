@@ -58,6 +58,16 @@ class PreparedData:
     def summary(self) -> str:
         return summary_line(len(self.pairs), self.drop_counts())
 
+    def pair_lengths(self) -> np.ndarray:
+        """(pairs, 3) prompt, chosen and rejected lengths, as `TokenStore.pair_lengths` gives them."""
+        return lengths_of(self.pairs)
+
+
+def lengths_of(pairs: Sequence[Pair]) -> np.ndarray:
+    """(len(pairs), 3) prompt, chosen and rejected lengths."""
+    lengths = [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
+    return np.array(lengths, np.int64).reshape(-1, 3)
+
 
 class LazyPairs(Sequence[Pair]):
     """Pairs read only when asked for; a subclass gives `__len__` and `_read(position)` for 0 <= position < len."""

@@ -227,6 +227,15 @@ class TokenStore:
             np.load(self.directory / entry["name"], mmap_mode="r", allow_pickle=False) for entry in (tokens, rows)
         )
 
+    def pair_lengths(self) -> np.ndarray:
+        """(pairs, 3) prompt, chosen and rejected lengths of every kept pair, in order, from the rows files alone (a
+        million pairs: 80 MB of rows read, no tokens)."""
+        columns = [ROW_FIELDS.index(name) for name in ("prompt", "chosen", "rejected")]
+        per_shard = [np.zeros((0, 3), np.int64)]
+        for shard, entry in enumerate(self.manifest["shards"]):
+            per_shard.append(np.asarray(self.shard_arrays(shard)[1][: entry["pairs"]])[:, columns])  # kept come first
+        return np.concatenate(per_shard).astype(np.int64)
+
     def pair(self, position: int) -> Pair:
         """The kept pair at `position` (0 <= position < len(pairs)) in input order."""
         shard = int(np.searchsorted(self._first_pair, position, side="right")) - 1

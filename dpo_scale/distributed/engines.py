@@ -56,6 +56,12 @@ def training_engine(module: nn.Module, ds_config: dict, sequence: SequenceGroup 
     )
     if engine.lr_scheduler is not None:
         engine.lr_scheduler.step(0)
+    if dist.get_world_size() == 1 and engine.zero_optimization_stage() == 0:
+        # Nothing to reduce on one process without ZeRO, yet DeepSpeed would copy every gradient into flat buckets
+        # of up to 500M elements, all-reduce them over the one rank and copy them back at every step: a transient as
+        # large as the model's gradients (117M fp32: +320 MiB peak RSS, BENCHMARKS.md). ZeRO stages 1-3 gather
+        # gradients into their partitions in that reduction, so they keep it.
+        engine.enable_backward_allreduce = False
     if isinstance(engine.optimizer, torch.optim.Optimizer):  # stage 0, fp32: DeepSpeed steps torch's AdamW as is
         _skip_nonfinite_updates(engine.optimizer)
     return engine
@@ -82,16 +88,10 @@ def _skip_nonfinite_updates(optimizer: torch.optim.Optimizer) -> None:
 
 
 def backward(engine, loss: torch.Tensor) -> None:
-    """`engine.backward`, minus the gradient all-reduce where there is nothing to reduce. On one process without
-    ZeRO, DeepSpeed still copies every gradient into flat buckets of up to 500M elements, all-reduces them over the
-    one rank and copies them back: a transient as large as the model's gradients at the end of every backward (117M
-    fp32: +320 MiB peak RSS, BENCHMARKS.md). ZeRO stages 1-3 gather gradients into their partitions in that
-    reduction, so they keep it."""
-    if dist.get_world_size() == 1 and engine.zero_optimization_stage() == 0:
-        with engine.no_sync():
-            engine.backward(loss)
-    else:
-        engine.backward(loss)
+    """`engine.backward` of a loss already divided as the update needs (train.py): not again by DeepSpeed's
+    accumulation steps. The gradients accumulate locally until `engine.step()` (ds_config.py: the loop owns the
+    accumulation boundary)."""
+    engine.backward(loss, scale_wrt_gas=False)
 
 
 def inference_engine(module: nn.Module, ds_config: dict, sequence: SequenceGroup = SequenceGroup()):

@@ -17,6 +17,7 @@ log-prob stage gathers only those hidden states, so it never depends on the layo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -103,19 +104,20 @@ def _shared_units(pairs: list[Pair]) -> list[_Unit]:
     return units
 
 
-def _pack(units: list[_Unit], capacity: int) -> list[list[_Unit]]:
-    """First-fit decreasing: few rows, little padding. A unit longer than `capacity` gets a row of its own."""
-    rows: list[list[_Unit]] = []
+def _pack(sizes: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing of units of these `sizes` (tokens): each row's unit indices. Few rows, little padding; a
+    unit longer than `capacity` gets a row of its own."""
+    rows: list[list[int]] = []
     room: list[int] = []
-    for unit in sorted(units, key=lambda u: len(u.ids), reverse=True):
+    for unit in sorted(range(len(sizes)), key=sizes.__getitem__, reverse=True):
         for r, free in enumerate(room):
-            if len(unit.ids) <= free:
+            if sizes[unit] <= free:
                 rows[r].append(unit)
-                room[r] -= len(unit.ids)
+                room[r] -= sizes[unit]
                 break
         else:
             rows.append([unit])
-            room.append(capacity - len(unit.ids))
+            room.append(capacity - sizes[unit])
     return rows
 
 
@@ -127,22 +129,41 @@ def _pack(units: list[_Unit], capacity: int) -> list[list[_Unit]]:
 PACKED_ROW_TOKENS = 2048
 
 
-def _pack_rows(units: list[_Unit], pack_length: int | None) -> list[list[_Unit]]:
-    """`pack_length` given: first-fit decreasing into rows of that capacity (or the longest unit's). None: of the
-    capacities that fill 1, 2, ... rows evenly, up to PACKED_ROW_TOKENS (never below the longest unit), the packing
-    that computes the fewest positions (rows x longest row), the shorter rows on a tie."""
-    longest = max(len(u.ids) for u in units)
+def _pack_rows(sizes: list[int], pack_length: int | None) -> list[list[int]]:
+    """Rows of unit indices for units of these `sizes`. `pack_length` given: first-fit decreasing into rows of that
+    capacity (or the longest unit's). None: of the capacities that fill 1, 2, ... rows evenly, up to
+    PACKED_ROW_TOKENS (never below the longest unit), the packing that computes the fewest positions (rows x longest
+    row), the shorter rows on a tie."""
+    longest = max(sizes)
     if pack_length is not None:
-        return _pack(units, max(pack_length, longest))
-    total = sum(len(u.ids) for u in units)
-    capacities = {max(longest, -(-total // rows)) for rows in range(1, len(units) + 1)}
-    packings = [_pack(units, c) for c in sorted(capacities) if c <= max(longest, PACKED_ROW_TOKENS)]
+        return _pack(sizes, max(pack_length, longest))
+    total = sum(sizes)
+    capacities = {max(longest, -(-total // rows)) for rows in range(1, len(sizes) + 1)}
+    packings = [_pack(sizes, c) for c in sorted(capacities) if c <= max(longest, PACKED_ROW_TOKENS)]
 
-    def cost(rows: list[list[_Unit]]) -> tuple[int, int]:
-        width = max(sum(len(u.ids) for u in row) for row in rows)
+    def cost(rows: list[list[int]]) -> tuple[int, int]:
+        width = max(sum(sizes[u] for u in row) for row in rows)
         return len(rows) * width, width
 
     return min(packings, key=cost)
+
+
+def unit_sizes(lengths: Sequence[tuple[int, int, int]], config: LogpsConfig) -> list[int]:
+    """The units (runs of tokens attending within themselves) of pairs of these (prompt, chosen, rejected) lengths,
+    in `collate`'s order: one [prompt | chosen | rejected] per pair with prefix sharing, else every prompt + chosen,
+    then every prompt + rejected."""
+    if config.prefix_sharing:
+        return [p + c + r for p, c, r in lengths]
+    return [p + c for p, c, _ in lengths] + [p + r for p, _, r in lengths]
+
+
+def layout_positions(lengths: Sequence[tuple[int, int, int]], config: LogpsConfig, length_multiple: int = 1) -> int:
+    """The positions `collate` lays out (its `tokens`: rows x row length, padding included) for pairs of these
+    (prompt, chosen, rejected) lengths, computed from the lengths alone: what a token budget counts."""
+    sizes = unit_sizes(lengths, config)
+    rows = _pack_rows(sizes, config.pack_length) if config.packing else [[u] for u in range(len(sizes))]
+    length = max(sum(sizes[u] for u in row) for row in rows)
+    return len(rows) * (-(-length // length_multiple) * length_multiple)
 
 
 def collate(pairs: list[Pair], config: LogpsConfig, pad_token_id: int, length_multiple: int = 1) -> PairBatch:
@@ -151,7 +172,10 @@ def collate(pairs: list[Pair], config: LogpsConfig, pad_token_id: int, length_mu
     if not pairs:
         raise ValueError("collate needs at least one pair")
     units = _shared_units(pairs) if config.prefix_sharing else _separate_units(pairs)
-    rows = _pack_rows(units, config.pack_length) if config.packing else [[u] for u in units]
+    if config.packing:
+        rows = [[units[u] for u in row] for row in _pack_rows([len(u.ids) for u in units], config.pack_length)]
+    else:
+        rows = [[u] for u in units]
 
     num_rows = len(rows)
     length = max(sum(len(u.ids) for u in row) for row in rows)

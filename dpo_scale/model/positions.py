@@ -14,7 +14,7 @@ import numpy as np
 
 from dpo_scale.config import ConfigError, ModelConfig
 from dpo_scale.data.pairs import Pair, PreparedData
-from dpo_scale.data.store import ROW_FIELDS, TokenStore
+from dpo_scale.data.store import TokenStore
 from dpo_scale.hub import check_model_source
 
 
@@ -112,9 +112,5 @@ def position_limit(config: ModelConfig) -> PositionLimit:
 
 def _stored_positions(store: TokenStore) -> np.ndarray:
     """(pairs,) positions_needed of every pair of `store`, in order, from its rows files."""
-    prompt, chosen, rejected = (ROW_FIELDS.index(name) for name in ("prompt", "chosen", "rejected"))
-    per_shard = [np.zeros(0, np.int64)]
-    for shard, entry in enumerate(store.manifest["shards"]):
-        rows = np.asarray(store.shard_arrays(shard)[1][: entry["pairs"]])  # the kept pairs come first
-        per_shard.append(rows[:, prompt] + np.maximum(rows[:, chosen], rows[:, rejected]))
-    return np.concatenate(per_shard)
+    lengths = store.pair_lengths()
+    return lengths[:, 0] + lengths[:, 1:].max(axis=1)

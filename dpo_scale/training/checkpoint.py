@@ -112,7 +112,8 @@ def save(engine, step: int, config: TrainConfig, world: World) -> Path:
             "step": step,
             "optimizer_steps": optimizer_steps,
             "engine": distributed.engine_counters(engine),
-            "batch": {"micro_batch_size": config.micro_batch_size,
+            "batch": {"global_batch": config.global_batch(world.size), "micro_batch_size": config.micro_batch_size,
+                      "micro_batch_tokens": config.micro_batch_tokens,
                       "gradient_accumulation_steps": config.gradient_accumulation_steps, "ranks": world.size,
                       "sequence_parallel_size": config.sequence_parallel_size},
             "zero_stage": engine.zero_optimization_stage(),
@@ -322,13 +323,14 @@ def _read(handle, key: str, span: tuple[int, int] | None) -> torch.Tensor:
 
 
 def _check_global_batch(saved: dict, path: Path, config: TrainConfig, world: World) -> None:
-    """Sequence parallelism changes only how a micro-batch is split, so the global batch counts data-parallel
-    replicas (ranks / sequence_parallel_size; checkpoints from before it had none)."""
+    """The pairs per optimizer step must be the checkpoint's; how a step is split (ranks, sequence parallelism,
+    micro_batch_size or micro_batch_tokens) may change. Checkpoints from before the global batch was recorded
+    derive it (and from before sequence parallelism, count every rank as a replica)."""
     before = saved["batch"]
     old_replicas = before["ranks"] // before.get("sequence_parallel_size", 1)
-    old = before["micro_batch_size"] * before["gradient_accumulation_steps"] * old_replicas
+    old = before.get("global_batch") or before["micro_batch_size"] * before["gradient_accumulation_steps"] * old_replicas
     replicas = config.data_parallel_size(world.size)
-    new = config.micro_batch_size * config.gradient_accumulation_steps * replicas
+    new = config.global_batch(world.size)
     if old == new:
         return
     step = saved["step"]
@@ -339,19 +341,24 @@ def _check_global_batch(saved: dict, path: Path, config: TrainConfig, world: Wor
             "the data order is not the one the original run would have seen"
         )
         return
-    per_step = config.micro_batch_size * replicas
-    if old % per_step == 0:
-        hint = (f"gradient_accumulation_steps={old // per_step} keeps it (global_batch_size={old} derives it on any "
-                "number of ranks)")
+    if config.uses_token_budget:
+        hint = f"global_batch_size={old} keeps it"
+    elif old % (config.micro_batch_size * replicas) == 0:
+        hint = (f"gradient_accumulation_steps={old // (config.micro_batch_size * replicas)} keeps it "
+                f"(global_batch_size={old} derives it on any number of ranks)")
     else:
         hint = (f"no gradient_accumulation_steps gives {old} with micro_batch_size={config.micro_batch_size} on "
                 f"{replicas} data-parallel replica(s): micro_batch_size x gradient_accumulation_steps x replicas must "
                 f"be {old}")
+    this_run = (f"global_batch_size {new}" if config.uses_token_budget else
+                f"{config.micro_batch_size} x {config.gradient_accumulation_steps} x {replicas} replicas")  # fmt: skip
+    if before.get("micro_batch_tokens"):
+        trained = f"split under micro_batch_tokens={before['micro_batch_tokens']}"
+    else:
+        trained = (f"micro_batch_size {before['micro_batch_size']} x gradient_accumulation_steps "
+                   f"{before['gradient_accumulation_steps']} x {old_replicas} data-parallel replicas")  # fmt: skip
     raise ConfigError(
-        f"{path} was trained with a global batch of {old} pairs (micro_batch_size {before['micro_batch_size']} x "
-        f"gradient_accumulation_steps {before['gradient_accumulation_steps']} x {old_replicas} data-parallel "
-        f"replicas); this run's is {new} ({config.micro_batch_size} x {config.gradient_accumulation_steps} x "
-        f"{replicas} replicas). {hint}; "
+        f"{path} was trained with a global batch of {old} pairs ({trained}); this run's is {new} ({this_run}). {hint}; "
         f"or set checkpoint.allow_new_global_batch=true to continue with {new} (the data order changes from step "
         f"{step + 1} on)"
     )

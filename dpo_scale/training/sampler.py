@@ -3,8 +3,8 @@ step number and every world size / accumulation split of the same global batch s
 
 Epoch e is a permutation of the pairs drawn from `seed + e`; optimizer step s takes the next `global_batch` of it.
 The tail of an epoch that does not fill a global batch is left out of that epoch (and counted), so every update
-averages the same number of pairs: that is what makes 1 rank x 4 accumulation steps, 2 ranks x 2 and 4 ranks x 1
-the same update.
+averages the same number of pairs: that is what makes 1 rank x 4 accumulation steps, 2 ranks x 2, 4 ranks x 1 and
+any token budget's split the same update.
 """
 
 from __future__ import annotations
@@ -18,14 +18,9 @@ import torch
 @dataclass(frozen=True)
 class StepSampler:
     num_pairs: int
-    micro_batch_size: int
-    gradient_accumulation_steps: int
-    world_size: int
+    global_batch: int
+    """Pairs per optimizer step, over every rank."""
     seed: int
-
-    @property
-    def global_batch(self) -> int:
-        return self.micro_batch_size * self.gradient_accumulation_steps * self.world_size
 
     @property
     def steps_per_epoch(self) -> int:
@@ -38,18 +33,12 @@ class StepSampler:
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
 
-    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
-        """Pair indices for `rank`'s `gradient_accumulation_steps` micro-batches of optimizer step `step`."""
+    def step_pairs(self, step: int) -> list[int]:
+        """The pair indices of optimizer step `step`, in draw order (batch_plan.py splits them into micro-batches)."""
         epoch, within = divmod(step, self.steps_per_epoch)
         order = _epoch_order(self.num_pairs, self.seed, epoch)
         start = within * self.global_batch
-        batch = order[start : start + self.global_batch].tolist()
-        # micro-batch a of rank r: the (a * world_size + r)-th slice, so ranks split each accumulation round evenly
-        size = self.micro_batch_size
-        return [
-            batch[(a * self.world_size + rank) * size : (a * self.world_size + rank + 1) * size]
-            for a in range(self.gradient_accumulation_steps)
-        ]
+        return order[start : start + self.global_batch].tolist()
 
 
 # Drawing an epoch's permutation costs O(num_pairs) (a 1M-element randperm at 1M pairs), so it is drawn once per

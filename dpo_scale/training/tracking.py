@@ -170,8 +170,9 @@ class ProgressBar:
             self._bar = tqdm(total=total_steps, initial=initial, desc=label, unit=unit, dynamic_ncols=True)
 
     def update(self, step: int, metrics: Mapping[str, float]) -> None:
-        """Move to `step`; show the loss, reward accuracy and margin of `metrics` if it has them (the loop passes
-        the last logged values, so an empty mapping between logs keeps the previous ones on screen)."""
+        """Move to `step`; show the loss, reward accuracy, margin and positions computed per second (every rank's) of
+        `metrics` if it has them (the loop passes the last logged values, so an empty mapping between logs keeps the
+        previous ones on screen)."""
         if self._bar is None:
             return
         shown = {
@@ -179,6 +180,8 @@ class ProgressBar:
             for label, name in (("loss", "loss"), ("acc", "rewards/accuracies"), ("margin", "rewards/margins"))
             if name in metrics
         }
+        if "tokens_per_second" in metrics:
+            shown["tok/s"] = f"{float(metrics['tokens_per_second']):,.0f}"
         if shown:
             self._bar.set_postfix(shown, refresh=False)
         self._bar.update(step - self._bar.n)

@@ -280,33 +280,37 @@ def test_nf4_reference_trains_on_two_ranks(material, tmp_path):
 @pytest.mark.slow
 def test_two_ranks_train_an_mpo_combination_with_wpo_weights(material, tmp_path):
     """loss.loss_type [sigmoid, bco_pair, sft] with use_weighting on 2 ranks (deepspeed launcher): at step 1 the
-    policy is the reference, so each pair's loss is w·(ln 2 + 2 ln 2 + sft), w its WPO weight and sft its
-    micro-batch's mean NLL per chosen token (TRL 1.16's formulas, checked against its code in test_loss.py); those
-    come from the starting model scored here. fp32 rounding: 1e-5."""
+    policy is the reference, so each pair's loss is w·(ln 2 + 2 ln 2 + sft), w its WPO weight and sft its NLL over
+    the step's mean chosen length, so that the step's mean is its NLL per chosen token (TRL 1.16's formulas, checked
+    against its code in test_loss.py, over the step's pairs however they are split); those come from the starting
+    model scored here. fp32 rounding: 1e-5."""
     loss = {"loss_type": ["sigmoid", "bco_pair", "sft"], "use_weighting": True}
     tree = base_config(material, tmp_path / "mpo", micro_batch_size=4, loss=loss, max_steps=3)
     _ok(train(tree, ranks=2))
     rows = train_metrics(tmp_path / "mpo")
     assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
 
-    from dpo_scale.training.sampler import StepSampler
+    from fixed_split import Split
 
     config = build(TrainConfig, tree)
     tokenizer = load_tokenizer(str(material[0]))
     pairs = prepare(DataConfig(str(material[1])), tokenizer).pairs
     model = AutoModelForCausalLM.from_pretrained(material[0]).eval()
-    sampler = StepSampler(len(pairs), 4, 1, 2, config.seed)
-    expected = []
+    sampler = Split(len(pairs), 4, 1, 2, config.seed)
+    scored = []
     for rank in range(2):
         for indices in sampler.micro_batches(0, rank):
             batch = [pairs[i] for i in indices]
             with torch.no_grad():
-                out = PairLogpsModel(model, LogpsConfig(), weighting=True)(collate(batch, LogpsConfig(), 0))
-            sft = -out.chosen_logps.sum() / out.chosen_tokens.sum()
-            weights = torch.exp(out.chosen_weighting_logps / out.chosen_tokens) * torch.exp(
-                out.rejected_weighting_logps / out.rejected_tokens
-            )
-            expected += (weights * (3 * LN2 + sft)).tolist()
+                scored.append(PairLogpsModel(model, LogpsConfig(), weighting=True)(collate(batch, LogpsConfig(), 0)))
+    tokens_per_pair = sum(out.chosen_tokens.sum() for out in scored) / 8  # the step's, not the micro-batch's
+    expected = []
+    for out in scored:
+        sft = -out.chosen_logps / tokens_per_pair
+        weights = torch.exp(out.chosen_weighting_logps / out.chosen_tokens) * torch.exp(
+            out.rejected_weighting_logps / out.rejected_tokens
+        )
+        expected += (weights * (3 * LN2 + sft)).tolist()
     assert len(expected) == 8 and len(set(round(w, 4) for w in expected)) > 1  # the weights differ per pair
     assert rows[0]["loss"] == pytest.approx(sum(expected) / len(expected), rel=1e-5)
     assert rows[0]["rewards/chosen"] == rows[0]["rewards/rejected"] == 0.0

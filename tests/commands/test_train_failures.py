@@ -24,7 +24,7 @@ from dpo_scale.config import DataConfig
 from dpo_scale.data import load_tokenizer, prepare
 from dpo_scale.distributed import free_port
 from dpo_scale.training.checkpoint import load_weights
-from dpo_scale.training.sampler import StepSampler
+from fixed_split import Split
 from launch import DPO_SCALE, base_config, train_metrics
 
 DRIVER = textwrap.dedent(
@@ -54,7 +54,7 @@ DRIVER = textwrap.dedent(
         loss = build_loss(config)
         calls = 0  # one call per micro-batch: `accumulation` calls per optimizer step
 
-        def faulty_loss(policy, reference):
+        def faulty_loss(policy, reference, *args):
             nonlocal calls
             step = calls // accumulation + 1
             calls += 1
@@ -63,7 +63,7 @@ DRIVER = textwrap.dedent(
                 if fault["action"] == "sleep":
                     time.sleep(3600)  # alive, but never reaches the next collective
                 raise RuntimeError(f"injected failure on rank {fault['rank']} at step {step}")
-            output = loss(policy, reference)
+            output = loss(policy, reference, *args)
             if step in nan_steps:  # NaN losses, so NaN gradients for every weight
                 output = dataclasses.replace(output, losses=output.losses * float("nan"))
             return output
@@ -76,8 +76,8 @@ DRIVER = textwrap.dedent(
         left_out = spec["leave_out_batch"]  # 0-based step whose batch this run never sees
 
         class LeaveOutOne(loop.StepSampler):
-            def micro_batches(self, step, rank):
-                return super().micro_batches(step + (step >= left_out), rank)
+            def step_pairs(self, step):
+                return super().step_pairs(step + (step >= left_out))
 
         loop.StepSampler = LeaveOutOne
 
@@ -192,7 +192,7 @@ def test_too_many_nan_steps_stop_the_run_with_a_diagnostic(material, tmp_path):
         )
     assert "deepspeed skipped_steps=3" in result.stdout
     pairs = prepare(DataConfig(str(material[1])), load_tokenizer(str(material[0]))).pairs
-    sampler = StepSampler(len(pairs), micro_batch_size=4, gradient_accumulation_steps=1, world_size=1, seed=0)
+    sampler = Split(len(pairs), micro_batch_size=4, gradient_accumulation_steps=1, world_size=1, seed=0)
     sources = [pairs[i].source for batch in sampler.micro_batches(4, rank=0) for i in batch]
     assert len(sources) == 4 and all(source.startswith(f"{material[1]} line ") for source in sources)
     assert (

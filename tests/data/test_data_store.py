@@ -17,7 +17,7 @@ from dpo_scale.data import DataError, PairView, load_prepared, load_tokenizer, p
 from dpo_scale.data.cache import store_name
 from dpo_scale.data.formats import split_transcripts
 from dpo_scale.data.store import LAST_USED, rows_name, tokens_name
-from dpo_scale.training.sampler import StepSampler
+from fixed_split import Split
 
 HH = ("preferences", "hh-rlhf", "helpful-base", "test.jsonl.gz")
 
@@ -279,7 +279,7 @@ def test_training_sees_the_same_pairs_in_the_same_order_as_before_the_store(shar
     train_positions, eval_positions = split_held_out(len(stored), 0.05, seed=3)
     train, held_out = PairView(stored, train_positions), PairView(stored, eval_positions)
     assert list(held_out) == old_eval
-    sampler = StepSampler(len(train), 4, 2, 2, seed=3)
+    sampler = Split(len(train), 4, 2, 2, seed=3)
     for step in (0, 1, sampler.steps_per_epoch + 5):
         for rank in (0, 1):
             for indices in sampler.micro_batches(step, rank):

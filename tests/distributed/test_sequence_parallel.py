@@ -23,7 +23,7 @@ from dpo_scale.commands.demo import write_demo_material, write_tokenizer
 from dpo_scale.config import ConfigError, EvalConfig, TrainConfig, build
 from dpo_scale.distributed.sequence_parallel import check_heads, check_sequence_parallel
 from dpo_scale.training.checkpoint import load_weights
-from launch import DPO_SCALE, base_config, train, train_metrics
+from launch import DPO_SCALE, base_config, precompute, train, train_metrics
 from tiny import shared_path, tiny_model
 
 TESTS = Path(__file__).resolve().parents[1]  # tests/: the parity script sits beside tiny.py
@@ -82,20 +82,6 @@ def _tree(material, run_dir: Path, sequence_parallel_size: int, **sections) -> d
     return tree
 
 
-def _precompute(tree: dict, ranks: int):
-    config = Path(tree["run_dir"]).with_suffix(".yaml")
-    config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text(yaml.safe_dump(tree))
-    command = [DPO_SCALE, "precompute-ref", "--config", str(config)]
-    if ranks > 1:
-        from dpo_scale.distributed import free_port
-
-        launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
-        command = [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), *command]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Each setting trained as 2 ranks (SP 1) and 4 ranks (SP 2); the reference cache precomputed with SP 1 (one
@@ -109,7 +95,7 @@ def runs(tmp_path_factory):
     for size, ranks in ((1, 1), (2, 2)):
         cache = root / f"cache-sp{size}"
         tree = _tree(material, root / f"precompute-sp{size}", size, reference={"cache_dir": str(cache), "shard_size": 16})
-        _ok(_precompute(tree, ranks))
+        _ok(precompute(tree, ranks))
         caches[size] = cache
     settings = {
         "copy": {},  # the frozen copy: a ZeRO-3 inference engine

@@ -217,15 +217,16 @@ def test_wandb_offline_opens_no_network_socket_in_any_process(tmp_path):
     assert list((tmp_path / "run").glob("wandb/offline-run-*/run-*.wandb"))
 
 
-def test_progress_bar_shows_step_loss_accuracy_and_margin(monkeypatch, capsys):
+def test_progress_bar_shows_step_loss_accuracy_margin_and_tokens_per_second(monkeypatch, capsys):
     monkeypatch.setenv("RANK", "0")
     bar = ProgressBar(total_steps=10, initial=2, enabled=True)
-    bar.update(3, {"loss": 0.693147, "rewards/accuracies": 0.5, "rewards/margins": 0.123456, "lr": 1e-6})
+    bar.update(3, {"loss": 0.693147, "rewards/accuracies": 0.5, "rewards/margins": 0.123456, "lr": 1e-6,
+                   "tokens_per_second": 12345.6})  # fmt: skip
     bar.update(4, {})  # between logs: keeps the last values on screen
     bar.close()
     err = capsys.readouterr().err
     assert "4/10" in err
-    assert "loss=0.6931" in err and "acc=0.5000" in err and "margin=0.1235" in err
+    assert "loss=0.6931" in err and "acc=0.5000" in err and "margin=0.1235" in err and "tok/s=12,346" in err
     assert "lr" not in err
 
 
