@@ -315,10 +315,14 @@ class LogpsRunConfig:
     logps: LogpsConfig = field(default_factory=LogpsConfig)
     batch_size: int = 8
     """Pairs per forward."""
+    batch_tokens: int | None = None
+    """Positions per forward, counted as the layout lays them out; set, each forward holds as many consecutive pairs
+    as fit it (batch_size still caps the pairs); none: batch_size pairs. The values are the same either way."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size}: must be at least 1")
+        _check_batch_tokens(self.batch_tokens)
 
 
 ComputeDtype = Literal["float32", "bfloat16", "float16"]
@@ -358,7 +362,9 @@ class ReferenceConfig:
     shard_size: int = 4096
     """Pairs per cache shard: the unit of work and of resumption in precompute-ref."""
     precompute_batch_size: int = 16
-    """Pairs per forward in precompute-ref (no gradients, so larger than micro_batch_size)."""
+    """Pairs per forward in precompute-ref (no gradients, so larger than micro_batch_size). Not used under
+    micro_batch_tokens: each forward then holds as many consecutive pairs as fit training's forward-only budget,
+    FORWARD_BUDGET_FACTOR x micro_batch_tokens positions per rank (training/batch_plan.py)."""
     precompute_sharded: bool = False
     """precompute-ref with the reference in ZeRO-3 shards across ranks (deepspeed.config), for a reference that does
     not fit one device; otherwise every rank holds it whole and the ranks never wait for each other."""
@@ -720,6 +726,9 @@ class EvalRunConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     batch_size: int = 8
     """Pairs per forward."""
+    batch_tokens: int | None = None
+    """Positions per forward, counted as the layout lays them out; set, each forward holds as many consecutive pairs
+    as fit it (batch_size still caps the pairs); none: batch_size pairs."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"
     """auto: the first GPU if there is one, else the CPU."""
@@ -728,6 +737,12 @@ class EvalRunConfig:
         _check_choice(self, "", "dtype", Literal["float32", "bfloat16", "float16"])
         if self.batch_size < 1 or (self.num_pairs is not None and self.num_pairs < 1):
             raise ConfigError("batch_size and num_pairs must be at least 1")
+        _check_batch_tokens(self.batch_tokens)
+
+
+def _check_batch_tokens(batch_tokens: int | None) -> None:
+    if batch_tokens is not None and batch_tokens < 1:
+        raise ConfigError(f"batch_tokens={batch_tokens}: must be at least 1 (or null for batch_size pairs per forward)")
 
 
 def _check_choice(section: Any, prefix: str, name: str, choices: Any) -> None:

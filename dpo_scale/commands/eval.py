@@ -30,7 +30,8 @@ from dpo_scale.config import (
     ConfigError, EvalRunConfig, GenerationConfig, LossConfig, ModelConfig, TrainConfig, build,
 )  # fmt: skip
 from dpo_scale.data import (
-    Pair, PairView, load_prepared, load_tokenizer, padding_id, run_tokenizer, split_held_out, store_directory,
+    Pair, PairView, lengths_of, load_prepared, load_tokenizer, padding_id, run_tokenizer, split_held_out,
+    store_directory,
 )  # fmt: skip
 from dpo_scale.data.build import store_differences
 from dpo_scale.data.store import TokenStore, current_manifest
@@ -43,6 +44,7 @@ from dpo_scale.model.positions import PositionLimit, position_limit
 from dpo_scale.model.wrapper import PairLogpsModel, check_attention_device, load_causal_lm
 from dpo_scale.reference.cache import open_cache
 from dpo_scale.reference.sources import CachedReference
+from dpo_scale.training.batch_plan import check_batch_tokens, forward_batches, scored_chosen_tokens
 from dpo_scale.training.checkpoint import is_checkpoint, saved_config
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
@@ -70,6 +72,8 @@ def run_eval(config: EvalRunConfig) -> dict:
     for limit in limits:
         limit.check_pairs(pairs)
         limit.check_generation(prompts, config.generation.max_new_tokens, "generation.max_new_tokens")
+    check_batch_tokens(lengths_of(pairs), config.batch_tokens, config.logps, "held-out pairs",
+                       "data.max_length" if config.data else None)  # fmt: skip
     loss_config = config.loss or (run.loss if run else LossConfig())
 
     policy = _load_policy(config.policy).to(device=device, dtype=dtype).eval()
@@ -166,8 +170,9 @@ def _run_store(policy: str, run, tokenizer) -> TokenStore:
 @torch.no_grad()
 def score_pairs(policy, reference, pairs, config: EvalRunConfig, loss_config, tokenizer, device,
                 cache: CachedReference | None = None) -> dict[str, float]:  # fmt: skip
-    """Per-pair means of the training metrics (loss, rewards, margins, accuracies, log-probs) over `pairs`; the
-    reference's log-probs from `cache` when there is one."""
+    """Per-pair means of the training metrics (loss, rewards, margins, accuracies, log-probs) over `pairs`, in
+    forwards of config.batch_size pairs or as many as fit config.batch_tokens; the reference's log-probs from
+    `cache` when there is one."""
     if not pairs:
         return {"pairs": 0}
     pad = padding_id(tokenizer)
@@ -175,12 +180,15 @@ def score_pairs(policy, reference, pairs, config: EvalRunConfig, loss_config, to
     reference_scorer = PairLogpsModel(reference, config.logps)
     loss_fn = build_preference_loss(loss_config)
     sums: dict[str, float] = {}
-    for start in range(0, len(pairs), config.batch_size):
-        chunk = pairs[start : start + config.batch_size]
+    lengths = lengths_of(pairs)
+    chosen_tokens_per_pair = float(scored_chosen_tokens(lengths).mean())  # the SFT term's token mean: over them all
+    for indices in forward_batches(lengths, config.batch_tokens, config.logps, max_pairs=config.batch_size):
+        chunk = pairs[indices[0] : indices[-1] + 1]
         batch = collate(chunk, config.logps, pad).to(device)
         policy_logps = policy_scorer(batch)
         reference_logps = cache.logps(batch) if cache is not None else reference_scorer(batch)
-        for key, value in preference_metrics(loss_fn(policy_logps, reference_logps), policy_logps).items():
+        output = loss_fn(policy_logps, reference_logps, chosen_tokens_per_pair)
+        for key, value in preference_metrics(output, policy_logps).items():
             sums[key] = sums.get(key, 0.0) + value.item() * len(chunk)
     metrics = {key: value / len(pairs) for key, value in sums.items()}
     metrics["pairs"] = len(pairs)

@@ -1,6 +1,8 @@
 """`dpo-scale logps`: every pair's chosen and rejected log-prob sums under one model, in input order.
 
 Users inspect their data with it and compare numbers with other tools; dropped pairs are listed with their reason.
+Each forward holds `batch_size` pairs, or with `batch_tokens` as many consecutive ones as fit that many positions
+(training/batch_plan.py); a pair's values are its own, whichever batch it is in.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dpo_scale.io import atomic_open
 from dpo_scale.model.layout import collate
 from dpo_scale.model.positions import position_limit
 from dpo_scale.model.wrapper import PairLogpsModel, check_attention_device, load_causal_lm
+from dpo_scale.training.batch_plan import check_batch_tokens, forward_batches
 
 
 def run_logps(config: LogpsRunConfig) -> dict[str, float]:
@@ -26,14 +29,16 @@ def run_logps(config: LogpsRunConfig) -> dict[str, float]:
     data = load_prepared(config.data, tokenizer, config.data.cache_dir)
     print(data.summary(), flush=True)
     positions.check_prepared(data)
+    lengths = data.pair_lengths()  # (pairs, 3)
+    check_batch_tokens(lengths, config.batch_tokens, config.logps, "pairs")
     model = PairLogpsModel(load_causal_lm(config.model), config.logps).eval()
     pad_token_id = padding_id(tokenizer)
 
     records = {d.index: {"index": d.index, "source": d.source, "dropped": d.reason} for d in data.dropped}
     tokens = unique_tokens = 0
     with torch.no_grad():
-        for start in range(0, len(data.pairs), config.batch_size):
-            pairs = data.pairs[start : start + config.batch_size]
+        for indices in forward_batches(lengths, config.batch_tokens, config.logps, max_pairs=config.batch_size):
+            pairs = data.pairs[indices[0] : indices[-1] + 1]
             batch = collate(pairs, config.logps, pad_token_id)
             out = model(batch)
             tokens += batch.tokens

@@ -12,6 +12,11 @@ values are those of one process (tests/distributed/test_sequence_parallel.py). W
 `reference.precompute_sharded` the reference is a ZeRO-3 inference engine split across the ranks, for one that does
 not fit a device: every forward then gathers each layer from all ranks, so all ranks must run the same number of
 forwards. A rank with fewer batches left runs throw-away forwards of one pair until the busiest rank is done.
+
+A forward holds `reference.precompute_batch_size` pairs, or under `micro_batch_tokens` as many consecutive pairs as
+fit FORWARD_BUDGET_FACTOR x micro_batch_tokens positions per rank (training's forward-only budget, batch_plan.py: a
+forward without backward keeps no activations between layers). Each pair's values are its own (no packing), so the
+cache is the same files whichever batching made it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from dpo_scale import distributed
@@ -31,12 +37,13 @@ from dpo_scale.data import Pair, load_prepared, padding_id, run_tokenizer, store
 from dpo_scale.distributed.sequence_parallel import check_sequence_parallel
 from dpo_scale.ds_config import AUTO, resolve_deepspeed_config
 from dpo_scale.io import atomic_open
-from dpo_scale.model.layout import collate
+from dpo_scale.model.layout import collate, sequence_parallel_multiple
 from dpo_scale.model.positions import position_limit
 from dpo_scale.model.wrapper import PairLogpsModel, check_attention_device, load_causal_lm
 from dpo_scale.reference.cache import (
     FIELDS, MANIFEST, differences, fingerprint, shard_name, write_manifest, write_shard,
 )  # fmt: skip
+from dpo_scale.training.batch_plan import FORWARD_BUDGET_FACTOR, check_pairs_fit, forward_batches, forward_budget
 from dpo_scale.training.tracking import ProgressBar, print0, print_line
 
 FINGERPRINT = "fingerprint.json"
@@ -69,18 +76,24 @@ def _precompute(config: TrainConfig, world: distributed.World) -> Path:
     data = load_prepared(config.data, tokenizer, store_directory(config.data, tokenizer, config.run_dir))
     print0(data.summary())
     positions.check_prepared(data)
+    scoring = _scoring(config.logps)
+    lengths = data.pair_lengths()  # (pairs, 3)
+    # refused before anything is written or loaded; checked again with the loaded model's row multiple
+    early_multiple = sequence_parallel_multiple(config.sequence_parallel_size, scoring.attention)
+    _check_pairs_fit(config, scoring, lengths, early_multiple)
     made_for = fingerprint(config.model, config.data, tokenizer)
     if world.is_main:
         _claim(directory, made_for)
     torch.distributed.barrier()
 
     shard_size = config.reference.shard_size
-    batch_size = config.reference.precompute_batch_size
     num_shards = math.ceil(len(data.pairs) / shard_size)
     mine = [i for i in range(replica, num_shards, replicas) if not (directory / shard_name(i)).exists()]
     print0(f"{num_shards} shards of up to {shard_size} pairs; {num_shards - _done(directory, num_shards)} to compute")
-    scoring = _scoring(config.logps)
     model, length_multiple = _reference(config, scoring, ds_config, world, sequence)
+    _check_pairs_fit(config, scoring, lengths, length_multiple)
+    batches = {i: _forward_batches(config, scoring, lengths[i * shard_size : (i + 1) * shard_size], length_multiple)
+               for i in mine}  # fmt: skip
     pad_token_id = padding_id(tokenizer)
 
     def score(pairs: list[Pair]) -> dict[str, torch.Tensor]:
@@ -90,12 +103,15 @@ def _precompute(config: TrainConfig, world: distributed.World) -> Path:
             "chosen_shared": out.chosen_shared_logps.cpu(), "rejected_shared": out.rejected_shared_logps.cpu(),
         }  # fmt: skip
 
-    forwards = sum(math.ceil(len(_shard(data.pairs, i, shard_size)) / batch_size) for i in mine)
+    forwards = sum(len(shard) for shard in batches.values())
+    if config.uses_token_budget:
+        print_line(f"rank {world.rank}: {forwards} forwards of at most {forward_budget(config)} positions per rank "
+                   f"({FORWARD_BUDGET_FACTOR} x micro_batch_tokens)")  # fmt: skip
     progress = ProgressBar(len(mine), 0, config.logging.progress_bar, label="precompute-ref", unit="shard")
     with torch.no_grad():
         for done, index in enumerate(mine, start=1):
             pairs = _shard(data.pairs, index, shard_size)
-            scored = [score(pairs[start : start + batch_size]) for start in range(0, len(pairs), batch_size)]
+            scored = [score(pairs[batch[0] : batch[-1] + 1]) for batch in batches[index]]
             if sequence.rank == 0:  # the group's ranks hold the same values
                 write_shard(directory, index, pairs, {name: torch.cat([v[name] for v in scored]) for name in FIELDS})
             progress.update(done, {})
@@ -131,6 +147,23 @@ def _sharded_deepspeed_config(config: TrainConfig, world: distributed.World) -> 
             "training runs that read this cache)"
         )
     return ds_config
+
+
+def _check_pairs_fit(config: TrainConfig, scoring: LogpsConfig, lengths: np.ndarray, length_multiple: int) -> None:
+    """Under micro_batch_tokens, refuse pairs that alone exceed a forward's budget (one line)."""
+    if config.uses_token_budget:
+        check_pairs_fit(lengths, forward_budget(config), scoring, length_multiple, config.sequence_parallel_size,
+                        "pairs to score", FORWARD_BUDGET_FACTOR)  # fmt: skip
+
+
+def _forward_batches(config: TrainConfig, scoring: LogpsConfig, lengths: np.ndarray,
+                     length_multiple: int) -> list[list[int]]:  # fmt: skip
+    """One shard's forwards, each a run of consecutive positions in the shard (`lengths`: its pairs' (n, 3)):
+    reference.precompute_batch_size pairs, or under micro_batch_tokens as many as fit the forward budget (a
+    sequence-parallel group computes SP x the budget of a rank)."""
+    if not config.uses_token_budget:
+        return forward_batches(lengths, None, scoring, max_pairs=config.reference.precompute_batch_size)
+    return forward_batches(lengths, forward_budget(config) * config.sequence_parallel_size, scoring, length_multiple)
 
 
 def _reference(

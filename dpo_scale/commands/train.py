@@ -364,6 +364,7 @@ def evaluate(state: Run) -> dict[str, float]:
     config, world = state.config, state.world
     sums: dict[str, torch.Tensor] = {}
     plan = state.eval_batching.split(range(len(state.eval_pairs)))
+    chosen_tokens_per_pair = float(scored_chosen_tokens(state.eval_batching.lengths).mean())  # SFT: over them all
     for indices in plan.micro_batches[state.replica]:
         # every rank runs the same number of forwards (ZeRO-3 gathers weights collectively): a replica past the
         # last pair scores the first one again and keeps nothing of it
@@ -371,7 +372,7 @@ def evaluate(state: Run) -> dict[str, float]:
         batch = collate(pairs, config.logps, state.pad_token_id, state.length_multiple).to(world.device)
         policy = state.engine(batch)
         reference = state.reference.logps(batch) if state.reference else None
-        scored = preference_metrics(state.loss_fn(policy, reference), policy)
+        scored = preference_metrics(state.loss_fn(policy, reference, chosen_tokens_per_pair), policy)
         if indices:
             _accumulate(sums, scored, batch)
         else:  # zeros under every key: the all-reduce sums the same tensors on every rank

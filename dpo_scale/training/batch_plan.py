@@ -15,6 +15,9 @@ step holds fewer pairs than replicas x M: its replica runs a forward that counts
 
 from __future__ import annotations
 
+import bisect
+import heapq
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -137,32 +140,69 @@ class TokenBudget(_Planner):
                                 self.length_multiple)  # fmt: skip
 
     def split(self, batch: Sequence[int]) -> StepPlan:
-        batch = np.asarray(batch, np.int64)
-        rounds = max(1, -(-int(self._tokens[batch].sum()) // (self.replicas * self.group_budget)))
-        while True:
-            bins = self._fill(batch, self.replicas * rounds)
-            if bins is not None and all(not b or self.positions(b) <= self.group_budget for b in bins):
-                break
-            rounds += 1  # ends: one pair per micro-batch fits (`check_pairs_fit`), at worst at len(batch) rounds
-        costs = np.array([self._costs[b].sum() if b else 0.0 for b in bins])
-        order = np.argsort(-costs, kind="stable")  # rounds of similar cost, the costliest first
-        return self._plan([[bins[order[a * self.replicas + r]] for a in range(rounds)] for r in range(self.replicas)])
+        longest_first = np.asarray(batch, np.int64)[np.argsort(-self._costs[batch], kind="stable")]
+        # The fewest rounds the fill fits in: doubled from the least the summed tokens allow, then bisected between
+        # a count that failed and one that fits (the fill is greedy: "fewest" is the fewest it finds this way).
+        cannot = max(0, -(-int(self._tokens[longest_first].sum()) // (self.replicas * self.group_budget)) - 1)
+        rounds = cannot + 1
+        found = self._fill_rounds(longest_first, rounds)
+        while found is None and rounds < len(longest_first):
+            cannot, rounds = rounds, min(2 * rounds, len(longest_first))
+            found = self._fill_rounds(longest_first, rounds)
+        if found is None:  # every pair fits alone (check_pairs_fit): one per micro-batch
+            pairs = longest_first.tolist() + [None] * (-len(longest_first) % self.replicas)
+            found = [[[] if p is None else [p] for p in pairs[a : a + self.replicas]]
+                     for a in range(0, len(pairs), self.replicas)]  # fmt: skip
+            rounds = len(found)
+        while rounds - cannot > 1:
+            middle = (cannot + rounds) // 2
+            filled = self._fill_rounds(longest_first, middle)
+            if filled is None:
+                cannot = middle
+            else:
+                rounds, found = middle, filled
+        return self._plan([[found[a][r] for a in range(len(found))] for r in range(self.replicas)])
 
-    def _fill(self, batch: np.ndarray, count: int) -> list[list[int]] | None:
-        """Longest-processing-time first into `count` micro-batches, each pair into the least costly one whose summed
-        unit tokens stay within the budget (a lower bound of its positions: the exact count is checked after);
-        None when a pair finds no room."""
-        load, tokens = np.zeros(count), np.zeros(count, np.int64)
-        bins: list[list[int]] = [[] for _ in range(count)]
-        for pair in batch[np.argsort(-self._costs[batch], kind="stable")].tolist():
-            room = tokens + self._tokens[pair] <= self.group_budget
-            if not room.any():
+    def _fill_rounds(self, longest_first: np.ndarray, rounds: int) -> list[list[list[int]]] | None:
+        """The pairs (costliest first) in `rounds` accumulation rounds of `replicas` micro-batches, or None where
+        they do not fit. Round by round, the least loaded micro-batch takes the costliest pair that keeps it within
+        the round's level (and its summed unit tokens within the budget), until none can take one. The level is the
+        costlier of the round's costliest pair and the mean a micro-batch still has to carry, so that a long pair's
+        round gives the other replicas as much work (rather than one long pair beside short ones); the last round's
+        is unbounded (everything left, within the budget). Summed unit tokens are a lower bound of the positions: a
+        micro-batch whose exact positions go past the budget gives its last pairs back to the rounds after."""
+        costs, tokens, budget = self._costs, self._tokens, self.group_budget
+        ascending = longest_first[::-1].tolist()  # (pairs left,) cheapest first, for bisection on their costs
+        keys = costs[ascending].tolist()
+        filled: list[list[list[int]]] = []
+        for a in range(rounds):
+            if not ascending:
+                break
+            last = a == rounds - 1
+            level = math.inf if last else max(keys[-1], sum(keys) / (self.replicas * (rounds - a)))
+            micro_batches: list[list[int]] = [[] for _ in range(self.replicas)]
+            open_batches = [(0.0, 0, r) for r in range(self.replicas)]  # (load, tokens, replica): a heap
+            while open_batches and ascending:
+                load, used, replica = heapq.heappop(open_batches)
+                position = bisect.bisect_right(keys, level - load) - 1
+                while position >= 0 and used + tokens[ascending[position]] > budget:
+                    position -= 1
+                if position < 0:
+                    continue  # full for this round
+                pair = ascending.pop(position)
+                del keys[position]
+                micro_batches[replica].append(pair)
+                heapq.heappush(open_batches, (load + costs[pair], used + tokens[pair], replica))
+            for micro_batch in micro_batches:  # padding can lay out more than the summed tokens: give pairs back
+                while len(micro_batch) > 1 and self.positions(micro_batch) > budget:
+                    pair = micro_batch.pop()
+                    position = bisect.bisect_left(keys, costs[pair])
+                    ascending.insert(position, pair)
+                    keys.insert(position, costs[pair])
+            if last and ascending:
                 return None
-            target = int(np.flatnonzero(room)[np.argmin(load[room])])
-            bins[target].append(pair)
-            load[target] += self._costs[pair]
-            tokens[target] += self._tokens[pair]
-        return bins
+            filled.append(micro_batches)
+        return None if ascending else filled
 
 
 def forward_batches(lengths: np.ndarray, budget: int | None, config: LogpsConfig, length_multiple: int = 1,
@@ -216,9 +256,7 @@ def check_pairs_fit(lengths: np.ndarray, budget: int, config: LogpsConfig, lengt
     x micro_batch_tokens: in one line, before any model loads."""
     if not len(lengths):
         return
-    unique, inverse = np.unique(lengths, axis=0, return_inverse=True)
-    alone = np.array([layout_positions([tuple(row)], config, length_multiple) for row in unique.tolist()], np.int64)
-    per_rank = -(-alone[inverse.reshape(-1)] // sequence_parallel_size)
+    per_rank = -(-positions_alone(lengths, config, length_multiple) // sequence_parallel_size)
     over = per_rank > budget
     if not over.any():
         return
@@ -231,3 +269,30 @@ def check_pairs_fit(lengths: np.ndarray, budget: int, config: LogpsConfig, lengt
         f"raise micro_batch_tokens to {-(-longest // factor)} or more, raise sequence_parallel_size (each rank of a "
         "group holds 1/SP of every row), or lower data.max_length"
     )
+
+
+def check_batch_tokens(lengths: np.ndarray, batch_tokens: int | None, config: LogpsConfig, what: str,
+                       max_length_key: str | None = "data.max_length") -> None:  # fmt: skip
+    """`batch_tokens`, the budget of the forward-only commands `logps` and `eval` (one process, no ranks): refuse
+    `what` (pairs of these lengths) that alone need more, in one line naming how many, the longest and the fix
+    (`max_length_key`: the setting that shortens them, if the command has one), before any model loads."""
+    if batch_tokens is None or not len(lengths):
+        return
+    positions = positions_alone(lengths, config)
+    over = positions > batch_tokens
+    if not over.any():
+        return
+    longest = int(positions.max())
+    shorter = f", or lower {max_length_key}" if max_length_key else ""
+    raise ConfigError(
+        f"{int(over.sum())} of {len(lengths)} {what} need more than batch_tokens={batch_tokens} positions on their own "
+        f"(the longest {longest}, as the layout computes them): raise batch_tokens to {longest} or more{shorter}"
+    )
+
+
+def positions_alone(lengths: np.ndarray, config: LogpsConfig, length_multiple: int = 1) -> np.ndarray:
+    """(n,) the positions each pair of these (n, 3) lengths needs in a micro-batch of its own (`layout_positions`),
+    computed once per distinct length triple."""
+    unique, inverse = np.unique(lengths, axis=0, return_inverse=True)
+    alone = np.array([layout_positions([tuple(row)], config, length_multiple) for row in unique.tolist()], np.int64)
+    return alone[inverse.reshape(-1)]

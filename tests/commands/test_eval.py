@@ -11,11 +11,12 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from dpo_scale.cli import main
-from dpo_scale.commands.demo import write_demo_material
+from dpo_scale.commands.demo import write_demo_material, write_model, write_tokenizer
 from dpo_scale.commands.eval import distinct_n, generate, load_reward_fn, run_eval, samples_path, sequence_logps
 from dpo_scale.config import ConfigError, EvalRunConfig, GenerationConfig, LogpsConfig, build
 from dpo_scale.data import load_tokenizer
 from launch import DPO_SCALE, base_config, train, train_metrics
+from uneven_pairs import write_uneven_material
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +191,35 @@ def test_readme_names_the_samples_file_eval_writes():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert samples_path("eval/hh.json") == Path("eval/hh.samples.md")
     assert "`--out eval/hh.json` writes `eval/hh.samples.md`" in readme
+
+
+@pytest.mark.slow
+def test_batch_tokens_scores_the_same_pairs_the_same_and_refuses_a_pair_over_it(tmp_path):
+    """`batch_tokens=60`: forwards of as many consecutive held-out pairs as fit 60 positions (1 to 3 of these uneven
+    pairs) give the metrics of fixed forwards of 4 (per-pair means of per-pair values: fp32 rounding, 1e-5) for a
+    policy other than its reference. A pair that alone needs more than batch_tokens is refused in one line, with
+    the size to raise it to, before anything is written."""
+    model_dir, data_path = write_uneven_material(tmp_path / "demo", rows=40)
+    policy = tmp_path / "policy"
+    write_model(policy, vocab_size=len(write_tokenizer(policy)), seed=1)
+    common = [DPO_SCALE, "eval", "--policy", str(policy), f"reference={model_dir}", "--data", str(data_path),
+              "generation.num_prompts=0"]  # fmt: skip
+    scored = {}
+    for name, options in {"fixed": ["batch_size=4"], "budget": ["batch_tokens=60"]}.items():
+        result = subprocess.run([*common, "--out", str(tmp_path / f"{name}.json"), *options], capture_output=True,
+                                text=True, timeout=300)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        scored[name] = json.loads((tmp_path / f"{name}.json").read_text())["preference"]
+    assert scored["fixed"]["pairs"] == scored["budget"]["pairs"] == 40
+    assert abs(scored["fixed"]["rewards/chosen"]) > 0.01  # the policy is not its reference: the values are not trivial
+    for key, value in scored["fixed"].items():
+        assert scored["budget"][key] == pytest.approx(value, abs=1e-5), key
+
+    refused = subprocess.run([*common, "--out", str(tmp_path / "refused.json"), "batch_tokens=20"],
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert refused.returncode == 2
+    assert refused.stderr.strip().endswith(
+        "of 40 held-out pairs need more than batch_tokens=20 positions on their own (the longest 34, as the layout "
+        "computes them): raise batch_tokens to 34 or more, or lower data.max_length"
+    ), refused.stderr[-2000:]
+    assert not (tmp_path / "refused.json").exists()

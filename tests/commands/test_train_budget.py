@@ -2,13 +2,14 @@
 gradient_accumulation_steps=2 against 2 ranks with micro_batch_tokens and global_batch_size=8, over 8 steps of real
 HH-RLHF pairs of unequal length under the real stories260K (so the budget's micro-batch counts differ between steps
 and between ranks' neighbours): losses, final weights and Adam's moments, for every reference source, LoRA, a loss
-with an SFT term and WPO weighting, ZeRO-3 with SP 2 x DP 2 on 4 ranks, and a resume of a budgeted 2-rank run as one
+with an SFT term and WPO weighting, ZeRO-2, ZeRO-3 with offload, ZeRO-3 with SP 2 x DP 2 on 4 ranks, and a resume of a budgeted 2-rank run as one
 process with another budget. The launches are shared (one module fixture) and marked slow."""
 
 from __future__ import annotations
 
 import gzip
 import itertools
+import json
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dpo_scale.ds_config import DS_CONFIGS
 from dpo_scale.training.checkpoint import load_weights
 from launch import base_config, precompute, train, train_metrics
 from tiny import shared_path
@@ -76,6 +78,15 @@ def runs(tmp_path_factory):
         _ok(train(_tree(material, budgeted, BUDGET, **sections), ranks=2, timeout=600))
     done_dirs = {name: (root / f"{'copy' if name == 'cache' else name}-fixed", root / f"{name}-budget")
                  for name in settings}  # fmt: skip
+    # the other ZeRO stages: 2, and 3 with optimizer and parameters offloaded to the CPU (with torch's AdamW, as in
+    # tests/training/test_checkpoint.py: DeepSpeedCPUAdam's C++ build would cost CI a minute)
+    offload = json.loads((DS_CONFIGS / "zero3_offload.json").read_text())
+    offload["optimizer"]["params"]["torch_adam"] = True
+    (root / "zero3_offload.json").write_text(json.dumps(offload))
+    for name, ds_config in (("zero2", "zero2"), ("zero3_offload", str(root / "zero3_offload.json"))):
+        _ok(train(_tree(material, root / f"{name}-budget", BUDGET, deepspeed={"config": ds_config}), ranks=2,
+                  timeout=600))  # fmt: skip
+        done_dirs[name] = (root / "copy-fixed", root / f"{name}-budget")
     sliced = root / "copy-budget-sp2"
     _ok(train(_tree(material, sliced, BUDGET // 2, sequence_parallel_size=2), ranks=4, timeout=600))
     resumed = root / "resumed"
@@ -99,27 +110,44 @@ def _moments(run_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _assert_close_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    """Every tensor within 1e-5 of its own largest value: a micro-batch counted twice, a loss divided by its own
-    pairs instead of the step's, or DeepSpeed's averaging left in would be off by 10% or more."""
+def _assert_close_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], together: float = 1e-5) -> None:
+    """Weights, or Adam's first or second moments: over all of them together within 1e-5 relative (the norm of the
+    difference over the norm), and each tensor within 1e-4 of its own largest value. fp32 sums in another order
+    set the floor: the shipped fixed split, 1 process x 2 accumulations against 2 ranks x 1, differs by 7.6e-6
+    (first moments, together) and by up to 4.1e-5 of a tensor's largest value (a layer norm's first moment, whose
+    gradient is a sum of cancelling terms; LoRA's B, all of whose value is updates, alike). A micro-batch counted
+    twice, a loss divided by its own pairs instead of the step's, or DeepSpeed's averaging left in is off by 10% or
+    more."""
     assert set(got) == set(want) and want
     for name in want:
         scale = max(want[name].abs().max().item(), 1e-30)
-        assert (got[name] - want[name]).abs().max().item() <= 1e-5 * scale, name
+        assert (got[name] - want[name]).abs().max().item() <= 1e-4 * scale, name
+    difference = torch.cat([(got[name] - want[name]).flatten() for name in want]).norm()
+    assert difference <= together * torch.cat([want[name].flatten() for name in want]).norm()
 
 
-def _assert_same_training(fixed_dir: Path, budget_dir: Path) -> None:
+def _assert_close_state(got_dir: Path, want_dir: Path, together: float = 1e-5) -> None:
+    _assert_close_tensors(_final(got_dir), _final(want_dir), together)
+    got, want = _moments(got_dir), _moments(want_dir)
+    for moment in ("exp_avg", "exp_avg_sq"):
+        names = [name for name in want if name.endswith(moment)]
+        _assert_close_tensors({name: got[name] for name in names}, {name: want[name] for name in names}, together)
+
+
+def _assert_same_training(fixed_dir: Path, budget_dir: Path, together: float = 1e-5) -> None:
     fixed, budget = train_metrics(fixed_dir), train_metrics(budget_dir)
     assert [r["step"] for r in budget] == list(range(1, STEPS + 1)) and [r["pairs"] for r in budget] == [8.0] * STEPS
-    assert [r["loss"] for r in budget] == pytest.approx([r["loss"] for r in fixed], rel=1e-5)
+    assert [r["loss"] for r in budget] == pytest.approx([r["loss"] for r in fixed], rel=1e-5, abs=1e-5)
     assert len({round(r["loss"], 5) for r in fixed}) > 2  # the weights did move
-    for key in ("rewards/margins", "logps/chosen"):
-        assert [r[key] for r in budget] == pytest.approx([r[key] for r in fixed], rel=1e-5, abs=1e-7), key
+    assert [r["logps/chosen"] for r in budget] == pytest.approx([r["logps/chosen"] for r in fixed], rel=1e-5)
+    # a margin is beta x a difference of log-prob sums of hundreds of nats: fp32 order noise of those sums (~1e-5
+    # nats seen) is its absolute error, not a relative one
+    margins = [r["rewards/margins"] for r in fixed]
+    assert [r["rewards/margins"] for r in budget] == pytest.approx(margins, abs=1e-4)
     evaluated, fixed_eval = train_metrics(budget_dir, "eval"), train_metrics(fixed_dir, "eval")
     assert [r["step"] for r in evaluated] == [4, 8] and [r["pairs"] for r in evaluated] == [r["pairs"] for r in fixed_eval]
     assert [r["loss"] for r in evaluated] == pytest.approx([r["loss"] for r in fixed_eval], rel=1e-5)
-    _assert_close_tensors(_final(budget_dir), _final(fixed_dir))
-    _assert_close_tensors(_moments(budget_dir), _moments(fixed_dir))
+    _assert_close_state(budget_dir, fixed_dir, together)
 
 
 @pytest.mark.slow
@@ -135,9 +163,20 @@ def test_a_token_budget_trains_as_fixed_micro_batches(runs, setting):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("stage", ["zero2", "zero3_offload"])
+def test_a_token_budget_trains_as_fixed_micro_batches_under_other_zero_stages(runs, stage):
+    """The loop's accumulation boundary and loss share hold where DeepSpeed reduces differently: ZeRO-2 (gradients
+    partitioned as they are reduced) and ZeRO-3 with offload (gradients accumulated on the CPU), against the one
+    process without ZeRO."""
+    _assert_same_training(*runs["dirs"][stage])
+
+
+@pytest.mark.slow
 def test_sequence_parallel_groups_under_a_budget_train_as_fixed_micro_batches(runs):
-    """4 ranks as SP 2 x DP 2, micro_batch_tokens 512 per rank (1,024 per group), against the one process."""
-    _assert_same_training(runs["dirs"]["copy"][0], runs["sliced"])
+    """4 ranks as SP 2 x DP 2, micro_batch_tokens 512 per rank (1,024 per group), against the one process. The
+    groups attend through the dense mask over gathered rows (the one process: per unit), another kernel's fp32
+    rounding: the moments together within 5e-5 (1.6e-5 seen for the first moments)."""
+    _assert_same_training(runs["dirs"]["copy"][0], runs["sliced"], together=5e-5)
 
 
 @pytest.mark.slow
@@ -149,6 +188,6 @@ def test_a_budgeted_run_resumes_as_one_process_with_another_budget(runs):
     straight = runs["dirs"]["copy"][1]
     rows = train_metrics(resumed)
     assert [r["step"] for r in rows] == list(range(5, STEPS + 1))
-    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in train_metrics(straight)][4:], rel=1e-5)
-    _assert_close_tensors(_final(resumed), _final(straight))
-    _assert_close_tensors(_moments(resumed), _moments(straight))
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in train_metrics(straight)][4:], rel=1e-5,
+                                                      abs=1e-5)  # fmt: skip
+    _assert_close_state(resumed, straight)
