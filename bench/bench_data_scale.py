@@ -336,9 +336,8 @@ def _store_reopen(spec: dict) -> dict:
     open_s = time.perf_counter() - opening
     train_positions, _ = split_held_out(len(store.pairs), HELD_OUT, SEED)
     train_pairs = PairView(store.pairs, train_positions)
-    sampler = StepSampler(len(train_pairs), MICRO_BATCH, 1, 1, SEED)
-    batches = [[train_pairs[i] for i in micro] for step in range(FIRST_MICRO_BATCHES)
-               for micro in sampler.micro_batches(step, 0)]  # fmt: skip
+    sampler = StepSampler(len(train_pairs), MICRO_BATCH, SEED)  # one process: a step is one micro-batch
+    batches = [[train_pairs[i] for i in sampler.step_pairs(step)] for step in range(FIRST_MICRO_BATCHES)]
     reached = time.perf_counter()
     rss["first batch"] = _rss_mib()
     assert sum(map(len, batches)) == MICRO_BATCH * FIRST_MICRO_BATCHES

@@ -103,6 +103,25 @@ def main() -> None:
         _report_matched(tables, args)
 
 
+def save_llama(directory: Path, name: str, max_positions: int):
+    """The Llama of LLAMA_SIZES[name] over GPT-2's tokenizer, random weights (seed 0), saved with that tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dpo_scale.data import load_tokenizer
+
+    tokenizer = load_tokenizer(str(GPT2 / "tokenizer.json"))
+    tokenizer.eos_token = "<|endoftext|>"  # GPT-2's bare tokenizer.json names no EOS; saved with the model below
+    torch.manual_seed(0)
+    shape = LLAMA_SIZES[name]
+    config = LlamaConfig(vocab_size=len(tokenizer), **shape, num_key_value_heads=shape["num_attention_heads"],
+                         max_position_embeddings=max_positions, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return model
+
+
 def _run_side(work: Path, side: str, model: str, checkpointing: str, args) -> dict:
     """One side in its own process (its peak RSS is its own); a failure is a result to report."""
     started = time.perf_counter()
@@ -125,7 +144,7 @@ def _run_side(work: Path, side: str, model: str, checkpointing: str, args) -> di
 def _prepare(work: Path, model_name: str, args) -> tuple[int, int, int]:
     """The model (saved), the pairs as rows in dpo_scale's step order, and the run config."""
     import yaml
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from dpo_scale.config import DataConfig
     from dpo_scale.data import load_tokenizer, prepare, read_examples
@@ -135,16 +154,7 @@ def _prepare(work: Path, model_name: str, args) -> tuple[int, int, int]:
         shutil.copytree(STORIES, work / "model")
         model = AutoModelForCausalLM.from_pretrained(work / "model")
     else:
-        tokenizer = load_tokenizer(str(GPT2 / "tokenizer.json"))
-        tokenizer.eos_token = "<|endoftext|>"  # GPT-2's bare tokenizer.json names no EOS; saved with the model below
-        torch.manual_seed(0)
-        shape = LLAMA_SIZES[model_name]
-        config = LlamaConfig(vocab_size=len(tokenizer), **shape, num_key_value_heads=shape["num_attention_heads"],
-                             max_position_embeddings=1024, tie_word_embeddings=True,
-                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
-        model = LlamaForCausalLM(config)
-        model.save_pretrained(work / "model")
-        tokenizer.save_pretrained(work / "model")
+        model = save_llama(work / "model", model_name, max_positions=1024)
     tokenizer = load_tokenizer(str(work / "model"))
     parameters = sum(p.numel() for p in model.parameters())
 
@@ -160,8 +170,8 @@ def _prepare(work: Path, model_name: str, args) -> tuple[int, int, int]:
     pairs = prepare(DataConfig(str(rows_file), max_length=args.max_length), tokenizer).pairs
     # dpo_scale trains on rows.jsonl with its own sampler; TRL and the plain step read ordered.jsonl in order,
     # which holds the same rows in the order that sampler takes them
-    sampler = StepSampler(len(pairs), args.batch, 1, 1, seed=0)
-    order = [i for step in range(args.steps + args.warmup) for batch in sampler.micro_batches(step, 0) for i in batch]
+    sampler = StepSampler(len(pairs), args.batch, seed=0)
+    order = [i for step in range(args.steps + args.warmup) for i in sampler.step_pairs(step)]
     (work / "ordered.jsonl").write_text("".join(json.dumps(rows[pairs[i].index]) + "\n" for i in order))
     timed = [pairs[i] for i in order[args.warmup * args.batch :]]
     unique_tokens = sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in timed)

@@ -18,11 +18,21 @@
 #   python bench/bench_sequence_parallel.py --layouts prefix_shared --lengths 512 32768 65536 --sizes 2 4 8 \
 #     --overrides logps.attention=flex deepspeed.precision=bf16
 #
-# Environment: BENCH (bench_gpu: the 1B dpo_scale vs TRL run, the default; sequence_parallel: the command above),
+# Token-budgeted micro-batches against micro_batch_size=4 (issue 29) on the GPUs of this machine, 117M Llama, bf16,
+# HH-RLHF helpful-base at max_length 2048, the same global batch of 64 pairs: pairs/s, positions/s per GPU, the
+# plan's balance and peak GPU memory (torch.cuda.max_memory_allocated per rank) for budgets of 8k and 16k positions
+# (about 5-10 minutes):
+#   BENCH=token_budget bash bench/gpu.sh
+# which runs
+#   python bench/bench_token_budget.py --ranks $(nvidia-smi -L | wc -l) --model llama117m --global-batch 64 \
+#     --max-length 2048 --budgets 8192 16384 --steps 12 --warmup 3 --overrides deepspeed.precision=bf16
+#
+# Environment: BENCH (bench_gpu: the 1B dpo_scale vs TRL run, the default; sequence_parallel, token_budget: the
+# commands above),
 # STEPS (20 timed steps), WARMUP (3), BATCH (8 pairs per step), SIDES ("dpo_scale trl"),
 # PROMPT_TOKENS (256), COMPLETION_TOKENS (256),
 # GPU_PEAK_TFLOPS (the dense bf16 peak, when the GPU's name is not in bench/bench_gpu.py's table), LIMIT_S (450; 1800
-# for BENCH=sequence_parallel),
+# for BENCH=sequence_parallel, 900 for token_budget),
 # OUT (where the table and JSON are written; default runs/gpu-bench). Everything else is in bench/bench_gpu.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,6 +58,13 @@ if [[ ${BENCH:-bench_gpu} == sequence_parallel ]]; then
   timeout "${LIMIT_S:-1800}" "$PYTHON" bench/bench_sequence_parallel.py --layouts prefix_shared \
     --lengths 512 32768 65536 --sizes 2 4 8 --overrides logps.attention=flex deepspeed.precision=bf16 \
     --json "$OUT/sequence-parallel.json" | tee "$OUT/sequence-parallel.md"
+  exit
+fi
+
+if [[ ${BENCH:-bench_gpu} == token_budget ]]; then
+  timeout "${LIMIT_S:-900}" "$PYTHON" bench/bench_token_budget.py --ranks "$(nvidia-smi -L | wc -l)" \
+    --model llama117m --global-batch 64 --max-length 2048 --budgets 8192 16384 --steps 12 --warmup 3 \
+    --overrides deepspeed.precision=bf16 --json "$OUT/token-budget.json" | tee "$OUT/token-budget.md"
   exit
 fi
 

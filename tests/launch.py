@@ -75,3 +75,20 @@ def precompute(tree: dict, ranks: int = 1, timeout: int = 300):
         command = [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), *command]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+
+
+def final_weights(run_dir: Path, step: int) -> dict:
+    """The weights of run_dir's checkpoint at `step`, by name."""
+    from dpo_scale.training.checkpoint import load_weights
+
+    return load_weights(Path(run_dir) / "checkpoints" / f"step-{step:08d}")
+
+
+def adam_moments(run_dir: Path, step: int) -> dict:
+    """AdamW's moments of every trainable parameter in run_dir's checkpoint at `step`, by name (all ranks' files)."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for file in sorted((Path(run_dir) / "checkpoints" / f"step-{step:08d}" / "state").glob("*.safetensors")):
+        state.update({k: v for k, v in load_file(file).items() if k.endswith(("exp_avg", "exp_avg_sq"))})
+    return state

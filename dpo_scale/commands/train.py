@@ -228,7 +228,7 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
             distributed.register_lm_head(reference_module, reference_model)
             reference = FrozenCopy(distributed.inference_engine(reference_module, ds_config, sequence))
 
-    cost_model = CostModel.for_hidden_size(policy.config.get_text_config().hidden_size)
+    cost_model = CostModel.for_model(policy.config.get_text_config())
     multiple = policy_module.length_multiple
     batching = _planner(config, train_lengths, replicas, multiple, cost_model, config.micro_batch_tokens, sampler)
     eval_batching = _planner(config, eval_lengths, replicas, multiple, cost_model, forward_budget(config))

@@ -27,34 +27,48 @@ from dpo_scale.config import ConfigError, LogpsConfig, TrainConfig
 from dpo_scale.model.layout import layout_positions
 from dpo_scale.training.sampler import StepSampler
 
-# The cost of a pair for balancing: its positions plus ATTENTION_PER_HIDDEN / hidden_size per (query, key) pair of
-# its units' attention (sum of squared unit lengths). Projections and MLP cost ~24 h^2 FLOPs per position per layer
-# and attention ~4 h per (query, key) pair, so the attention term per position pair is ~1/(6 h) of a position;
-# measured on this project's CPU (bench/attention_cost.py, BENCHMARKS.md: the 16M and 117M Llamas' forward and
-# backward at unit lengths 128-2,048) the fitted weight is ATTENTION_PER_HIDDEN / h.
-ATTENTION_PER_HIDDEN = 0.17
+# How much costlier attention is on this project's CPU than its FLOPs say (bench/attention_cost.py, BENCHMARKS.md
+# "Token budgets: the cost model"): 0.91 at the 16M Llama, 1.43 at 117M; their mean.
+ATTENTION_EFFICIENCY = 1.17
 
 
 @dataclass(frozen=True)
 class CostModel:
-    """cost = positions + attention_weight x sum of squared unit lengths (see ATTENTION_PER_HIDDEN)."""
+    """The cost of a pair for balancing, in positions: its positions plus `attention_weight` per (query, key) pair of
+    its units' attention (the sum of their squared lengths)."""
 
     attention_weight: float
 
     @classmethod
-    def for_hidden_size(cls, hidden_size: int) -> CostModel:
-        return cls(ATTENTION_PER_HIDDEN / hidden_size)
+    def for_model(cls, config, efficiency: float = ATTENTION_EFFICIENCY) -> CostModel:
+        """From a transformers text config's shape. Per layer, a position costs 2 x (4 h^2 + 3 h i) FLOPs in its
+        projections and MLP (h hidden, i intermediate) and a (query, key) pair 4 h in attention; the LM head adds
+        2 h V per position, V / layers per layer. So one (query, key) pair costs 2 / (4 h + 3 i + V / layers)
+        positions, times the efficiency measured for attention against the rest."""
+        hidden = _field(config, "hidden_size", "n_embd", "d_model")
+        intermediate = _field(config, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)
+        layers = _field(config, "num_hidden_layers", "n_layer", "num_layers")
+        per_position = 4 * hidden + 3 * intermediate + config.vocab_size / layers
+        return cls(efficiency * 2 / per_position)
 
     def pair_costs(self, lengths: np.ndarray, config: LogpsConfig) -> np.ndarray:
         """(n,) cost of each pair of `lengths` (n, 3) as the layout computes it (units of `unit_sizes`)."""
         prompt, chosen, rejected = lengths[:, 0], lengths[:, 1], lengths[:, 2]
-        if config.prefix_sharing:
-            units = [prompt + chosen + rejected]
-        else:
-            units = [prompt + chosen, prompt + rejected]
+        units = [prompt + chosen + rejected] if config.prefix_sharing else [prompt + chosen, prompt + rejected]
         tokens = sum(units).astype(np.float64)
         squares = sum(u.astype(np.float64) ** 2 for u in units)
         return tokens + self.attention_weight * squares
+
+
+def _field(config, *names: str, default: int | None = None) -> int:
+    """The first of `names` the config sets (architectures name their sizes differently)."""
+    for name in names:
+        value = getattr(config, name, None)
+        if value:
+            return value
+    if default is None:
+        raise ValueError(f"{type(config).__name__} has none of {', '.join(names)}")
+    return default
 
 
 @dataclass(frozen=True)
@@ -240,9 +254,11 @@ def scored_chosen_tokens(lengths: np.ndarray) -> np.ndarray:
 
 
 # A forward without backward keeps no layer's activations once the next layer has run, so at the same positions it
-# peaks far lower than a training micro-batch; evaluation during training therefore packs FORWARD_BUDGET_FACTOR x
-# micro_batch_tokens (measured: BENCHMARKS.md, "Token budgets", forward-only peak memory).
-FORWARD_BUDGET_FACTOR = 2
+# peaks far lower than a training micro-batch: measured here (bench/attention_cost.py, BENCHMARKS.md "Token budgets:
+# the cost model"), a training micro-batch of 2,048 positions peaks 375 MiB above the 16M Llama and 2,147 MiB above
+# the 117M one, a forward of 4 x 2,048 240 MiB and 429 MiB. Forward-only work (evaluation during training,
+# precompute-ref) therefore packs FORWARD_BUDGET_FACTOR x micro_batch_tokens positions per rank.
+FORWARD_BUDGET_FACTOR = 4
 
 
 def forward_budget(config: TrainConfig) -> int | None:

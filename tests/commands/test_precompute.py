@@ -43,7 +43,7 @@ def _cache_values(directory) -> dict[str, np.ndarray]:
 
 @pytest.mark.slow
 def test_a_token_budget_writes_the_same_cache_as_fixed_batches(tmp_path):
-    """Under micro_batch_tokens=50 each forward holds as many consecutive pairs as fit 2 x 50 positions (up to 4 of
+    """Under micro_batch_tokens=25 each forward holds as many consecutive pairs as fit 4 x 25 positions (up to 4 of
     these uneven pairs) instead of reference.precompute_batch_size=16: the same cache, one process or the reference
     ZeRO-3-sharded over 2 ranks (3 shards: rank 0 scores 24 pairs, rank 1 16, so their forward counts differ and the
     throw-away forwards must follow the budget's count). Each pair is scored alone in its row, so only the padding
@@ -55,12 +55,12 @@ def test_a_token_budget_writes_the_same_cache_as_fixed_batches(tmp_path):
     assert made.returncode == 0, made.stderr[-3000:]
     expected = _cache_values(tmp_path / "fixed-cache")
     for name, ranks, sharded in (("budget", 1, False), ("budget-sharded", 2, True)):
-        tree = base_config(material, tmp_path / name, micro_batch_tokens=50, global_batch_size=8,
+        tree = base_config(material, tmp_path / name, micro_batch_tokens=25, global_batch_size=8,
                            reference={"cache_dir": str(tmp_path / f"{name}-cache"), "shard_size": 16,
                                       "precompute_sharded": sharded})  # fmt: skip
         result = precompute(tree, ranks=ranks)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        counts = re.findall(r"rank (\d): (\d+) forwards of at most 100 positions per rank \(2 x micro_batch_tokens\)",
+        counts = re.findall(r"rank (\d): (\d+) forwards of at most 100 positions per rank \(4 x micro_batch_tokens\)",
                             result.stdout)  # fmt: skip
         assert len({rank for rank, _ in counts}) == ranks and len({count for _, count in counts}) == ranks, counts
         got = _cache_values(tmp_path / f"{name}-cache")
@@ -71,14 +71,14 @@ def test_a_token_budget_writes_the_same_cache_as_fixed_batches(tmp_path):
 
 @pytest.mark.slow
 def test_pairs_over_the_forward_budget_are_refused_before_anything_is_written(tmp_path):
-    """A pair that alone exceeds 2 x micro_batch_tokens cannot be scored in any forward: refused in one line naming
+    """A pair that alone exceeds 4 x micro_batch_tokens cannot be scored in any forward: refused in one line naming
     the key and the size to raise it to, before the model loads or the cache directory is made."""
     material = write_uneven_material(tmp_path / "demo", rows=40)
     cache = tmp_path / "cache"
-    tree = base_config(material, tmp_path / "run", micro_batch_tokens=12, global_batch_size=8,
+    tree = base_config(material, tmp_path / "run", micro_batch_tokens=6, global_batch_size=8,
                        reference={"cache_dir": str(cache)})  # fmt: skip
     result = precompute(tree)
     assert result.returncode == 2, result.stderr[-3000:]
-    assert ("of 40 pairs to score need more than 24 positions per rank on their own (2 x micro_batch_tokens; the "
-            "longest 34): raise micro_batch_tokens to 17 or more") in result.stderr  # fmt: skip
+    assert ("of 40 pairs to score need more than 24 positions per rank on their own (4 x micro_batch_tokens; the "
+            "longest 34): raise micro_batch_tokens to 9 or more") in result.stderr  # fmt: skip
     assert "Traceback" not in result.stderr and not cache.exists()

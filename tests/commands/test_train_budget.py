@@ -15,11 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from dpo_scale.ds_config import DS_CONFIGS
-from dpo_scale.training.checkpoint import load_weights
-from launch import base_config, precompute, train, train_metrics
+from launch import adam_moments, base_config, final_weights, precompute, train, train_metrics
 from tiny import shared_path
 
 STEPS = 8
@@ -99,17 +97,6 @@ def runs(tmp_path_factory):
     return done
 
 
-def _final(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_weights(run_dir / "checkpoints" / f"step-{STEPS:08d}")
-
-
-def _moments(run_dir: Path) -> dict[str, torch.Tensor]:
-    state = {}
-    for file in sorted((run_dir / "checkpoints" / f"step-{STEPS:08d}" / "state").glob("*.safetensors")):
-        state.update({k: v for k, v in load_file(file).items() if k.endswith(("exp_avg", "exp_avg_sq"))})
-    return state
-
-
 def _assert_close_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], together: float = 1e-5) -> None:
     """Weights, or Adam's first or second moments: over all of them together within 1e-5 relative (the norm of the
     difference over the norm), and each tensor within 1e-4 of its own largest value. fp32 sums in another order
@@ -127,8 +114,8 @@ def _assert_close_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Te
 
 
 def _assert_close_state(got_dir: Path, want_dir: Path, together: float = 1e-5) -> None:
-    _assert_close_tensors(_final(got_dir), _final(want_dir), together)
-    got, want = _moments(got_dir), _moments(want_dir)
+    _assert_close_tensors(final_weights(got_dir, STEPS), final_weights(want_dir, STEPS), together)
+    got, want = adam_moments(got_dir, STEPS), adam_moments(want_dir, STEPS)
     for moment in ("exp_avg", "exp_avg_sq"):
         names = [name for name in want if name.endswith(moment)]
         _assert_close_tensors({name: got[name] for name in names}, {name: want[name] for name in names}, together)

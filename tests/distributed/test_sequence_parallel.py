@@ -22,8 +22,7 @@ from transformers import LlamaConfig
 from dpo_scale.commands.demo import write_demo_material, write_tokenizer
 from dpo_scale.config import ConfigError, EvalConfig, TrainConfig, build
 from dpo_scale.distributed.sequence_parallel import check_heads, check_sequence_parallel
-from dpo_scale.training.checkpoint import load_weights
-from launch import DPO_SCALE, base_config, precompute, train, train_metrics
+from launch import DPO_SCALE, adam_moments, base_config, final_weights, precompute, train, train_metrics
 from tiny import shared_path, tiny_model
 
 TESTS = Path(__file__).resolve().parents[1]  # tests/: the parity script sits beside tiny.py
@@ -120,18 +119,6 @@ def runs(tmp_path_factory):
     return {"runs": done, "caches": caches, "resumed": resumed}
 
 
-def _final(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_weights(run_dir / "checkpoints" / f"step-{STEPS:08d}")
-
-
-def _moments(run_dir: Path) -> dict[str, torch.Tensor]:
-    """AdamW's moments of every trainable parameter at the last step, by name (all ranks' state files)."""
-    state = {}
-    for file in sorted((run_dir / "checkpoints" / f"step-{STEPS:08d}" / "state").glob("*.safetensors")):
-        state.update({k: v for k, v in load_file(file).items() if k.endswith(("exp_avg", "exp_avg_sq"))})
-    return state
-
-
 def _assert_same_moments(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
     """Adam's update is blind to the gradients' scale (a gradient SP times too small trains the same weights), its
     moments are not: exp_avg scales with the gradient and exp_avg_sq with its square. Within 1e-3 of each tensor's
@@ -161,14 +148,14 @@ def test_sequence_parallel_trains_as_data_parallel(runs, setting):
     assert [r["step"] for r in evaluated] == [4, 8] and [r["pairs"] for r in evaluated] == [12.0, 12.0]
     assert [r["loss"] for r in evaluated] == pytest.approx([r["loss"] for r in train_metrics(plain_dir, "eval")],
                                                           abs=1e-5)  # fmt: skip
-    a, b = _final(plain_dir), _final(sliced_dir)
+    a, b = final_weights(plain_dir, STEPS), final_weights(sliced_dir, STEPS)
     assert set(a) == set(b)
     for name in a:
         # LoRA's A starts with a zero gradient (B = 0) and gets ~1e-9 ones for a few steps: Adam's m / sqrt(v) makes
         # order noise there an update difference of a few % of lr (2.2e-5 seen); every other weight as above
         tolerance = 5e-5 if "lora_A" in name else 1e-5
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=tolerance, msg=name)
-    _assert_same_moments(_moments(sliced_dir), _moments(plain_dir))
+    _assert_same_moments(adam_moments(sliced_dir, STEPS), adam_moments(plain_dir, STEPS))
 
 
 @pytest.mark.slow
@@ -193,10 +180,10 @@ def test_resume_across_sequence_parallel_sizes(runs):
     rows = train_metrics(resumed)
     assert [r["step"] for r in rows] == list(range(5, STEPS + 1))
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in train_metrics(straight)][4:], abs=1e-5)
-    a, b = _final(straight), _final(resumed)
+    a, b = final_weights(straight, STEPS), final_weights(resumed, STEPS)
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5, msg=name)
-    _assert_same_moments(_moments(resumed), _moments(straight))
+    _assert_same_moments(adam_moments(resumed, STEPS), adam_moments(straight, STEPS))
 
 
 def _config(**top) -> TrainConfig:

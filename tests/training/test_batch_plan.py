@@ -58,7 +58,7 @@ def test_every_pair_once_within_budget_with_equal_counts(layout, replicas, sp, b
     sampler = StepSampler(len(lengths), 64, seed=3)
     multiple = sp
     check_pairs_fit(lengths, budget, config, multiple, sp)
-    planner = TokenBudget(lengths, budget, replicas, config, multiple, sp, CostModel.for_hidden_size(256), sampler)
+    planner = TokenBudget(lengths, budget, replicas, config, multiple, sp, CostModel(1e-4), sampler)
     counts = set()
     for step in range(sampler.steps_per_epoch):
         plan = planner.plan(step)
@@ -88,12 +88,12 @@ def test_the_plan_is_the_same_in_another_process():
         "from dpo_scale.training.batch_plan import CostModel, TokenBudget\n"
         "from dpo_scale.training.sampler import StepSampler\n"
         "lengths = np.array(json.loads(sys.stdin.read()), np.int64)\n"
-        "planner = TokenBudget(lengths, 2500, 4, LogpsConfig(), 1, 1, CostModel.for_hidden_size(256),\n"
+        "planner = TokenBudget(lengths, 2500, 4, LogpsConfig(), 1, 1, CostModel(1e-4),\n"
         "                      StepSampler(len(lengths), 64, 3))\n"
         "print(json.dumps([planner.plan(s).micro_batches for s in range(7)]))\n"
     )
     lengths = _long_tailed_lengths(500)
-    here = TokenBudget(lengths, 2500, 4, LogpsConfig(), 1, 1, CostModel.for_hidden_size(256), StepSampler(500, 64, 3))
+    here = TokenBudget(lengths, 2500, 4, LogpsConfig(), 1, 1, CostModel(1e-4), StepSampler(500, 64, 3))
     result = subprocess.run([sys.executable, "-c", code], input=json.dumps(lengths.tolist()), capture_output=True,
                             text=True, check=True, env={"PYTHONHASHSEED": "123", "PATH": ""})  # fmt: skip
     assert json.loads(result.stdout) == [here.plan(s).micro_batches for s in range(7)]
@@ -104,7 +104,7 @@ def test_balance_beats_a_fixed_count_on_the_same_draws():
     the mean; the budget's split brings every step within 10% (the counted costs of the same pairs)."""
     lengths = _long_tailed_lengths(4096)
     sampler = StepSampler(len(lengths), 256, seed=0)
-    cost = CostModel.for_hidden_size(1024)
+    cost = CostModel(1e-4)
     fixed = FixedCount(lengths, 4, 8, LogpsConfig(), cost, sampler)
     budget = TokenBudget(lengths, 8192, 8, LogpsConfig(), 1, 1, cost, sampler)
     fixed_balance = [fixed.plan(s).balance for s in range(8)]
@@ -179,3 +179,18 @@ def test_the_budget_configuration_and_its_refusals():
             _config(**top)
     with pytest.raises(ConfigError, match="global_batch_size=4 gives fewer pairs than the 8 data-parallel replicas"):
         _config(micro_batch_tokens=4096, global_batch_size=4).for_world(8)
+
+
+def test_the_cost_model_reads_the_model_shape():
+    """2 / (4 h + 3 i + V / layers) per (query, key) pair times the measured efficiency, for Llama and GPT-2 names."""
+    from transformers import GPT2Config, LlamaConfig
+
+    llama = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, vocab_size=128256)
+    assert CostModel.for_model(llama, efficiency=1.0).attention_weight == pytest.approx(2 / (16384 + 43008 + 4008))
+    gpt2 = GPT2Config(n_embd=768, n_layer=12, vocab_size=50257)  # n_inner unset: 4 h
+    assert CostModel.for_model(gpt2, efficiency=2.0).attention_weight == pytest.approx(4 / (3072 + 9216 + 50257 / 12))
+    lengths = np.array([[10, 5, 5], [100, 50, 50]])
+    costs = CostModel(0.01).pair_costs(lengths, LogpsConfig())
+    assert costs.tolist() == pytest.approx([20 + 0.01 * 400, 200 + 0.01 * 40000])
+    separate = CostModel(0.01).pair_costs(lengths, LogpsConfig(prefix_sharing=False))
+    assert separate.tolist() == pytest.approx([30 + 0.01 * 450, 300 + 0.01 * 45000])
