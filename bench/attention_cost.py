@@ -126,13 +126,13 @@ def main() -> None:
         flops = CostModel.for_model(_model(name).config, efficiency=1.0).attention_weight
         print(f"| {name} | {' / '.join(f'{seconds[u]:.2f}' for u in LENGTHS)} | {weight:.3g} | {flops:.3g} | "
               f"{weight / flops:.2f} |", flush=True)
-    print("\n| model | training peak above the model at B | forward-only at " + ", ".join(f"{f} x B" for f in args.factors)
-          + f" | (B = {args.budget} positions, units of 512) |")
-    print("|---|---|---|---|")
+    print(f"\n| model (B = {args.budget} positions, units of 512) | training peak above the model at B | forward-only at "
+          + " / ".join(f"{f} x B" for f in args.factors) + " |")
+    print("|---|---|---|")
     for name in args.model:
         train = _child(name, "train", args.budget)
         forwards = [_child(name, "forward", factor * args.budget) for factor in args.factors]
-        print(f"| {name} | {train:,.0f} MiB | {' / '.join(f'{f:,.0f} MiB' for f in forwards)} | |", flush=True)
+        print(f"| {name} | {train:,.0f} MiB | {' / '.join(f'{f:,.0f} MiB' for f in forwards)} |", flush=True)
 
 
 def _child(name: str, mode: str, positions: int) -> float:

@@ -3,7 +3,7 @@
 
 Markers (pyproject.toml): `slow` marks every test that launches processes or trains end to end (multi-rank runs,
 SLURM, TRL's trainer, the examples, bench dry runs) or uses a module fixture that does; it took 1 s or more in a
-full run. `python -m pytest -q -m "not slow" tests` is the edit-test loop (842 tests in about 25 s on the
+full run. `python -m pytest -q -m "not slow" tests` is the edit-test loop (904 tests in about 30 s on the
 2-core machine, every module's unit tests); `python -m pytest -q tests` (the README's command, CI's) runs all."""
 
 from __future__ import annotations

@@ -26,7 +26,9 @@ import torch
 
 from dpo_scale import distributed
 from dpo_scale.config import ConfigError, GenerationConfig, TrainConfig, to_dict
-from dpo_scale.data import Pair, PairView, lengths_of, load_prepared, padding_id, run_tokenizer, split_held_out, store_directory
+from dpo_scale.data import (
+    Pair, PairView, lengths_of, load_prepared, padding_id, run_tokenizer, split_held_out, store_directory,
+)  # fmt: skip
 from dpo_scale.data.build import store_differences
 from dpo_scale.data.store import current_manifest
 from dpo_scale.distributed.sequence_parallel import check_sequence_parallel
@@ -146,7 +148,8 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
         )  # fmt: skip
     sampler = StepSampler(len(train_pairs), config.global_batch(world.size), config.seed)
     if sampler.steps_per_epoch == 0:
-        made_of = "global_batch_size" if config.uses_token_budget else "micro_batch_size x gradient_accumulation_steps x ranks"
+        made_of = ("global_batch_size" if config.uses_token_budget
+                   else "micro_batch_size x gradient_accumulation_steps x ranks")  # fmt: skip
         raise ConfigError(
             f"{len(train_pairs)} training pairs do not fill one global batch of {sampler.global_batch} ({made_of}): "
             "lower it or add data"

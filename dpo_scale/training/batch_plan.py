@@ -44,12 +44,15 @@ class CostModel:
         """From a transformers text config's shape. Per layer, a position costs 2 x (4 h^2 + 3 h i) FLOPs in its
         projections and MLP (h hidden, i intermediate) and a (query, key) pair 4 h in attention; the LM head adds
         2 h V per position, V / layers per layer. So one (query, key) pair costs 2 / (4 h + 3 i + V / layers)
-        positions, times the efficiency measured for attention against the rest."""
+        positions, times the efficiency measured for attention against the rest. A config without these sizes
+        (an architecture naming them otherwise) gets positions alone: balance by tokens."""
         hidden = _field(config, "hidden_size", "n_embd", "d_model")
-        intermediate = _field(config, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)
         layers = _field(config, "num_hidden_layers", "n_layer", "num_layers")
-        per_position = 4 * hidden + 3 * intermediate + config.vocab_size / layers
-        return cls(efficiency * 2 / per_position)
+        vocabulary = _field(config, "vocab_size")
+        if not (hidden and layers and vocabulary):
+            return cls(0.0)
+        intermediate = _field(config, "intermediate_size", "n_inner", "ffn_dim") or 4 * hidden
+        return cls(efficiency * 2 / (4 * hidden + 3 * intermediate + vocabulary / layers))
 
     def pair_costs(self, lengths: np.ndarray, config: LogpsConfig) -> np.ndarray:
         """(n,) cost of each pair of `lengths` (n, 3) as the layout computes it (units of `unit_sizes`)."""
@@ -60,15 +63,9 @@ class CostModel:
         return tokens + self.attention_weight * squares
 
 
-def _field(config, *names: str, default: int | None = None) -> int:
-    """The first of `names` the config sets (architectures name their sizes differently)."""
-    for name in names:
-        value = getattr(config, name, None)
-        if value:
-            return value
-    if default is None:
-        raise ValueError(f"{type(config).__name__} has none of {', '.join(names)}")
-    return default
+def _field(config, *names: str) -> int | None:
+    """The first of `names` the config sets (architectures name their sizes differently), or None."""
+    return next((getattr(config, name) for name in names if getattr(config, name, None)), None)
 
 
 @dataclass(frozen=True)

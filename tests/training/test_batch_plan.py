@@ -189,6 +189,7 @@ def test_the_cost_model_reads_the_model_shape():
     assert CostModel.for_model(llama, efficiency=1.0).attention_weight == pytest.approx(2 / (16384 + 43008 + 4008))
     gpt2 = GPT2Config(n_embd=768, n_layer=12, vocab_size=50257)  # n_inner unset: 4 h
     assert CostModel.for_model(gpt2, efficiency=2.0).attention_weight == pytest.approx(4 / (3072 + 9216 + 50257 / 12))
+    assert CostModel.for_model(object()).attention_weight == 0.0  # sizes under other names: tokens alone
     lengths = np.array([[10, 5, 5], [100, 50, 50]])
     costs = CostModel(0.01).pair_costs(lengths, LogpsConfig())
     assert costs.tolist() == pytest.approx([20 + 0.01 * 400, 200 + 0.01 * 40000])
