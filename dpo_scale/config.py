@@ -575,8 +575,8 @@ class TrainConfig:
             if unused:
                 raise ConfigError(
                     f"{key}={getattr(self, key)} and micro_batch_tokens={self.micro_batch_tokens} are both set: with "
-                    f"a token budget the micro-batches are sized in tokens; drop {key} (or drop micro_batch_tokens "
-                    "for fixed micro-batches)"
+                    f"a token budget the micro-batches are sized in tokens; drop {key} (remove it from the file, or "
+                    f"{key}=null among the overrides), or drop micro_batch_tokens for fixed micro-batches"
                 )
         if any(t in ("aot", "aot_unpaired") for t in self.loss.loss_types):
             raise ConfigError(
