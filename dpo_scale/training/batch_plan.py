@@ -6,11 +6,13 @@ function of (seed, step, replicas, budget) that every rank computes alike from t
 communication and nothing to save for a resume. Every replica gets the same number of micro-batches (ZeRO-3's
 collectives need equal counts); a pair is never split (its prompt is shared by its two completions).
 
-The budget split: the smallest M for which the step's pairs fit replicas x M micro-batches of at most the budget's
-positions each (counted as `layout_positions` lays them out: a shared prompt once, rows padded to the sequence-
-parallel multiple, padding included), filled longest-first into the least costly micro-batch that has room (LPT),
-then dealt into M accumulation rounds of `replicas` micro-batches of similar cost. A micro-batch may be empty where a
-step holds fewer pairs than replicas x M: its replica runs a forward that counts for nothing (train.py).
+The budget split: M accumulation rounds of `replicas` micro-batches of at most the budget's positions each (counted
+as `layout_positions` lays them out: a shared prompt once, rows padded to the sequence-parallel multiple, padding
+included), M the fewest the fill below fits in (bisected). The fill goes round by round, costliest pairs first, each
+into the least loaded micro-batch of the round that stays under the round's level (`TokenBudget._fill_rounds`), so
+the replicas of a round carry about the same cost. A micro-batch may be empty where a step holds fewer pairs than
+replicas x M: its replica runs a forward that counts for nothing (train.py). Measured on real length distributions
+in BENCHMARKS.md ("Token budgets: the straggler ratio").
 """
 
 from __future__ import annotations
