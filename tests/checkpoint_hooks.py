@@ -93,4 +93,12 @@ if __name__ == "__main__":
         _forbid_pickle()
     if os.environ.get("DPO_SCALE_TEST_NATIVE_SAVE"):
         _save_natively()
-    sys.exit(main(sys.argv[1:]))
+    status = main(sys.argv[1:])
+    if os.environ.get("DPO_SCALE_TEST_NATIVE_SAVE"):
+        # After DeepSpeed's own save_checkpoint a rank sometimes aborts in C++ teardown once everything is written
+        # ("terminate called without an active exception", exit -6: 2 of 8 runs of the native test before issue 29,
+        # 2 of 12 after): leave without running the interpreter's and the extensions' exit handlers
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status or 0)
+    sys.exit(status)
