@@ -91,7 +91,8 @@ def _precompute(config: TrainConfig, world: distributed.World) -> Path:
     mine = [i for i in range(replica, num_shards, replicas) if not (directory / shard_name(i)).exists()]
     print0(f"{num_shards} shards of up to {shard_size} pairs; {num_shards - _done(directory, num_shards)} to compute")
     model, length_multiple = _reference(config, scoring, ds_config, world, sequence)
-    _check_pairs_fit(config, scoring, lengths, length_multiple)
+    if length_multiple != early_multiple:  # the loaded model pads rows otherwise (FlexAttention's whole blocks)
+        _check_pairs_fit(config, scoring, lengths, length_multiple)
     batches = {i: _forward_batches(config, scoring, lengths[i * shard_size : (i + 1) * shard_size], length_multiple)
                for i in mine}  # fmt: skip
     pad_token_id = padding_id(tokenizer)

@@ -233,8 +233,11 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
 
     cost_model = CostModel.for_model(policy.config.get_text_config())
     multiple = policy_module.length_multiple
-    batching = _planner(config, train_lengths, replicas, multiple, cost_model, config.micro_batch_tokens, sampler)
-    eval_batching = _planner(config, eval_lengths, replicas, multiple, cost_model, forward_budget(config))
+    checked = multiple != sequence_parallel_multiple(config.sequence_parallel_size, config.logps.attention)
+    batching = _planner(config, train_lengths, replicas, multiple, cost_model, config.micro_batch_tokens, sampler,
+                        check=checked)  # fmt: skip
+    eval_batching = _planner(config, eval_lengths, replicas, multiple, cost_model, forward_budget(config),
+                             check=checked)  # fmt: skip
     state = Run(
         config=config, world=world, sequence=sequence, replica=replica, engine=engine, reference=reference,
         train_pairs=train_pairs, eval_pairs=eval_pairs, sampler=sampler, batching=batching,
@@ -257,16 +260,18 @@ def build(config: TrainConfig, world: distributed.World) -> Run:
 
 def _planner(
     config: TrainConfig, lengths: np.ndarray, replicas: int, multiple: int, cost_model: CostModel,
-    budget: int | None, sampler: StepSampler | None = None,
+    budget: int | None, sampler: StepSampler | None = None, check: bool = True,
 ) -> FixedCount | TokenBudget:
     """The micro-batch split of pairs of these lengths: a token budget of `budget` positions under
-    micro_batch_tokens (its pairs checked to fit, now with the model's own row multiple), else micro_batch_size
-    pairs."""
+    micro_batch_tokens, else micro_batch_size pairs. `check`: refuse pairs that alone exceed the budget with this
+    row multiple (build checked them before any weights loaded, with the multiple the config implies; the loaded
+    model's differs only under FlexAttention, which pads rows to whole blocks)."""
     if not config.uses_token_budget:
         return FixedCount(lengths, config.micro_batch_size, replicas, config.logps, cost_model, sampler)
-    factor = budget // config.micro_batch_tokens
-    what = "training pairs" if factor == 1 else "held-out pairs"
-    check_pairs_fit(lengths, budget, config.logps, multiple, config.sequence_parallel_size, what, factor)
+    if check:
+        factor = budget // config.micro_batch_tokens
+        what = "training pairs" if factor == 1 else "held-out pairs"
+        check_pairs_fit(lengths, budget, config.logps, multiple, config.sequence_parallel_size, what, factor)
     return TokenBudget(lengths, budget, replicas, config.logps, multiple, config.sequence_parallel_size, cost_model,
                        sampler)  # fmt: skip
 
@@ -300,7 +305,7 @@ def train(state: Run) -> None:
         # the loss's share of the update: DeepSpeed averages over the replicas, so each sums its pairs' losses x
         # replicas / (the step's pairs)
         share = state.batching.replicas / plan.num_pairs
-        chosen_tokens_per_pair = float(state.chosen_tokens[state.sampler.step_pairs(step)].mean())
+        chosen_tokens_per_pair = float(state.chosen_tokens[plan.pairs].mean())
         step_sums: dict[str, torch.Tensor] = {}
         nonfinite = torch.zeros(len(TERMS), device=world.device)  # per term, over this step's micro-batches
         for indices in plan.micro_batches[state.replica]:
@@ -510,8 +515,9 @@ def _warn_on_nf4_drift(state: Run) -> None:
     settings = state.config.reference.nf4
     pairs = state.train_pairs[: settings.drift_pairs]
     full, nf4 = [], []
+    # training pairs, checked against the budget when the run was built
     planner = _planner(state.config, lengths_of(pairs), 1, state.length_multiple, state.batching.cost_model,
-                       forward_budget(state.config))  # fmt: skip
+                       forward_budget(state.config), check=False)  # fmt: skip
     for indices in planner.split(range(len(pairs))).micro_batches[0]:
         batch = collate([pairs[i] for i in indices], state.config.logps, state.pad_token_id, state.length_multiple)
         batch = batch.to(state.world.device)

@@ -60,9 +60,8 @@ class CostModel:
         """(n,) cost of each pair of `lengths` (n, 3) as the layout computes it (units of `unit_sizes`)."""
         prompt, chosen, rejected = lengths[:, 0], lengths[:, 1], lengths[:, 2]
         units = [prompt + chosen + rejected] if config.prefix_sharing else [prompt + chosen, prompt + rejected]
-        tokens = sum(units).astype(np.float64)
         squares = sum(u.astype(np.float64) ** 2 for u in units)
-        return tokens + self.attention_weight * squares
+        return _unit_tokens(lengths, config) + self.attention_weight * squares
 
 
 def _field(config, *names: str) -> int | None:
@@ -77,7 +76,15 @@ class StepPlan:
 
     micro_batches: list[list[list[int]]]
     costs: np.ndarray
-    num_pairs: int
+
+    @property
+    def pairs(self) -> list[int]:
+        """Every pair of the step, whichever replica runs it."""
+        return [pair for replica in self.micro_batches for micro in replica for pair in micro]
+
+    @property
+    def num_pairs(self) -> int:
+        return sum(len(micro) for replica in self.micro_batches for micro in replica)
 
     @property
     def rounds(self) -> int:
@@ -114,7 +121,7 @@ class _Planner:
 
     def _plan(self, micro_batches: list[list[list[int]]]) -> StepPlan:
         costs = np.array([[self._costs[m].sum() if m else 0.0 for m in replica] for replica in micro_batches]).T
-        return StepPlan(micro_batches, costs.reshape(-1, self.replicas), sum(len(m) for r in micro_batches for m in r))
+        return StepPlan(micro_batches, costs.reshape(-1, self.replicas))
 
 
 class FixedCount(_Planner):
